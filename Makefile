@@ -1,0 +1,45 @@
+# tedge-firmware developer commands. `make test` is what CI runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG_DIR ?= run/etc-tedge
+
+.PHONY: venv test lint run bench mosquitto clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Make sure a mosquitto binary exists: install it from the OS packages when we are root.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing mosquitto from the OS packages"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients; \
+	  else \
+	    echo "mosquitto is missing: install it (e.g. sudo apt-get install mosquitto mosquitto-clients) and retry" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: venv mosquitto
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy --strict src
+
+# The all-in-one service with a sample config against a local mosquitto (see README).
+run: venv mosquitto
+	scripts/sample-config.sh $(CONFIG_DIR)
+	$(BIN)/tedge-firmware run --config-dir $(CONFIG_DIR)
+
+bench: venv
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache
