@@ -89,15 +89,66 @@ KEYS: tuple[KeySpec, ...] = (
     ),
     KeySpec("c8y.url", _host, "Cumulocity tenant host (decides where the JWT may be sent)"),
     KeySpec("c8y.http", _host, "Cumulocity HTTP host; default: c8y.url"),
-    KeySpec("mqtt.bind.address", _host, "Local broker address", "127.0.0.1", (), ("mqtt.bind_address",)),
+    KeySpec(
+        "mqtt.bind.address", _host, "Local broker address", "127.0.0.1", (), ("mqtt.bind_address",)
+    ),
     KeySpec("mqtt.bind.port", _port, "Local broker port", "1883", (), ("mqtt.port",)),
-    KeySpec("mqtt.client.host", _host, "Broker host to connect to", "localhost", (), ("mqtt.client_host",)),
-    KeySpec("mqtt.client.port", _port, "Broker port; default: mqtt.bind.port", None, (), ("mqtt.client_port",)),
-    KeySpec("mqtt.client.auth.ca_file", _path, "CA file for TLS to the broker", None, (), ("mqtt.client_ca_file",)),
-    KeySpec("mqtt.client.auth.ca_dir", _path, "CA directory for TLS to the broker", None, (), ("mqtt.client_ca_path",)),
-    KeySpec("mqtt.client.auth.cert_file", _path, "Client certificate", None, (), ("mqtt.client_auth.cert_file",)),
-    KeySpec("mqtt.client.auth.key_file", _path, "Client private key", None, (), ("mqtt.client_auth.key_file",)),
-    KeySpec("mqtt.external.bind.address", _host, "External broker address", None, (), ("mqtt.external_bind_address",)),
+    KeySpec(
+        "mqtt.client.host",
+        _host,
+        "Broker host to connect to",
+        "localhost",
+        (),
+        ("mqtt.client_host",),
+    ),
+    KeySpec(
+        "mqtt.client.port",
+        _port,
+        "Broker port; default: mqtt.bind.port",
+        None,
+        (),
+        ("mqtt.client_port",),
+    ),
+    KeySpec(
+        "mqtt.client.auth.ca_file",
+        _path,
+        "CA file for TLS to the broker",
+        None,
+        (),
+        ("mqtt.client_ca_file",),
+    ),
+    KeySpec(
+        "mqtt.client.auth.ca_dir",
+        _path,
+        "CA directory for TLS to the broker",
+        None,
+        (),
+        ("mqtt.client_ca_path",),
+    ),
+    KeySpec(
+        "mqtt.client.auth.cert_file",
+        _path,
+        "Client certificate",
+        None,
+        (),
+        ("mqtt.client_auth.cert_file",),
+    ),
+    KeySpec(
+        "mqtt.client.auth.key_file",
+        _path,
+        "Client private key",
+        None,
+        (),
+        ("mqtt.client_auth.key_file",),
+    ),
+    KeySpec(
+        "mqtt.external.bind.address",
+        _host,
+        "External broker address",
+        None,
+        (),
+        ("mqtt.external_bind_address",),
+    ),
     KeySpec(
         "http.bind.address",
         _host,
@@ -107,7 +158,9 @@ KEYS: tuple[KeySpec, ...] = (
         ("http.bind_address",),
     ),
     KeySpec("http.bind.port", _port, "File-transfer port", "8000", ("http.port",), ()),
-    KeySpec("http.client.host", _host, "Host put into URLs handed to children; default: bind address"),
+    KeySpec(
+        "http.client.host", _host, "Host put into URLs handed to children; default: bind address"
+    ),
     KeySpec("http.cert_path", _path, "TLS certificate of the file-transfer service (https)"),
     KeySpec("http.key_path", _path, "TLS private key of the file-transfer service"),
     KeySpec("data.path", _path, "Data directory (cache, firmware, file-transfer)", "/var/tedge"),
@@ -160,8 +213,7 @@ def raw_values(doc: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, tupl
         if spec is not None:
             found[spec.name] = (value, "file")
     env_names = {
-        "TEDGE_" + name.replace(".", "_").upper(): spec
-        for name, spec in _SPELLINGS.items()
+        "TEDGE_" + name.replace(".", "_").upper(): spec for name, spec in _SPELLINGS.items()
     }
     for var, value in env.items():
         spec = env_names.get(var.upper())
@@ -291,15 +343,14 @@ def config_from_document(
 
     bind_port = get("mqtt.bind.port")
     http_address = (
-        get("http.bind.address")
-        or get("mqtt.external.bind.address")
-        or get("mqtt.bind.address")
+        get("http.bind.address") or get("mqtt.external.bind.address") or get("mqtt.bind.address")
     )
     return TedgeConfig(
         config_dir=config_dir,
         device_id=get("device.id"),
         device_cert_path=(
-            get("device.cert_path") if "device.cert_path" in raw
+            get("device.cert_path")
+            if "device.cert_path" in raw
             else config_dir / "device-certs" / "tedge-certificate.pem"
         ),
         c8y_url=get("c8y.url"),

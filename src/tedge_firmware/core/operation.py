@@ -1,0 +1,150 @@
+"""The firmware operation: its persisted record and its state machine.
+
+Theory of operation
+-------------------
+A `515` for a child creates an operation in FETCHING: the firmware is being downloaded (or looked
+up in the cache). When the firmware is ready the operation file is written and the request is
+published to the child: PENDING. The child's first response moves it to EXECUTING (the moment
+Cumulocity hears `501`). `successful` and `failed` end it; so does the inactivity timeout, a
+failed download, or any error of that one operation. Cumulocity must see `501` exactly once
+before the final `503`/`502`, so whichever event ends an operation that is still FETCHING or
+PENDING sends the `501` first. A re-send (duplicate 515 or restart) never moves an operation
+backwards, so it never causes a second `501` (DESIGN.md item 11), except after a restart, where
+the persisted record cannot tell whether `501` already went out and PENDING is assumed.
+
+    FETCHING --ready--> PENDING --executing--> EXECUTING
+       |                  |  \\_________successful/failed/timeout______
+       |                  |                                            \\
+       +--failed----------+--successful/failed/timeout--> (ended)  <---+
+
+`step()` is the whole decision: state + event → next state + what to tell Cumulocity. It does
+no I/O; the orchestrator executes the result.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+from tedge_firmware.core import smartrest
+from tedge_firmware.errors import InvalidTransition, StoreError
+
+NO_REASON = "No failure reason provided by child device."
+RECORD_FIELDS = (
+    "operation_id",
+    "child_id",
+    "name",
+    "version",
+    "server_url",
+    "file_transfer_url",
+    "sha256",
+    "attempt",
+)
+
+
+@dataclass(frozen=True)
+class OperationRecord:
+    """The operation file `data.path/firmware/<op_id>`: thin-edge's 8 fields, in its order."""
+
+    operation_id: str
+    child_id: str
+    name: str
+    version: str
+    server_url: str
+    file_transfer_url: str
+    sha256: str
+    attempt: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {field: getattr(self, field) for field in RECORD_FIELDS},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> OperationRecord:
+        """Parse an operation file; unknown or missing fields and wrong types are errors."""
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise StoreError(f"not JSON: {error}") from None
+        if not isinstance(document, dict):
+            raise StoreError("not a JSON object")
+        unknown = set(document) - set(RECORD_FIELDS)
+        missing = set(RECORD_FIELDS) - set(document)
+        if unknown or missing:
+            raise StoreError(f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+        for field in RECORD_FIELDS[:-1]:
+            if not isinstance(document[field], str):
+                raise StoreError(f"field {field!r} is not a string")
+        attempt = document["attempt"]
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+            raise StoreError("field 'attempt' is not a non-negative integer")
+        return cls(**document)
+
+
+class State(enum.Enum):
+    FETCHING = "fetching"  # waiting for the firmware download (or cache lookup)
+    PENDING = "pending"  # request sent to the child, no response yet (no 501 sent)
+    EXECUTING = "executing"  # the child answered; Cumulocity has the 501
+    SUCCESSFUL = "successful"
+    FAILED = "failed"
+
+    @property
+    def ended(self) -> bool:
+        return self in (State.SUCCESSFUL, State.FAILED)
+
+    @property
+    def announced(self) -> bool:
+        """Whether Cumulocity already got the 501 for this operation."""
+        return self is State.EXECUTING
+
+
+class Event(enum.Enum):
+    READY = "ready"  # firmware available, request published
+    RESENT = "resent"  # duplicate 515 or restart: the request goes out again
+    EXECUTING = "executing"
+    SUCCESSFUL = "successful"
+    FAILED = "failed"  # the child failed it
+    ABORTED = "aborted"  # timeout, download failure, local error
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: State
+    to_cloud: tuple[str, ...]
+
+
+def step(state: State, event: Event, *, reason: str | None = None, installed: str = "") -> Outcome:
+    """Decide the next state and the SmartREST lines for Cumulocity.
+
+    `reason` is the failure text (FAILED: the child's, ABORTED: ours); `installed` is the `115`
+    line to send on success.
+    """
+    if state.ended:
+        raise InvalidTransition(f"operation already {state.value}, cannot take {event.value}")
+    announce = () if state.announced else (smartrest.set_executing(),)
+    match event:
+        case Event.READY if state is State.FETCHING:
+            return Outcome(State.PENDING, ())
+        case Event.RESENT:
+            return Outcome(state, ())
+        case Event.EXECUTING if state is not State.FETCHING:
+            return Outcome(State.EXECUTING, announce)
+        case Event.SUCCESSFUL if state is not State.FETCHING:
+            return Outcome(State.SUCCESSFUL, (*announce, installed, smartrest.set_successful()))
+        case Event.FAILED if state is not State.FETCHING:
+            text = reason if reason and reason.strip() else NO_REASON
+            return Outcome(State.FAILED, (*announce, smartrest.set_failed(text)))
+        case Event.ABORTED:
+            return Outcome(State.FAILED, (*announce, smartrest.set_failed(reason or "Failed")))
+    raise InvalidTransition(f"{event.value} is not allowed while {state.value}")
+
+
+def timeout_reason(child_id: str, seconds: int, op_id: str) -> str:
+    return (
+        f"Child device {child_id} did not respond within the timeout interval of "
+        f"{seconds}sec. Operation ID={op_id}"
+    )
