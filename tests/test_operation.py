@@ -107,3 +107,21 @@ def test_record_round_trips_with_the_reference_layout() -> None:
 def test_corrupt_records_are_store_errors(text: str | bytes) -> None:
     with pytest.raises(StoreError):
         OperationRecord.from_json(text)
+
+
+def test_file_id_is_the_reference_key() -> None:
+    from tedge_firmware.core.operation import file_id_for_url
+
+    assert file_id_for_url("http://test.domain.com") == (
+        "f6a5105230c19daee36d739d678ecc59ee0d5c99749138aedc65934a7f31cbf4"
+    )
+
+
+def test_operation_ids_are_nanoid_shaped() -> None:
+    import re
+
+    from tedge_firmware.core.operation import new_operation_id
+
+    ids = {new_operation_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(re.fullmatch(r"[_\-0-9a-zA-Z]{21}", op_id) for op_id in ids)

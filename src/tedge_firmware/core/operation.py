@@ -24,13 +24,16 @@ no I/O; the orchestrator executes the result.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
+import secrets
 from dataclasses import dataclass
 
 from tedge_firmware.core import smartrest
 from tedge_firmware.errors import InvalidTransition, StoreError
 
 NO_REASON = "No failure reason provided by child device."
+_ID_ALPHABET = "_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 RECORD_FIELDS = (
     "operation_id",
     "child_id",
@@ -148,3 +151,13 @@ def timeout_reason(child_id: str, seconds: int, op_id: str) -> str:
         f"Child device {child_id} did not respond within the timeout interval of "
         f"{seconds}sec. Operation ID={op_id}"
     )
+
+
+def new_operation_id() -> str:
+    """21 random characters from the URL-safe alphabet, like thin-edge's nanoid ids."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(21))
+
+
+def file_id_for_url(url: str) -> str:
+    """The cache key of a firmware: lowercase hex SHA-256 of the url's UTF-8 bytes."""
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()

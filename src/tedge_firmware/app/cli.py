@@ -1,0 +1,161 @@
+"""Command line: `c8y-firmware-plugin` (drop-in for thin-edge's) and `tedge-firmware`.
+
+The only place where errors become exit codes: a ConfigError (or any TedgeFirmwareError that
+stops a service) is one line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from tedge_firmware import __version__
+from tedge_firmware.app.config_cli import config_group
+from tedge_firmware.app.lifecycle import run_until_signal
+from tedge_firmware.app.logs import configure_logging
+from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig
+from tedge_firmware.errors import BrokerAuthError, ConfigError, TedgeFirmwareError
+from tedge_firmware.shell.config_file import load_config
+
+log = logging.getLogger("tedge_firmware")
+
+PLUGIN_HELP = """Thin-edge.io firmware plugin for child devices.
+
+\b
+Subscribes to `c8y/s/ds` listening for firmware operation requests (message `515`), downloads
+the firmware once into `<data.path>/cache`, publishes it for the child over the file-transfer
+service, sends `tedge/<child>/commands/req/firmware_update` to the child and forwards the child's
+responses (`tedge/<child>/commands/res/firmware_update`) to Cumulocity.
+"""
+
+config_dir_option = click.option(
+    "--config-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_CONFIG_DIR,
+    show_default=True,
+    help="Directory of tedge.toml.",
+)
+debug_option = click.option("--debug", is_flag=True, help="Log debug messages.")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def load_or_exit(config_dir: Path) -> TedgeConfig:
+    try:
+        return load_config(config_dir)
+    except ConfigError as error:
+        fail(str(error))
+
+
+def run_service(action: Callable[[], None]) -> None:
+    """Run a service; turn what stopped it into one line and an exit code."""
+    try:
+        action()
+    except ConfigError as error:
+        fail(str(error))
+    except BrokerAuthError as error:
+        fail(f"the MQTT broker refused the connection: {error}")
+    except TedgeFirmwareError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _serve_plugin(config: TedgeConfig, with_file_transfer: bool) -> None:
+    import asyncio
+
+    from tedge_firmware.app.service import ServiceOptions, serve_plugin
+
+    options = ServiceOptions(with_file_transfer=with_file_transfer)
+
+    async def serve(stop: asyncio.Event) -> None:
+        await serve_plugin(config, stop, options)
+
+    run_service(lambda: run_until_signal(serve))
+
+
+@click.command(name="c8y-firmware-plugin", help=PLUGIN_HELP)
+@config_dir_option
+@debug_option
+@click.option("-i", "--init", is_flag=True, help="Create the data directories and exit.")
+@click.version_option(__version__)
+def plugin_command(config_dir: Path, debug: bool, init: bool) -> None:
+    configure_logging(debug)
+    config = load_or_exit(config_dir)
+    if init:
+        from tedge_firmware.app.service import create_directories
+
+        run_service(lambda: create_directories(config))
+        log.info("created %s, %s and %s", config.cache_dir, config.firmware_dir, config.file_transfer_dir)
+        return
+    _serve_plugin(config, with_file_transfer=False)
+
+
+@click.group(name="tedge-firmware")
+@click.version_option(__version__)
+@config_dir_option
+@click.pass_context
+def main_group(ctx: click.Context, config_dir: Path) -> None:
+    """Firmware management for Cumulocity child devices behind a thin-edge.io gateway."""
+    ctx.ensure_object(dict)
+    ctx.obj.setdefault("config_dir", config_dir)
+
+
+def _config_dir(ctx: click.Context, config_dir: Path | None) -> Path:
+    return config_dir if config_dir is not None else Path(ctx.obj["config_dir"])
+
+
+sub_config_dir_option = click.option(
+    "--config-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Directory of tedge.toml (default: /etc/tedge).",
+)
+
+
+@main_group.command("run")
+@sub_config_dir_option
+@debug_option
+@click.pass_context
+def run_command(ctx: click.Context, config_dir: Path | None, debug: bool) -> None:
+    """The all-in-one service: firmware plugin and file-transfer service in one process."""
+    configure_logging(debug)
+    _serve_plugin(load_or_exit(_config_dir(ctx, config_dir)), with_file_transfer=True)
+
+
+@main_group.command("file-transfer")
+@sub_config_dir_option
+@debug_option
+@click.pass_context
+def file_transfer_command(ctx: click.Context, config_dir: Path | None, debug: bool) -> None:
+    """The file-transfer HTTP service alone (GET/HEAD/PUT/DELETE under data.path/file-transfer)."""
+    import asyncio
+
+    from tedge_firmware.app.service import serve_file_transfer
+
+    configure_logging(debug)
+    config = load_or_exit(_config_dir(ctx, config_dir))
+
+    async def serve(stop: asyncio.Event) -> None:
+        await serve_file_transfer(config, stop)
+
+    run_service(lambda: run_until_signal(serve))
+
+
+main_group.add_command(config_group)
+
+
+def plugin_main() -> None:
+    plugin_command(prog_name="c8y-firmware-plugin")
+
+
+def main() -> None:
+    main_group(prog_name="tedge-firmware", obj={})

@@ -1,0 +1,526 @@
+"""The firmware plugin: c8y_Firmware operations for child devices, from `515` to `503`/`502`.
+
+One loop consumes one queue of typed inputs (an MQTT message, a finished fetch, a fired timer)
+and decides; the I/O that takes time (downloads, hashing, waiting for a JWT) runs in tasks that
+answer with inputs on the same queue, so a slow download never delays a child's response.
+Decisions about one operation are in `core.operation.step`; this module executes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from tedge_firmware.core import smartrest, topics
+from tedge_firmware.core.config import TedgeConfig
+from tedge_firmware.core.messages import (
+    ChildStatus,
+    FirmwareUpdateRequest,
+    FirmwareUpdateResponse,
+    parse_response,
+)
+from tedge_firmware.core.operation import (
+    Event,
+    OperationRecord,
+    State,
+    file_id_for_url,
+    new_operation_id,
+    step,
+    timeout_reason,
+)
+from tedge_firmware.errors import (
+    InputError,
+    JwtError,
+    OperationFailed,
+    SmartRestError,
+    StoreError,
+)
+from tedge_firmware.shell.cache import FirmwareCache, sha256_of_file
+from tedge_firmware.shell.store import OperationStore
+from tedge_firmware.shell.timers import Timers
+
+log = logging.getLogger(__name__)
+
+
+PLUGIN_SUBSCRIPTIONS = (
+    topics.C8Y_DOWNSTREAM,
+    topics.C8Y_JWT_RESPONSE,
+    topics.FIRMWARE_RESPONSES,
+    topics.HEALTH_CHECK,
+    topics.health_check_topic(),
+)
+
+
+class Publisher(Protocol):
+    """Where outgoing MQTT messages go (the MQTT session's outbox)."""
+
+    def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+    ) -> None: ...
+
+
+class DownloadedFile(Protocol):
+    @property
+    def sha256(self) -> str: ...
+
+
+class Fetcher(Protocol):
+    """Downloads a url into `target` (atomically), raising DownloadError on failure."""
+
+    async def download(
+        self, url: str, target: Path, *, token: str | None = None
+    ) -> DownloadedFile: ...
+
+
+# ---- inputs of the loop -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class FetchDone:
+    file_id: str
+    sha256: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    op_id: str
+    generation: int
+
+
+Input = Incoming | FetchDone | TimerFired
+
+
+@dataclass
+class LiveOperation:
+    """An operation the plugin is working on (in memory; persisted once the request is out)."""
+
+    op_id: str
+    child_id: str
+    name: str
+    version: str
+    url: str
+    file_id: str
+    attempt: int = 1
+    state: State = State.FETCHING
+    record: OperationRecord | None = None
+    timer_generation: int = 0
+
+    def matches(self, request: smartrest.FirmwareRequest) -> bool:
+        return (self.child_id, self.name, self.version, self.url) == (
+            request.device,
+            request.name,
+            request.version,
+            request.url,
+        )
+
+    def context(self) -> str:
+        return f"op_id={self.op_id} child={self.child_id}"
+
+
+@dataclass(frozen=True)
+class PluginOptions:
+    """Tunables that are not tedge.toml keys (tests shorten them)."""
+
+    jwt_timeout: float = 20.0
+    jwt_attempts: int = 3
+
+
+class JwtBroker:
+    """Gets a JWT over MQTT (`c8y/s/uat` → `71,<token>` on `c8y/s/dat`) without blocking the loop.
+
+    Concurrent callers share one request. A malformed answer or none in time is a JwtError.
+    """
+
+    def __init__(self, publisher: Publisher, options: PluginOptions) -> None:
+        self._publisher = publisher
+        self._options = options
+        self._waiter: asyncio.Future[str] | None = None
+        self._request: asyncio.Task[str] | None = None
+
+    async def token(self) -> str:
+        if self._request is None or self._request.done():
+            self._request = asyncio.create_task(self._fetch(), name="jwt-request")
+        return await asyncio.shield(self._request)
+
+    async def _fetch(self) -> str:
+        loop = asyncio.get_running_loop()
+        for attempt in range(1, self._options.jwt_attempts + 1):
+            self._waiter = loop.create_future()
+            self._publisher.publish(topics.C8Y_JWT_REQUEST, b"")
+            try:
+                async with asyncio.timeout(self._options.jwt_timeout):
+                    return await self._waiter
+            except TimeoutError:
+                log.warning("no JWT token on %s (attempt %d)", topics.C8Y_JWT_RESPONSE, attempt)
+            finally:
+                self._waiter = None
+        raise JwtError("Failed to retrieve JWT token.")
+
+    def on_response(self, payload: bytes) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            log.debug("JWT answer on %s that nobody asked for: ignored", topics.C8Y_JWT_RESPONSE)
+            return
+        try:
+            token = smartrest.parse_jwt_response(payload.decode("utf-8").strip())
+        except (UnicodeDecodeError, SmartRestError) as error:
+            waiter.set_exception(JwtError(f"Failed to retrieve JWT token: malformed answer ({error})"))
+            return
+        waiter.set_result(token)
+
+
+@dataclass
+class _Fetch:
+    url: str
+    waiting: set[str] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+
+class FirmwarePlugin:
+    """The orchestrator. Feed it with `submit()`, run it with `run()`."""
+
+    def __init__(
+        self,
+        config: TedgeConfig,
+        device_id: str,
+        *,
+        publisher: Publisher,
+        fetcher: Fetcher,
+        options: PluginOptions | None = None,
+    ) -> None:
+        self.config = config
+        self.device_id = device_id
+        self.publisher = publisher
+        self.fetcher = fetcher
+        self.options = options or PluginOptions()
+        self.base_url = config.file_transfer_base_url()
+        self.store = OperationStore(config.firmware_dir)
+        self.cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
+        self.jwt = JwtBroker(publisher, self.options)
+        self.timers = Timers()
+        self.inputs: asyncio.Queue[Input] = asyncio.Queue()
+        self.operations: dict[str, LiveOperation] = {}
+        self.fetches: dict[str, _Fetch] = {}
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Re-send every persisted operation with attempt + 1, re-arm its timeout, then `500`."""
+        for record in self.store.load_all():
+            problem = topics.child_id_problem(record.child_id)
+            if problem is not None:
+                self.store.quarantine(self.store.path(record.operation_id), problem)
+                continue
+            operation = LiveOperation(
+                op_id=record.operation_id,
+                child_id=record.child_id,
+                name=record.name,
+                version=record.version,
+                url=record.server_url,
+                file_id=file_id_for_url(record.server_url),
+                attempt=record.attempt,
+                state=State.PENDING,
+                record=record,
+            )
+            self.operations[operation.op_id] = operation
+            log.info("resuming operation after restart %s", operation.context())
+            self._resend(operation)
+        self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
+
+    def submit(self, item: Input) -> None:
+        self.inputs.put_nowait(item)
+
+    async def run(self) -> None:
+        """Handle inputs forever. An error in one input is logged; it never stops the loop."""
+        while True:
+            item = await self.inputs.get()
+            try:
+                self.handle(item)
+            except Exception:
+                log.exception("unexpected error while handling %s", type(item).__name__)
+
+    async def close(self) -> None:
+        self.timers.cancel_all()
+        tasks = [fetch.task for fetch in self.fetches.values() if fetch.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- dispatch -----------------------------------------------------------------------
+
+    def handle(self, item: Input) -> None:
+        match item:
+            case Incoming(topic=topic, payload=payload):
+                self._on_message(topic, payload)
+            case FetchDone():
+                self._on_fetch_done(item)
+            case TimerFired(op_id=op_id, generation=generation):
+                self._on_timeout(op_id, generation)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == topics.C8Y_DOWNSTREAM:
+            self._on_smartrest(payload)
+        elif topic == topics.C8Y_JWT_RESPONSE:
+            self.jwt.on_response(payload)
+        elif topic in (topics.HEALTH_CHECK, topics.health_check_topic()):
+            self.publish_health()
+        elif topic.startswith("tedge/") and topic.endswith("/commands/res/firmware_update"):
+            self._on_child_response(topic, payload)
+        else:
+            log.debug("message on %s ignored", topic)
+
+    def publish_health(self) -> None:
+        self.publisher.publish(topics.health_topic(), health_up(), retain=True)
+
+    # ---- 515 ----------------------------------------------------------------------------
+
+    def _on_smartrest(self, payload: bytes) -> None:
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            log.warning("payload on %s is not UTF-8 (%d bytes): ignored", topics.C8Y_DOWNSTREAM, len(payload))
+            return
+        for record in smartrest.split_records(text):
+            if smartrest.template_id(record) != "515":
+                continue
+            try:
+                request = smartrest.parse_firmware_request(record)
+            except SmartRestError as error:
+                log.error("%s: %r", error, record[:200])
+                continue
+            self._on_firmware_request(request)
+
+    def _on_firmware_request(self, request: smartrest.FirmwareRequest) -> None:
+        if request.device == self.device_id:
+            log.warning(
+                "c8y_Firmware for the main device %s is not handled by the firmware plugin: ignored",
+                request.device,
+            )
+            return
+        problem = topics.child_id_problem(request.device)
+        if problem is not None:
+            log.error("c8y_Firmware operation ignored: %s", problem)
+            return
+        duplicate = next((op for op in self.operations.values() if op.matches(request)), None)
+        if duplicate is not None:
+            duplicate.attempt += 1
+            log.info("same operation received again, attempt %d %s", duplicate.attempt, duplicate.context())
+            if duplicate.state is not State.FETCHING:
+                self._resend(duplicate)
+            return
+        operation = LiveOperation(
+            op_id=new_operation_id(),
+            child_id=request.device,
+            name=request.name,
+            version=request.version,
+            url=request.url,
+            file_id=file_id_for_url(request.url),
+        )
+        self.operations[operation.op_id] = operation
+        log.info(
+            "new firmware operation name=%s version=%s url=%s %s",
+            operation.name, operation.version, operation.url, operation.context(),
+        )
+        self._join_fetch(operation)
+
+    # ---- fetching the firmware (single flight per FILE_ID) ------------------------------
+
+    def _join_fetch(self, operation: LiveOperation) -> None:
+        fetch = self.fetches.get(operation.file_id)
+        if fetch is None:
+            fetch = _Fetch(url=operation.url)
+            self.fetches[operation.file_id] = fetch
+            fetch.task = asyncio.create_task(
+                self._fetch(operation.file_id, operation.url), name=f"fetch-{operation.file_id[:12]}"
+            )
+        fetch.waiting.add(operation.op_id)
+
+    async def _fetch(self, file_id: str, url: str) -> None:
+        try:
+            sha256 = await self._obtain(file_id, url)
+        except OperationFailed as error:
+            self.submit(FetchDone(file_id, None, error.reason))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug or an unmapped error must fail the operations, not hang them
+            log.exception("fetching %s failed unexpectedly", url)
+            self.submit(FetchDone(file_id, None, f"Download from {url} failed with {error}"))
+        else:
+            self.submit(FetchDone(file_id, sha256, None))
+
+    async def _obtain(self, file_id: str, url: str) -> str:
+        entry = self.cache.entry(file_id)
+        await asyncio.to_thread(self.config.cache_dir.mkdir, parents=True, exist_ok=True)
+        if self.cache.is_cached(file_id):
+            log.info("firmware found in cache %s for %s", entry, url)
+            return await asyncio.to_thread(sha256_of_file, entry)
+        token = await self.jwt.token() if self._is_tenant_url(url) else None
+        result = await self.fetcher.download(url, entry, token=token)
+        return result.sha256
+
+    def _is_tenant_url(self, url: str) -> bool:
+        """JWT only for the tenant's own host (port ignored), never for anyone else."""
+        tenant = self.config.tenant_host
+        try:
+            host = urlsplit(url.strip()).hostname
+        except ValueError:
+            return False
+        return tenant is not None and host is not None and host.lower() == tenant
+
+    def _on_fetch_done(self, done: FetchDone) -> None:
+        fetch = self.fetches.pop(done.file_id, None)
+        if fetch is None:
+            return
+        for op_id in sorted(fetch.waiting):
+            operation = self.operations.get(op_id)
+            if operation is None:
+                continue
+            if done.sha256 is None:
+                self._abort(operation, done.reason or f"Download from {operation.url} failed")
+            else:
+                self._send_first_request(operation, done.sha256)
+
+    # ---- requests to the child ----------------------------------------------------------
+
+    def _send_first_request(self, operation: LiveOperation, sha256: str) -> None:
+        try:
+            self.cache.publish(operation.child_id, operation.file_id)
+            operation.record = OperationRecord(
+                operation_id=operation.op_id,
+                child_id=operation.child_id,
+                name=operation.name,
+                version=operation.version,
+                server_url=operation.url,
+                file_transfer_url=f"{self.base_url}/"
+                + self.cache.relative_path(operation.child_id, operation.file_id),
+                sha256=sha256,
+                attempt=operation.attempt,
+            )
+            self.store.save(operation.record)
+        except StoreError as error:
+            self._abort(operation, str(error))
+            return
+        except OSError as error:
+            self._abort(operation, f"Cannot publish the firmware to the child: {error}")
+            return
+        operation.state = step(operation.state, Event.READY).state
+        self._publish_request(operation)
+
+    def _resend(self, operation: LiveOperation) -> None:
+        """Publish the same request again with the incremented attempt (persisted first)."""
+        assert operation.record is not None
+        operation.record = OperationRecord(**{**vars(operation.record), "attempt": operation.attempt})
+        try:
+            self.store.save(operation.record)
+        except StoreError as error:
+            log.error("%s %s", error, operation.context())
+        operation.state = step(operation.state, Event.RESENT).state
+        self._publish_request(operation)
+
+    def _publish_request(self, operation: LiveOperation) -> None:
+        record = operation.record
+        assert record is not None
+        request = FirmwareUpdateRequest(
+            id=record.operation_id,
+            attempt=record.attempt,
+            name=record.name,
+            version=record.version,
+            sha256=record.sha256,
+            url=record.file_transfer_url,
+        )
+        self.publisher.publish(topics.firmware_request_topic(operation.child_id), request.to_json())
+        self._arm_timeout(operation)
+        log.info("firmware update request sent, attempt %d %s", record.attempt, operation.context())
+
+    def _arm_timeout(self, operation: LiveOperation) -> None:
+        operation.timer_generation += 1
+        fired = TimerFired(operation.op_id, operation.timer_generation)
+        self.timers.arm(operation.op_id, self.config.child_update_timeout, lambda: self.submit(fired))
+
+    # ---- responses from the child -------------------------------------------------------
+
+    def _on_child_response(self, topic: str, payload: bytes) -> None:
+        try:
+            child_id = topics.child_id_from_response_topic(topic)
+            response = parse_response(payload)
+        except InputError as error:
+            log.error("invalid firmware_update response on %r: %s", topic[:200], error)
+            return
+        operation = self.operations.get(response.id)
+        if operation is None or operation.child_id != child_id or operation.state is State.FETCHING:
+            log.info("response for an unknown or finished operation op_id=%s child=%s: ignored", response.id, child_id)
+            return
+        self._apply_response(operation, response)
+
+    def _apply_response(self, operation: LiveOperation, response: FirmwareUpdateResponse) -> None:
+        log.info("child reports %s %s", response.status.value, operation.context())
+        match response.status:
+            case ChildStatus.EXECUTING:
+                self._transition(operation, Event.EXECUTING)
+                self._arm_timeout(operation)
+            case ChildStatus.SUCCESSFUL:
+                self._transition(operation, Event.SUCCESSFUL)
+            case ChildStatus.FAILED:
+                self._transition(operation, Event.FAILED, reason=response.reason)
+
+    def _on_timeout(self, op_id: str, generation: int) -> None:
+        operation = self.operations.get(op_id)
+        if operation is None or operation.timer_generation != generation:
+            return
+        reason = timeout_reason(operation.child_id, self.config.child_update_timeout, op_id)
+        self._abort(operation, reason)
+
+    # ---- ending operations --------------------------------------------------------------
+
+    def _abort(self, operation: LiveOperation, reason: str) -> None:
+        log.error("operation failed: %s %s", reason, operation.context())
+        self._transition(operation, Event.ABORTED, reason=reason)
+
+    def _transition(self, operation: LiveOperation, event: Event, reason: str | None = None) -> None:
+        installed = smartrest.set_installed_firmware(operation.name, operation.version, operation.url)
+        outcome = step(operation.state, event, reason=reason, installed=installed)
+        operation.state = outcome.state
+        self._to_cloud(operation.child_id, outcome.to_cloud)
+        if outcome.state.ended:
+            self._finish(operation)
+
+    def _to_cloud(self, child_id: str, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.publisher.publish(topics.c8y_upstream(child_id), line)
+
+    def _finish(self, operation: LiveOperation) -> None:
+        """Forget the operation: its file, its timer, and its published link unless still used."""
+        self.operations.pop(operation.op_id, None)
+        self.timers.cancel(operation.op_id)
+        self.store.delete(operation.op_id)
+        still_used = any(
+            other.child_id == operation.child_id and other.file_id == operation.file_id
+            for other in self.operations.values()
+        )
+        if not still_used:
+            self.cache.unpublish(operation.child_id, operation.file_id)
+        log.info("operation %s %s", operation.state.value, operation.context())
+
+
+def health_up() -> str:
+    document = {"pid": os.getpid(), "status": "up", "time": int(time.time())}
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def health_down() -> str:
+    return json.dumps({"pid": os.getpid(), "status": "down"}, sort_keys=True, separators=(",", ":"))

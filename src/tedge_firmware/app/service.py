@@ -1,0 +1,182 @@
+"""Wiring: the firmware plugin and the file-transfer service as long-running services.
+
+`serve_plugin` runs the plugin (optionally with the file-transfer service in the same process,
+the all-in-one `tedge-firmware run`); `serve_file_transfer` runs the HTTP service alone. Both
+return when `stop` is set, after a bounded graceful shutdown, and raise when they cannot go on
+(the CLI turns that into a non-zero exit so that the service manager restarts us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass
+
+from tedge_firmware.app.plugin import (
+    PLUGIN_SUBSCRIPTIONS,
+    FirmwarePlugin,
+    Incoming,
+    PluginOptions,
+    health_down,
+    health_up,
+)
+from tedge_firmware.core import topics
+from tedge_firmware.core.config import TedgeConfig
+from tedge_firmware.errors import ConfigError
+from tedge_firmware.shell.config_file import resolve_device_id
+from tedge_firmware.shell.downloader import Downloader
+from tedge_firmware.shell.file_transfer import FileTransferServer
+from tedge_firmware.shell.mqtt import Message, MqttSession, MqttSettings, Will
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    with_file_transfer: bool = False
+    plugin: PluginOptions = PluginOptions()
+    client_id: str = topics.PLUGIN_NAME
+
+
+def file_transfer_ssl(config: TedgeConfig) -> ssl.SSLContext | None:
+    if not config.http_tls:
+        return None
+    assert config.http_cert_path is not None and config.http_key_path is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.http_cert_path, config.http_key_path)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"cannot load http.cert_path/http.key_path: {error}") from error
+    return context
+
+
+def make_file_transfer(config: TedgeConfig) -> FileTransferServer:
+    return FileTransferServer(
+        root=config.file_transfer_dir,
+        cache_dir=config.cache_dir,
+        host=config.http_bind_address,
+        port=config.http_bind_port,
+        ssl_context=file_transfer_ssl(config),
+    )
+
+
+def check_plugin_config(config: TedgeConfig) -> str:
+    """What the plugin needs before it starts; returns the main device id."""
+    if config.c8y_url is None:
+        raise ConfigError("A value for 'c8y.url' is missing.")
+    config.file_transfer_base_url()  # raises for an unusable URL host
+    return resolve_device_id(config)
+
+
+def create_directories(config: TedgeConfig) -> None:
+    for directory in (config.cache_dir, config.firmware_dir, config.file_transfer_dir):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create {directory}: {error.strerror}") from error
+
+
+async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: ServiceOptions) -> None:
+    device_id = check_plugin_config(config)
+    create_directories(config)
+    file_transfer = make_file_transfer(config) if options.with_file_transfer else None
+    downloader = Downloader(parallel=config.download_parallel)
+    session: MqttSession | None = None
+    plugin: FirmwarePlugin | None = None
+    try:
+        if file_transfer is not None:
+            await file_transfer.start()
+        async def on_connect() -> None:
+            # after every (re)connect, as thin-edge does: the retained "up" replaces the will
+            mqtt.publish(topics.health_topic(), health_up(), retain=True)
+
+        session = mqtt = MqttSession(
+            MqttSettings(
+                host=config.mqtt_host,
+                port=config.mqtt_port,
+                client_id=options.client_id,
+                auth=config.mqtt_auth,
+                will=Will(topics.health_topic(), health_down().encode()),
+            ),
+            PLUGIN_SUBSCRIPTIONS,
+            on_connect=on_connect,
+        )
+        plugin = FirmwarePlugin(
+            config, device_id, publisher=session, fetcher=downloader, options=options.plugin
+        )
+        plugin.recover()
+        log.info(
+            "firmware plugin started: device=%s broker=%s:%d data=%s",
+            device_id, config.mqtt_host, config.mqtt_port, config.data_path,
+        )
+        await _run_until_stopped(stop, session, plugin)
+    finally:
+        await _shutdown(session, plugin, downloader, file_transfer)
+
+
+async def _pump(session: MqttSession, plugin: FirmwarePlugin) -> None:
+    while True:
+        message: Message = await session.messages.get()
+        plugin.submit(Incoming(message.topic, message.payload))
+
+
+async def _run_until_stopped(stop: asyncio.Event, session: MqttSession, plugin: FirmwarePlugin) -> None:
+    tasks = [
+        asyncio.create_task(session.run(), name="mqtt-session"),
+        asyncio.create_task(_pump(session, plugin), name="mqtt-pump"),
+        asyncio.create_task(plugin.run(), name="plugin-loop"),
+        asyncio.create_task(stop.wait(), name="stop"),
+    ]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.get_name() != "stop" and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _shutdown(
+    session: MqttSession | None,
+    plugin: FirmwarePlugin | None,
+    downloader: Downloader,
+    file_transfer: FileTransferServer | None,
+) -> None:
+    """Stop everything within SHUTDOWN_GRACE_S; what does not stop in time is abandoned."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(SHUTDOWN_GRACE_S):
+            if plugin is not None:
+                await plugin.close()
+            if session is not None:
+                await session.close(
+                    final=Message(topics.health_topic(), health_down().encode(), retain=True),
+                    timeout=2.0,
+                )
+            await downloader.close()
+            if file_transfer is not None:
+                await file_transfer.stop()
+    log.info("stopped")
+
+
+async def serve_file_transfer(config: TedgeConfig, stop: asyncio.Event) -> None:
+    for directory in (config.file_transfer_dir, config.cache_dir):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create {directory}: {error.strerror}") from error
+    server = make_file_transfer(config)
+    await server.start()
+    log.info(
+        "file-transfer service listening on %s:%d, serving %s",
+        config.http_bind_address, server.port, config.file_transfer_dir,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()

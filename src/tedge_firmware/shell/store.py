@@ -1,0 +1,77 @@
+"""Operation store: one JSON file per operation under `data.path/firmware`, written atomically.
+
+A corrupt file never stops the service: it is moved aside to `firmware/.corrupt/` and logged,
+so that an operator can look at it, and startup goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tedge_firmware.core.operation import OperationRecord
+from tedge_firmware.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+CORRUPT_DIR = ".corrupt"
+
+
+class OperationStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, op_id: str) -> Path:
+        return self.directory / op_id
+
+    def save(self, record: OperationRecord) -> None:
+        """Write the record atomically (temp file, fsync, rename), mode 0644."""
+        target = self.path(record.operation_id)
+        temp = self.directory / f".{record.operation_id}.tmp"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, record.to_json().encode())
+                os.fchmod(fd, 0o644)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+        except OSError as error:
+            temp.unlink(missing_ok=True)
+            raise StoreError(f"Creating the file failed: {str(target)!r}: {error.strerror}") from error
+
+    def delete(self, op_id: str) -> None:
+        try:
+            self.path(op_id).unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("cannot delete operation file %s: %s", self.path(op_id), error)
+
+    def load_all(self) -> list[OperationRecord]:
+        """Every valid record; corrupt ones are quarantined. Sorted by name for a stable order."""
+        if not self.directory.is_dir():
+            return []
+        records = []
+        for entry in sorted(self.directory.iterdir()):
+            if entry.name.startswith(".") or not entry.is_file() or entry.is_symlink():
+                continue
+            try:
+                record = OperationRecord.from_json(entry.read_bytes())
+                if record.operation_id != entry.name:
+                    raise StoreError(f"operation_id {record.operation_id!r} differs from the file name")
+            except (StoreError, OSError) as error:
+                self.quarantine(entry, str(error))
+                continue
+            records.append(record)
+        return records
+
+    def quarantine(self, entry: Path, why: str) -> None:
+        corrupt = self.directory / CORRUPT_DIR
+        try:
+            corrupt.mkdir(exist_ok=True)
+            os.replace(entry, corrupt / entry.name)
+            log.error("corrupt operation file %s moved to %s: %s", entry, corrupt, why)
+        except OSError as error:
+            log.error("corrupt operation file %s (%s) cannot be moved aside: %s", entry, why, error)
