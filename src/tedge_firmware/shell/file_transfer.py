@@ -1,0 +1,624 @@
+"""The file-transfer HTTP service: a small file repository over aiohttp.
+
+It serves the directory `root` (`data.path/file-transfer`) under two URL prefixes,
+`/tedge/file-transfer/<path>` (thin-edge's legacy route) and `/te/v1/files/<path>` (1.x):
+
+* GET / HEAD stream the file (sendfile where the event loop has it) and answer a single
+  `Range` with 206, an unsatisfiable one with 416. `ETag` (strong: inode, size, mtime),
+  `Last-Modified`, `Accept-Ranges`, `If-Range` (entity tag or date), `If-None-Match` and
+  `If-Modified-Since` are handled here, not by `web.FileResponse`: aiohttp <= 3.14.5 honours
+  `If-Range` only as a date, guesses content types and serves `.gz` siblings, none of which a
+  firmware repository wants.
+* PUT streams the body to a temporary file next to the target, fsyncs it and renames it over
+  the target only when the body is complete, so a broken upload never replaces a good file.
+* DELETE removes a file (202, also when it is missing; 409 for a directory).
+
+Path rules (the reason this module exists; thin-edge 0.12 let `..` reach all of `data.path`):
+the raw path after the prefix is percent-decoded exactly once, the query string is ignored, and
+empty, `.` and `..` segments, NUL bytes, backslashes and absolute paths are refused (400).
+Symbolic links inside `root` are followed only when their real target lies inside `cache_dir`
+(the firmware plugin publishes `root/<child>/firmware_update/<FILE_ID>` → `cache_dir/<FILE_ID>`);
+any other link answers 404, for every method. PUT and DELETE act on the entry in `root` (a link
+is replaced or unlinked, never written through) and refuse to descend through a linked
+directory (403). Only local users can create links; HTTP clients can only create regular files
+and directories, so they cannot race a checked path into pointing elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+import os
+import re
+import secrets
+import socket
+import ssl
+import stat
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
+from typing import BinaryIO, Final
+from urllib.parse import unquote_to_bytes
+
+from aiohttp import web
+
+from tedge_firmware.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ROUTE_PREFIXES: Final = ("/tedge/file-transfer/", "/te/v1/files/")
+ALLOWED_METHODS: Final = ("GET", "HEAD", "PUT", "DELETE")
+STOP_TIMEOUT_S: Final = 2.0
+"""How long stop() lets running requests finish before they are cancelled."""
+
+_CHUNK_SIZE: Final = 256 * 1024
+_TEMP_PREFIX: Final = ".ft-upload-"
+_OCTET_STREAM: Final = "application/octet-stream"
+
+
+# --- URL paths (pure) ---------------------------------------------------------------------
+
+
+def url_segments(raw_path: str) -> list[str] | None:
+    """Split a raw request path (no query) into file name segments below the repository.
+
+    Returns None when the path is not under one of ROUTE_PREFIXES (the caller answers 404),
+    an empty list for the repository itself, and raises HTTPBadRequest for a path that no
+    file name may have. The remainder is percent-decoded once: `%252e` stays the name `%2e`.
+    """
+    prefix = next((p for p in ROUTE_PREFIXES if raw_path.startswith(p)), None)
+    if prefix is None:
+        return None
+    rest = raw_path[len(prefix) :]
+    if not rest:
+        return []
+    try:
+        decoded = unquote_to_bytes(rest)
+    except UnicodeEncodeError:  # the raw path held characters no client may send
+        raise _bad_path("is not valid") from None
+    return _checked_segments(decoded)
+
+
+def _checked_segments(decoded: bytes) -> list[str]:
+    if b"\0" in decoded:
+        raise _bad_path("contains a NUL byte")
+    if b"\\" in decoded:  # some clients mean a separator: refuse rather than guess
+        raise _bad_path("contains a backslash")
+    if decoded.startswith(b"/"):
+        raise _bad_path("is absolute")
+    segments = decoded.split(b"/")
+    if any(segment in (b"", b".", b"..") for segment in segments):
+        raise _bad_path("has an empty, '.' or '..' segment")
+    return [os.fsdecode(segment) for segment in segments]
+
+
+def _bad_path(why: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=f"The file path {why}.\n")
+
+
+# --- Validators and ranges (pure) ---------------------------------------------------------
+
+
+class RangeVerdict(enum.Enum):
+    """What to send when a Range header does not select one satisfiable byte range."""
+
+    WHOLE = "whole"  # no Range, or one we ignore (invalid, several ranges): 200 and all bytes
+    UNSATISFIABLE = "unsatisfiable"  # a valid range beyond the end: 416
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Bytes `start` to `stop - 1` of a file."""
+
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.stop - 1}/{size}"
+
+
+_RANGE_RE: Final = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)", re.ASCII | re.IGNORECASE)
+
+
+def parse_byte_range(header: str | None, size: int) -> ByteRange | RangeVerdict:
+    """Interpret a Range header for a file of `size` bytes (RFC 9110 §14.1.2, one range)."""
+    match = _RANGE_RE.fullmatch(header.strip()) if header is not None else None
+    if match is None:
+        return RangeVerdict.WHOLE
+    first, last = match.groups()
+    try:
+        if not first:
+            return _suffix_range(int(last), size) if last else RangeVerdict.WHOLE
+        return _bounded_range(int(first), int(last) if last else None, size)
+    except ValueError:  # more digits than int() accepts: not a range anyone means
+        return RangeVerdict.WHOLE
+
+
+def _suffix_range(suffix: int, size: int) -> ByteRange | RangeVerdict:
+    if suffix == 0 or size == 0:
+        return RangeVerdict.UNSATISFIABLE
+    return ByteRange(max(size - suffix, 0), size)
+
+
+def _bounded_range(start: int, last: int | None, size: int) -> ByteRange | RangeVerdict:
+    if last is not None and last < start:
+        return RangeVerdict.WHOLE  # syntactically invalid: ignored, as RFC 9110 says
+    if start >= size:
+        return RangeVerdict.UNSATISFIABLE
+    stop = size if last is None else min(last + 1, size)
+    return ByteRange(start, stop)
+
+
+def entity_tag(st: os.stat_result) -> str:
+    """The strong ETag (quoted) of a file: a rename, a resize or a rewrite changes it."""
+    return f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+
+
+def parse_http_date(value: str) -> datetime | None:
+    """An HTTP date, or None when the text is not one."""
+    try:
+        return parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def if_range_allows(if_range: str | None, etag: str, mtime: float) -> bool:
+    """True when a Range may be honoured: no If-Range, or it names the current file.
+
+    An entity tag must match strongly (a weak one never does); a date must equal
+    Last-Modified to the second (RFC 9110 §13.1.5). Anything else means "send it all".
+    """
+    if if_range is None:
+        return True
+    value = if_range.strip()
+    if value.startswith(('"', "W/")):
+        return value == etag
+    when = parse_http_date(value)
+    return when is not None and int(when.timestamp()) == int(mtime)
+
+
+def is_not_modified(
+    if_none_match: str | None, if_modified_since: str | None, etag: str, mtime: float
+) -> bool:
+    """True when a conditional GET may be answered 304 (RFC 9110 §13.1.2, §13.1.3)."""
+    if if_none_match is not None:
+        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        return "*" in tags or etag in tags
+    if if_modified_since is not None:
+        since = parse_http_date(if_modified_since)
+        return since is not None and int(mtime) <= since.timestamp()
+    return False
+
+
+# --- File system (blocking: run in worker threads) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Places:
+    """The real (symlink-free) paths of the repository and of the firmware cache."""
+
+    root: Path
+    cache: Path
+
+    @classmethod
+    def current(cls, root: Path, cache_dir: Path) -> _Places:
+        # Recreated on every request: an admin or a test may delete it at run time.
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(Path(os.path.realpath(root)), Path(os.path.realpath(cache_dir)))
+
+    def link_target(self, link: Path) -> Path:
+        """The real target of a symlink in the repository; 404 unless it is in the cache."""
+        target = Path(os.path.realpath(link))
+        if not target.is_relative_to(self.cache):
+            logger.warning("File transfer: refusing symlink %s -> %s", link, target)
+            raise _not_found()
+        return target
+
+
+def _not_found() -> web.HTTPNotFound:
+    return web.HTTPNotFound(text="No such file.\n")
+
+
+def _lstat_mode(path: Path) -> int | None:
+    try:
+        return path.lstat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _open_for_reading(places: _Places, segments: Sequence[str]) -> tuple[BinaryIO, os.stat_result]:
+    """Open the regular file a URL names, following links only into the cache."""
+    path = places.root
+    for name in segments:
+        path = path / name
+        if path.is_symlink():
+            path = places.link_target(path)
+    # O_NOFOLLOW: the checked path is what gets opened; O_NONBLOCK: a FIFO cannot hang us.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except PermissionError:
+        raise web.HTTPForbidden(text="The file cannot be read.\n") from None
+    except OSError:  # missing, a parent is a file, a symlink loop, a name too long
+        raise _not_found() from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _not_found()
+    return os.fdopen(fd, "rb"), st
+
+
+def _parent_for_writing(places: _Places, segments: Sequence[str], *, create: bool) -> Path | None:
+    """The real directory that holds the last segment, created when asked.
+
+    None when it does not exist and `create` is false. Writes never go through a link.
+    """
+    parent = places.root
+    for name in segments[:-1]:
+        parent = parent / name
+        mode = _lstat_mode(parent)
+        if mode is None and not create:
+            return None
+        if mode is None:
+            parent.mkdir(exist_ok=True)
+            mode = parent.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            places.link_target(parent)
+            raise web.HTTPForbidden(text="Files are not written through symbolic links.\n")
+        if not stat.S_ISDIR(mode):
+            raise web.HTTPConflict(text=f"'{name}' is a file, not a directory.\n")
+    return parent
+
+
+def _checked_entry(places: _Places, entry: Path) -> int | None:
+    """The lstat mode of the entry a write replaces; 404 for a link leading out of the cache."""
+    mode = _lstat_mode(entry)
+    if mode is not None and stat.S_ISLNK(mode):
+        places.link_target(entry)
+    if mode is not None and stat.S_ISDIR(mode):
+        raise web.HTTPConflict(text="The path is a directory.\n")
+    return mode
+
+
+class _Upload:
+    """A temporary file that becomes `target` when the whole body has arrived.
+
+    Writes run in worker threads; the lock keeps discard() (which must also run on
+    cancellation, when the thread may still be writing) from closing the descriptor under
+    a write, which could otherwise land in whatever file reuses the number.
+    """
+
+    def __init__(self, fd: int, temp: Path, target: Path) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self.temp = temp
+        self.target = target
+        self.received = 0
+
+    @classmethod
+    def begin(cls, places: _Places, segments: Sequence[str]) -> _Upload:
+        parent = _parent_for_writing(places, segments, create=True)
+        assert parent is not None  # created on demand
+        target = parent / segments[-1]
+        _checked_entry(places, target)
+        # A fixed-length name: a target name near NAME_MAX must not make the temp name fail.
+        temp = parent / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        return cls(fd, temp, target)
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._open_fd(), view) :]
+            self.received += len(data)
+
+    def commit(self) -> None:
+        """Make the upload durable and visible in one step (fsync, rename, fsync dir)."""
+        with self._lock:
+            os.fsync(self._open_fd())
+            self._close()
+            os.replace(self.temp, self.target)
+        _fsync_directory(self.target.parent)
+
+    def discard(self) -> None:
+        """Remove the temporary file (called on any failure, also on cancellation)."""
+        with self._lock:
+            self._close()
+            self.temp.unlink(missing_ok=True)
+
+    def _open_fd(self) -> int:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the upload was already closed")
+        return self._fd
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _delete_entry(places: _Places, segments: Sequence[str]) -> None:
+    parent = _parent_for_writing(places, segments, create=False)
+    if parent is None:
+        return
+    entry = parent / segments[-1]
+    if _checked_entry(places, entry) is not None:
+        entry.unlink(missing_ok=True)  # a link is removed, never what it points to
+
+
+# --- HTTP handlers ------------------------------------------------------------------------
+
+
+class _FileTransferHandler:
+    """One handler for every path: aiohttp's router would decode and normalise it first."""
+
+    def __init__(self, root: Path, cache_dir: Path) -> None:
+        self._root = root
+        self._cache_dir = cache_dir
+        self._methods: dict[str, Callable[[web.Request, list[str]], Awaitable[web.StreamResponse]]]
+        self._methods = {
+            "GET": self._get,
+            "HEAD": self._get,
+            "PUT": self._put,
+            "DELETE": self._delete,
+        }
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            response = await self._dispatch(request)
+        except web.HTTPException as exc:
+            _log_request(request, exc.status, exc.text)
+            raise
+        except OSError as exc:
+            error = _os_error_response(exc)
+            _log_request(request, error.status, f"{error.text} ({exc})")
+            raise error from exc
+        _log_request(request, response.status, None)
+        return response
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        segments = url_segments(request.rel_url.raw_path)
+        if segments is None:
+            raise web.HTTPNotFound(text="Not a file-transfer path.\n")
+        method = self._methods.get(request.method)
+        if method is None:
+            raise web.HTTPMethodNotAllowed(request.method, ALLOWED_METHODS)
+        if not segments:
+            raise web.HTTPNotFound(text="The repository itself cannot be read or written.\n")
+        return await method(request, segments)
+
+    async def _places(self) -> _Places:
+        return await asyncio.to_thread(_Places.current, self._root, self._cache_dir)
+
+    async def _get(self, request: web.Request, segments: list[str]) -> web.StreamResponse:
+        places = await self._places()
+        file, st = await asyncio.to_thread(_open_for_reading, places, segments)
+        try:
+            return await _send_file(request, file, st)
+        finally:
+            file.close()
+
+    async def _put(self, request: web.Request, segments: list[str]) -> web.StreamResponse:
+        places = await self._places()
+        upload = await asyncio.to_thread(_Upload.begin, places, segments)
+        try:
+            shortfall = await _receive_body(request, upload)
+            if shortfall is None:
+                await asyncio.to_thread(upload.commit)
+        except BaseException:
+            upload.discard()  # synchronous: must also run when the handler is cancelled
+            raise
+        if shortfall is not None:
+            upload.discard()
+            raise web.HTTPBadRequest(text=f"Incomplete upload ({shortfall}): nothing changed.\n")
+        return web.Response(status=201)
+
+    async def _delete(self, request: web.Request, segments: list[str]) -> web.StreamResponse:
+        places = await self._places()
+        await asyncio.to_thread(_delete_entry, places, segments)
+        return web.Response(status=202)
+
+
+async def _receive_body(request: web.Request, upload: _Upload) -> str | None:
+    """Stream the body into the upload; what is missing when it ended early, else None."""
+    try:
+        async for chunk in request.content.iter_chunked(_CHUNK_SIZE):
+            await asyncio.to_thread(upload.write, chunk)
+    except ConnectionError:  # aiohttp's way of saying the client went away mid-body
+        return f"connection lost after {upload.received} bytes"
+    expected = request.content_length
+    if expected is not None and upload.received != expected:
+        return f"got {upload.received} of {expected} bytes"
+    return None
+
+
+def _os_error_response(exc: OSError) -> web.HTTPException:
+    if isinstance(exc, PermissionError):
+        return web.HTTPForbidden(text="Permission denied by the file system.\n")
+    if isinstance(exc, IsADirectoryError):
+        return web.HTTPConflict(text="The path is a directory.\n")
+    if isinstance(exc, NotADirectoryError | FileExistsError):
+        return web.HTTPConflict(text="A parent of the path is a file.\n")
+    if exc.errno == errno.ENAMETOOLONG:
+        return web.HTTPBadRequest(text="The file name is too long.\n")
+    reason = exc.strerror or type(exc).__name__
+    return web.HTTPInternalServerError(text=f"The file cannot be written: {reason}.\n")
+
+
+def _log_request(request: web.Request, status: int, detail: str | None) -> None:
+    # %r: a hostile path must not be able to forge log lines.
+    if status >= 500 or status in (400, 403):
+        logger.warning(
+            "File transfer: %s %r -> %d %s", request.method, request.raw_path, status, detail
+        )
+    else:
+        logger.debug("File transfer: %s %r -> %d", request.method, request.raw_path, status)
+
+
+def _file_headers(st: os.stat_result) -> dict[str, str]:
+    return {
+        "Accept-Ranges": "bytes",
+        "ETag": entity_tag(st),
+        "Last-Modified": formatdate(st.st_mtime, usegmt=True),
+        "Content-Type": _OCTET_STREAM,
+    }
+
+
+def _selected_range(request: web.Request, st: os.stat_result) -> ByteRange | RangeVerdict:
+    """The part of the file a GET asks for, with If-Range checked first."""
+    headers = request.headers
+    if not if_range_allows(headers.get("If-Range"), entity_tag(st), st.st_mtime):
+        return RangeVerdict.WHOLE
+    return parse_byte_range(headers.get("Range"), st.st_size)
+
+
+async def _send_file(
+    request: web.Request, file: BinaryIO, st: os.stat_result
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=_file_headers(st))
+    since = request.headers.get("If-Modified-Since")
+    if is_not_modified(request.headers.get("If-None-Match"), since, entity_tag(st), st.st_mtime):
+        response.set_status(304)
+        await response.prepare(request)
+        return response
+    selected = _selected_range(request, st)
+    if selected is RangeVerdict.UNSATISFIABLE:
+        response.set_status(416)
+        response.headers["Content-Range"] = f"bytes */{st.st_size}"
+        response.content_length = 0
+        await response.prepare(request)
+        return response
+    if isinstance(selected, ByteRange):
+        response.set_status(206)
+        response.headers["Content-Range"] = selected.content_range(st.st_size)
+    else:
+        selected = ByteRange(0, st.st_size)
+    response.content_length = selected.length
+    await response.prepare(request)
+    if request.method != "HEAD" and selected.length:
+        await _stream_range(request, response, file, selected)
+    await response.write_eof()
+    return response
+
+
+async def _stream_range(
+    request: web.Request, response: web.StreamResponse, file: BinaryIO, selected: ByteRange
+) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client went away")
+    loop = asyncio.get_running_loop()
+    try:
+        # The headers are already on the wire (StreamResponse sends them at prepare()).
+        sent = await loop.sendfile(transport, file, selected.start, selected.length)
+    except NotImplementedError:  # an event loop without sendfile (uvloop on some transports)
+        sent = await _copy_range(response, file, selected)
+    if sent < selected.length:  # the file shrank under us: the client must see a short body
+        response.force_close()
+
+
+async def _copy_range(response: web.StreamResponse, file: BinaryIO, selected: ByteRange) -> int:
+    await asyncio.to_thread(file.seek, selected.start)
+    sent = 0
+    while sent < selected.length:
+        data = await asyncio.to_thread(file.read, min(_CHUNK_SIZE, selected.length - sent))
+        if not data:
+            break
+        await response.write(data)
+        sent += len(data)
+    return sent
+
+
+# --- Application and server ---------------------------------------------------------------
+
+
+def build_app(*, root: Path, cache_dir: Path) -> web.Application:
+    """The aiohttp application serving `root` at both route prefixes."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _FileTransferHandler(root, cache_dir).handle)
+    return app
+
+
+class FileTransferServer:
+    """The file-transfer service bound to one address; start() it, then stop() it."""
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        cache_dir: Path,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._root = root
+        self._cache_dir = cache_dir
+        self._host = host.removeprefix("[").removesuffix("]")  # "[::1]" works as "::1"
+        self._port = port
+        self._ssl_context = ssl_context
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port after start() (useful with port 0); the configured one before."""
+        if self._runner is not None and self._runner.addresses:
+            return int(self._runner.addresses[0][1])
+        return self._port
+
+    async def start(self) -> None:
+        """Bind and serve. Raises ConfigError when the address cannot be bound."""
+        app = build_app(root=self._root, cache_dir=self._cache_dir)
+        # access_log=None: the handler logs one line per request itself, at debug level.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=STOP_TIMEOUT_S)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(f"cannot bind {self._address()}: {_bind_failure(exc)}") from exc
+        self._runner = runner
+        logger.info("File transfer: serving %s on %s", self._root, self._address(self.port))
+
+    async def stop(self) -> None:
+        """Stop accepting, let running requests finish for STOP_TIMEOUT_S, then cancel them."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        try:
+            async with asyncio.timeout(3 * STOP_TIMEOUT_S):
+                await runner.cleanup()
+        except TimeoutError:
+            logger.warning("File transfer: stop took longer than %.0f s", 3 * STOP_TIMEOUT_S)
+
+    def _address(self, port: int | None = None) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{self._port if port is None else port}"
+
+
+def _bind_failure(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror})"
+    known = {
+        errno.EADDRINUSE: "address in use",
+        errno.EADDRNOTAVAIL: "address not available on this machine",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    }
+    return known.get(exc.errno or 0, exc.strerror or str(exc))
