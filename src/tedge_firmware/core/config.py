@@ -27,8 +27,10 @@ def _text(key: str, value: object) -> str:
     text = str(value).strip()
     if not text:
         raise ConfigError(f"invalid value for '{key}': must not be empty")
-    if any(ch in text for ch in "\n\r\0"):
+    if any(ch in text for ch in "\n\r"):
         raise ConfigError(f"invalid value for '{key}': must be a single line")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise ConfigError(f"invalid value for '{key}': must not contain control characters")
     return text
 
 
@@ -40,10 +42,10 @@ def _int_in(low: int, high: int, what: str) -> Parser:
             number = value
         else:
             text = str(value).strip()
-            try:
-                number = int(text, 10)
-            except ValueError:
-                raise ConfigError(f"invalid value for '{key}': {value!r} is not {what}") from None
+            # Plain ASCII digits only: int() would also take "1_000", "+5" and non-ASCII digits.
+            if not (isinstance(value, str) and text.isascii() and text.isdigit()):
+                raise ConfigError(f"invalid value for '{key}': {value!r} is not {what}")
+            number = int(text, 10)
         if not low <= number <= high:
             raise ConfigError(f"invalid value for '{key}': {number} is not {what}")
         return number
@@ -55,11 +57,31 @@ def _path(key: str, value: object) -> Path:
     return Path(_text(key, value))
 
 
+_HOST_PUNCTUATION = frozenset("-._:%")
+
+
 def _host(key: str, value: object) -> str:
+    """A host name, IPv4 or IPv6 address (brackets optional), optionally with `:port`.
+
+    Only letters, digits and `-._:%` are allowed: the value ends up in URLs handed to
+    children, where `/`, `@`, `?` or `#` would silently change which host is contacted.
+    """
     text = _text(key, value)
-    if any(ch.isspace() for ch in text) or "/" in text:
+    if text.startswith("["):
+        inner = text[1:-1] if text.endswith("]") else ""
+        if not _is_ipv6(inner):
+            raise ConfigError(f"invalid value for '{key}': {text!r} is not an IPv6 address")
+        return inner
+    if not all(ch.isalnum() or ch in _HOST_PUNCTUATION for ch in text):
         raise ConfigError(f"invalid value for '{key}': {text!r} is not a host name or address")
-    return text.removeprefix("[").removesuffix("]") if text.startswith("[") else text
+    return text
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 _port = _int_in(1, 65535, "a port number (1-65535)")
@@ -180,6 +202,19 @@ KEYS_BY_NAME: dict[str, KeySpec] = {spec.name: spec for spec in KEYS}
 _SPELLINGS: dict[str, KeySpec] = {
     name: spec for spec in KEYS for name in (spec.name, *spec.aliases, *spec.v1)
 }
+# Dotted names that must be tables in the file ("mqtt", "mqtt.client", "mqtt.client.auth", ...).
+_TABLE_NAMES: frozenset[str] = frozenset(
+    name.rsplit(".", depth)[0] for name in _SPELLINGS for depth in range(1, name.count(".") + 1)
+)
+
+# Keys whose default is the effective value of other keys (the first one that has a value),
+# as in thin-edge: mqtt.client.port follows mqtt.bind.port, and so on.
+DERIVED_FROM: dict[str, tuple[str, ...]] = {
+    "c8y.http": ("c8y.url",),
+    "mqtt.client.port": ("mqtt.bind.port",),
+    "http.bind.address": ("mqtt.external.bind.address", "mqtt.bind.address"),
+}
+CONFIG_DIR_PLACEHOLDER = "<config-dir>"
 
 
 def find_key(name: str) -> KeySpec:
@@ -199,27 +234,83 @@ def validate_value(name: str, raw: object) -> object:
 def _flatten(doc: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, object]]:
     for key, value in doc.items():
         dotted = f"{prefix}{key}".lower()
-        if isinstance(value, Mapping):
+        # A table where a key's value belongs is yielded whole, so that parsing rejects it
+        # instead of the key silently reading as unset.
+        if isinstance(value, Mapping) and dotted not in _SPELLINGS:
             yield from _flatten(value, dotted + ".")
         else:
+            if dotted in _TABLE_NAMES:
+                raise ConfigError(f"'{dotted}' must be a table of settings, not {value!r}")
             yield dotted, value
 
 
+def _rank(spelling: str, spec: KeySpec) -> int:
+    """The canonical spelling beats an alias, which beats a v1 spelling."""
+    return 2 if spelling == spec.name else 1 if spelling in spec.aliases else 0
+
+
+_ENV_NAMES: dict[str, tuple[str, KeySpec]] = {
+    "TEDGE_" + name.replace(".", "_").upper(): (name, spec) for name, spec in _SPELLINGS.items()
+}
+
+
+def env_var_names(name: str) -> tuple[str, ...]:
+    """The `TEDGE_*` variables that override a key (canonical spelling first)."""
+    spec = find_key(name)
+    spellings = (spec.name, *spec.aliases, *spec.v1)
+    return tuple(dict.fromkeys("TEDGE_" + s.replace(".", "_").upper() for s in spellings))
+
+
 def raw_values(doc: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
-    """Canonical key → (raw value, where it came from). Unknown keys are ignored, as tedge does."""
+    """Canonical key → (raw value, where it came from). Unknown keys are ignored, as tedge does.
+
+    The environment beats the file. When one key is given under several spellings in the same
+    place, the canonical one wins, so the answer never depends on the order of the file.
+    Raises ConfigError when a plain value sits where a table of settings belongs.
+    """
     found: dict[str, tuple[object, str]] = {}
+    ranks: dict[str, int] = {}
+
+    def offer(spelling: str, spec: KeySpec, value: object, origin: str, base: int) -> None:
+        rank = base + _rank(spelling, spec)
+        if rank >= ranks.get(spec.name, -1):
+            found[spec.name] = (value, origin)
+            ranks[spec.name] = rank
+
     for dotted, value in _flatten(doc):
         spec = _SPELLINGS.get(dotted)
         if spec is not None:
-            found[spec.name] = (value, "file")
-    env_names = {
-        "TEDGE_" + name.replace(".", "_").upper(): spec for name, spec in _SPELLINGS.items()
-    }
+            offer(dotted, spec, value, "file", 0)
     for var, value in env.items():
-        spec = env_names.get(var.upper())
-        if spec is not None:
-            found[spec.name] = (value, f"environment variable {var}")
+        entry = _ENV_NAMES.get(var.upper())
+        if entry is not None:
+            offer(entry[0], entry[1], value, f"environment variable {var}", 10)
     return found
+
+
+def effective_value(
+    name: str, raw: Mapping[str, tuple[object, str]], config_dir: Path, source: str
+) -> Any:
+    """The parsed value of one key: its own (file < env), else what it derives from, else default.
+
+    `raw` comes from `raw_values`; `source` names the file in error messages. None when the
+    key has no value at all. Raises ConfigError naming the key and where its bad value came from.
+    """
+    spec = find_key(name)
+    if spec.name in raw:
+        value, origin = raw[spec.name]
+        try:
+            return spec.parse(spec.name, value)
+        except ConfigError as error:
+            where = source if origin == "file" else origin
+            raise ConfigError(f"{error} (in {where})") from None
+    for other in DERIVED_FROM.get(spec.name, ()):
+        derived = effective_value(other, raw, config_dir, source)
+        if derived is not None:
+            return derived
+    if spec.default is None:
+        return None
+    return spec.parse(spec.name, spec.default.replace(CONFIG_DIR_PLACEHOLDER, str(config_dir)))
 
 
 @dataclass(frozen=True)
@@ -293,11 +384,17 @@ class TedgeConfig:
 
 
 def tenant_host_of(raw: str) -> str:
-    """`https://t.example.com:443/x` or `t.example.com:443` → `t.example.com` (lowercase)."""
+    """`https://t.example.com:443/x` or `t.example.com:443` → `t.example.com` (lowercase).
+
+    Also safe on download URLs: the authority ends at the first `/`, `?` or `#`, and user
+    info (`user:pw@`) is dropped, so `https://t.example.com:x@evil.com/` gives `evil.com`.
+    """
     host = raw.strip().lower()
     if "://" in host:
         host = host.split("://", 1)[1]
-    host = host.split("/", 1)[0]
+    for delimiter in "/?#":
+        host = host.split(delimiter, 1)[0]
+    host = host.rsplit("@", 1)[-1]
     if host.startswith("["):
         return host[1:].split("]", 1)[0]
     if host.count(":") == 1:
@@ -328,42 +425,30 @@ def config_from_document(
 
     `source` names the file in error messages. Raises ConfigError naming the key.
     """
-    raw = raw_values(doc, env)
+    try:
+        raw = raw_values(doc, env)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (in {source})") from None
 
     def get(name: str) -> Any:
-        spec = KEYS_BY_NAME[name]
-        if name in raw:
-            value, origin = raw[name]
-            where = source if origin == "file" else origin
-            try:
-                return spec.parse(name, value)
-            except ConfigError as error:
-                raise ConfigError(f"{error} (in {where})") from None
-        return None if spec.default is None else spec.parse(name, spec.default)
+        return effective_value(name, raw, config_dir, source)
 
-    bind_port = get("mqtt.bind.port")
-    http_address = (
-        get("http.bind.address") or get("mqtt.external.bind.address") or get("mqtt.bind.address")
-    )
     return TedgeConfig(
         config_dir=config_dir,
         device_id=get("device.id"),
-        device_cert_path=(
-            get("device.cert_path")
-            if "device.cert_path" in raw
-            else config_dir / "device-certs" / "tedge-certificate.pem"
-        ),
+        device_cert_path=get("device.cert_path"),
         c8y_url=get("c8y.url"),
-        c8y_http=get("c8y.http"),
+        # Kept unset when only c8y.url is given; `tenant_host` does the fallback.
+        c8y_http=get("c8y.http") if "c8y.http" in raw else None,
         mqtt_host=get("mqtt.client.host"),
-        mqtt_port=get("mqtt.client.port") or bind_port,
+        mqtt_port=get("mqtt.client.port"),
         mqtt_auth=MqttAuth(
             ca_file=get("mqtt.client.auth.ca_file"),
             ca_dir=get("mqtt.client.auth.ca_dir"),
             cert_file=get("mqtt.client.auth.cert_file"),
             key_file=get("mqtt.client.auth.key_file"),
         ),
-        http_bind_address=http_address,
+        http_bind_address=get("http.bind.address"),
         http_bind_port=get("http.bind.port"),
         http_client_host=get("http.client.host"),
         http_cert_path=get("http.cert_path"),
