@@ -910,6 +910,14 @@ def test_set_keeps_mode_and_leaves_no_temp_files(tmp_path: Path) -> None:
     assert read_toml(path) == {"c8y": {"url": "u.io"}}
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
+def test_set_keeps_the_owner(tmp_path: Path) -> None:
+    path = write(tmp_path, '[c8y]\nurl = "t.io"\n')
+    os.chown(path, 4321, 4322)
+    set_value(tmp_path, "c8y.url", "u.io")
+    assert (path.stat().st_uid, path.stat().st_gid) == (4321, 4322)
+
+
 def test_set_writes_through_a_symlink(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()

@@ -24,7 +24,7 @@ from tedge_firmware.core.config import (
     find_key,
     raw_values,
 )
-from tedge_firmware.errors import TedgeFirmwareError
+from tedge_firmware.errors import ConfigError, TedgeFirmwareError
 from tedge_firmware.shell.config_file import config_path, read_device_id, read_document, set_value
 
 
@@ -58,7 +58,11 @@ class _View:
     def __init__(self, config_dir: Path, env: Mapping[str, str]) -> None:
         self.config_dir = config_dir
         self.source = str(config_path(config_dir))
-        self.raw = raw_values(read_document(config_path(config_dir)), env)
+        document = read_document(config_path(config_dir))
+        try:
+            self.raw = raw_values(document, env)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (in {self.source})") from None
 
     def value(self, name: str) -> Any:
         """Parsed effective value, None when unset; ConfigError when the value is invalid."""
@@ -100,7 +104,8 @@ def get_command(ctx: click.Context, key: str) -> None:
         click.echo(str(value))
 
 
-@config_group.command("set")
+# ignore_unknown_options: a value such as "-1" is a value to validate, not an unknown option.
+@config_group.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("key")
 @click.argument("value")
 @click.pass_context
