@@ -35,8 +35,7 @@ lint: venv
 
 # The all-in-one service with a sample config against a local mosquitto (see README).
 run: venv mosquitto
-	scripts/sample-config.sh $(CONFIG_DIR)
-	$(BIN)/tedge-firmware run --config-dir $(CONFIG_DIR)
+	scripts/run-local.sh $(CONFIG_DIR)
 
 bench: venv
 	$(BIN)/python -m benchmarks

@@ -233,7 +233,7 @@ class FirmwarePlugin:
                 version=record.version,
                 url=record.server_url,
                 file_id=file_id_for_url(record.server_url),
-                attempt=record.attempt,
+                attempt=record.attempt + 1,
                 state=State.PENDING,
                 record=record,
             )
