@@ -1,3 +1,3 @@
-"""tedge-firmware: firmware management for Cumulocity child devices behind a thin-edge.io gateway."""
+"""tedge-firmware: firmware management for Cumulocity child devices behind thin-edge.io."""
 
 __version__ = "0.1.0"

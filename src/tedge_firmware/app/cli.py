@@ -94,7 +94,9 @@ def plugin_command(config_dir: Path, debug: bool, init: bool) -> None:
         from tedge_firmware.app.service import create_directories
 
         run_service(lambda: create_directories(config))
-        log.info("created %s, %s and %s", config.cache_dir, config.firmware_dir, config.file_transfer_dir)
+        log.info(
+            "created %s, %s and %s", config.cache_dir, config.firmware_dir, config.file_transfer_dir
+        )
         return
     _serve_plugin(config, with_file_transfer=False)
 

@@ -8,10 +8,8 @@ import time
 
 
 class _UtcFormatter(logging.Formatter):
-    converter = time.gmtime
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"
 
 
@@ -28,7 +26,11 @@ def configure_logging(debug: bool = False) -> None:
                 }
             },
             "handlers": {
-                "stderr": {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stderr"}
+                "stderr": {
+                    "class": "logging.StreamHandler",
+                    "formatter": "line",
+                    "stream": "ext://sys.stderr",
+                }
             },
             "root": {"handlers": ["stderr"], "level": "DEBUG" if debug else "INFO"},
             "loggers": {

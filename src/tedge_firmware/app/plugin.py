@@ -179,7 +179,9 @@ class JwtBroker:
         try:
             token = smartrest.parse_jwt_response(payload.decode("utf-8").strip())
         except (UnicodeDecodeError, SmartRestError) as error:
-            waiter.set_exception(JwtError(f"Failed to retrieve JWT token: malformed answer ({error})"))
+            waiter.set_exception(
+                JwtError(f"Failed to retrieve JWT token: malformed answer ({error})")
+            )
             return
         waiter.set_result(token)
 
@@ -293,7 +295,11 @@ class FirmwarePlugin:
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
-            log.warning("payload on %s is not UTF-8 (%d bytes): ignored", topics.C8Y_DOWNSTREAM, len(payload))
+            log.warning(
+                "payload on %s is not UTF-8 (%d bytes): ignored",
+                topics.C8Y_DOWNSTREAM,
+                len(payload),
+            )
             return
         for record in smartrest.split_records(text):
             if smartrest.template_id(record) != "515":
@@ -308,7 +314,7 @@ class FirmwarePlugin:
     def _on_firmware_request(self, request: smartrest.FirmwareRequest) -> None:
         if request.device == self.device_id:
             log.warning(
-                "c8y_Firmware for the main device %s is not handled by the firmware plugin: ignored",
+                "c8y_Firmware for the main device %s is left to its own handler: ignored",
                 request.device,
             )
             return
@@ -319,7 +325,11 @@ class FirmwarePlugin:
         duplicate = next((op for op in self.operations.values() if op.matches(request)), None)
         if duplicate is not None:
             duplicate.attempt += 1
-            log.info("same operation received again, attempt %d %s", duplicate.attempt, duplicate.context())
+            log.info(
+                "same operation received again, attempt %d %s",
+                duplicate.attempt,
+                duplicate.context(),
+            )
             if duplicate.state is not State.FETCHING:
                 self._resend(duplicate)
             return
@@ -334,7 +344,10 @@ class FirmwarePlugin:
         self.operations[operation.op_id] = operation
         log.info(
             "new firmware operation name=%s version=%s url=%s %s",
-            operation.name, operation.version, operation.url, operation.context(),
+            operation.name,
+            operation.version,
+            operation.url,
+            operation.context(),
         )
         self._join_fetch(operation)
 
@@ -346,7 +359,8 @@ class FirmwarePlugin:
             fetch = _Fetch(url=operation.url)
             self.fetches[operation.file_id] = fetch
             fetch.task = asyncio.create_task(
-                self._fetch(operation.file_id, operation.url), name=f"fetch-{operation.file_id[:12]}"
+                self._fetch(operation.file_id, operation.url),
+                name=f"fetch-{operation.file_id[:12]}",
             )
         fetch.waiting.add(operation.op_id)
 
@@ -357,7 +371,9 @@ class FirmwarePlugin:
             self.submit(FetchDone(file_id, None, error.reason))
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # a bug or an unmapped error must fail the operations, not hang them
+        except (
+            Exception
+        ) as error:  # a bug or an unmapped error must fail the operations, not hang them
             log.exception("fetching %s failed unexpectedly", url)
             self.submit(FetchDone(file_id, None, f"Download from {url} failed with {error}"))
         else:
@@ -424,7 +440,9 @@ class FirmwarePlugin:
     def _resend(self, operation: LiveOperation) -> None:
         """Publish the same request again with the incremented attempt (persisted first)."""
         assert operation.record is not None
-        operation.record = OperationRecord(**{**vars(operation.record), "attempt": operation.attempt})
+        operation.record = OperationRecord(
+            **{**vars(operation.record), "attempt": operation.attempt}
+        )
         try:
             self.store.save(operation.record)
         except StoreError as error:
@@ -450,7 +468,9 @@ class FirmwarePlugin:
     def _arm_timeout(self, operation: LiveOperation) -> None:
         operation.timer_generation += 1
         fired = TimerFired(operation.op_id, operation.timer_generation)
-        self.timers.arm(operation.op_id, self.config.child_update_timeout, lambda: self.submit(fired))
+        self.timers.arm(
+            operation.op_id, self.config.child_update_timeout, lambda: self.submit(fired)
+        )
 
     # ---- responses from the child -------------------------------------------------------
 
@@ -463,7 +483,11 @@ class FirmwarePlugin:
             return
         operation = self.operations.get(response.id)
         if operation is None or operation.child_id != child_id or operation.state is State.FETCHING:
-            log.info("response for an unknown or finished operation op_id=%s child=%s: ignored", response.id, child_id)
+            log.info(
+                "response for an unknown or finished operation op_id=%s child=%s: ignored",
+                response.id,
+                child_id,
+            )
             return
         self._apply_response(operation, response)
 
@@ -491,8 +515,12 @@ class FirmwarePlugin:
         log.error("operation failed: %s %s", reason, operation.context())
         self._transition(operation, Event.ABORTED, reason=reason)
 
-    def _transition(self, operation: LiveOperation, event: Event, reason: str | None = None) -> None:
-        installed = smartrest.set_installed_firmware(operation.name, operation.version, operation.url)
+    def _transition(
+        self, operation: LiveOperation, event: Event, reason: str | None = None
+    ) -> None:
+        installed = smartrest.set_installed_firmware(
+            operation.name, operation.version, operation.url
+        )
         outcome = step(operation.state, event, reason=reason, installed=installed)
         operation.state = outcome.state
         self._to_cloud(operation.child_id, outcome.to_cloud)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tedge_firmware.app.plugin import (
     PLUGIN_SUBSCRIPTIONS,
@@ -38,7 +38,7 @@ SHUTDOWN_GRACE_S = 5.0
 @dataclass(frozen=True)
 class ServiceOptions:
     with_file_transfer: bool = False
-    plugin: PluginOptions = PluginOptions()
+    plugin: PluginOptions = field(default_factory=PluginOptions)
     client_id: str = topics.PLUGIN_NAME
 
 
@@ -90,6 +90,7 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
     try:
         if file_transfer is not None:
             await file_transfer.start()
+
         async def on_connect() -> None:
             # after every (re)connect, as thin-edge does: the retained "up" replaces the will
             mqtt.publish(topics.health_topic(), health_up(), retain=True)
@@ -111,7 +112,10 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
         plugin.recover()
         log.info(
             "firmware plugin started: device=%s broker=%s:%d data=%s",
-            device_id, config.mqtt_host, config.mqtt_port, config.data_path,
+            device_id,
+            config.mqtt_host,
+            config.mqtt_port,
+            config.data_path,
         )
         await _run_until_stopped(stop, session, plugin)
     finally:
@@ -124,7 +128,9 @@ async def _pump(session: MqttSession, plugin: FirmwarePlugin) -> None:
         plugin.submit(Incoming(message.topic, message.payload))
 
 
-async def _run_until_stopped(stop: asyncio.Event, session: MqttSession, plugin: FirmwarePlugin) -> None:
+async def _run_until_stopped(
+    stop: asyncio.Event, session: MqttSession, plugin: FirmwarePlugin
+) -> None:
     tasks = [
         asyncio.create_task(session.run(), name="mqtt-session"),
         asyncio.create_task(_pump(session, plugin), name="mqtt-pump"),
@@ -174,7 +180,9 @@ async def serve_file_transfer(config: TedgeConfig, stop: asyncio.Event) -> None:
     await server.start()
     log.info(
         "file-transfer service listening on %s:%d, serving %s",
-        config.http_bind_address, server.port, config.file_transfer_dir,
+        config.http_bind_address,
+        server.port,
+        config.file_transfer_dir,
     )
     try:
         await stop.wait()

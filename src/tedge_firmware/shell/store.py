@@ -41,7 +41,9 @@ class OperationStore:
             os.replace(temp, target)
         except OSError as error:
             temp.unlink(missing_ok=True)
-            raise StoreError(f"Creating the file failed: {str(target)!r}: {error.strerror}") from error
+            raise StoreError(
+                f"Creating the file failed: {str(target)!r}: {error.strerror}"
+            ) from error
 
     def delete(self, op_id: str) -> None:
         try:
@@ -60,7 +62,9 @@ class OperationStore:
             try:
                 record = OperationRecord.from_json(entry.read_bytes())
                 if record.operation_id != entry.name:
-                    raise StoreError(f"operation_id {record.operation_id!r} differs from the file name")
+                    raise StoreError(
+                        f"operation_id {record.operation_id!r} differs from the file name"
+                    )
             except (StoreError, OSError) as error:
                 self.quarantine(entry, str(error))
                 continue
