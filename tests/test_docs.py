@@ -1,0 +1,28 @@
+"""The README stays true to the code: every configuration key and command is documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from tedge_firmware.app.cli import main_group
+from tedge_firmware.core.config import KEYS
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_every_config_key_is_in_the_readme() -> None:
+    missing = [spec.name for spec in KEYS if f"`{spec.name}`" not in README]
+    assert missing == []
+
+
+def test_every_command_is_in_the_readme() -> None:
+    missing = [name for name in main_group.commands if f"tedge-firmware {name}" not in README and f"config {name}" not in README]
+    assert missing == []
+
+
+def test_help_runs() -> None:
+    result = CliRunner().invoke(main_group, ["--help"])
+    assert result.exit_code == 0
+    assert "run" in result.output and "file-transfer" in result.output
