@@ -348,13 +348,18 @@ async def test_binary_file_is_served_byte_exact(client, big_file: Path, big_byte
 
 
 async def test_head_gives_headers_and_no_body(client, big_file: Path):
-    status, headers, body = await fetch(client, "HEAD", "/te/v1/files/child1/firmware_update/image.bin")
+    status, headers, body = await fetch(
+        client, "HEAD", "/te/v1/files/child1/firmware_update/image.bin"
+    )
     assert status == 200
     assert body == b""
     assert headers["Content-Length"] == str(BIG_SIZE)
     assert headers["ETag"] == entity_tag(os.stat(big_file))
     status, headers, body = await fetch(
-        client, "HEAD", "/te/v1/files/child1/firmware_update/image.bin", headers={"Range": "bytes=-5"}
+        client,
+        "HEAD",
+        "/te/v1/files/child1/firmware_update/image.bin",
+        headers={"Range": "bytes=-5"},
     )
     assert (status, body, headers["Content-Length"]) == (206, b"", "5")
 
@@ -393,10 +398,14 @@ async def test_range(client, big_file, big_bytes, prefix, range_header, start, s
     assert body == big_bytes[start:stop]
 
 
-@pytest.mark.parametrize("range_header", [f"bytes={BIG_SIZE}-", f"bytes={BIG_SIZE + 5}-", "bytes=-0"])
+@pytest.mark.parametrize(
+    "range_header", [f"bytes={BIG_SIZE}-", f"bytes={BIG_SIZE + 5}-", "bytes=-0"]
+)
 async def test_unsatisfiable_range_is_416(client, big_file, range_header):
     status, headers, body = await fetch(
-        client, "GET", "/tedge/file-transfer/child1/firmware_update/image.bin",
+        client,
+        "GET",
+        "/tedge/file-transfer/child1/firmware_update/image.bin",
         headers={"Range": range_header},
     )
     assert status == 416
@@ -417,7 +426,9 @@ async def test_range_on_empty_file_is_416(client, root: Path):
 @pytest.mark.parametrize("range_header", ["bytes=5-2", "bytes=0-1,5-6", "items=0-5", "bytes=x-"])
 async def test_ignored_range_gives_the_whole_file(client, big_file, big_bytes, range_header):
     status, headers, body = await fetch(
-        client, "GET", "/tedge/file-transfer/child1/firmware_update/image.bin",
+        client,
+        "GET",
+        "/tedge/file-transfer/child1/firmware_update/image.bin",
         headers={"Range": range_header},
     )
     assert status == 200
@@ -444,7 +455,9 @@ async def test_if_range_with_entity_tag(client, root: Path, big_file, big_bytes)
     assert headers["ETag"] != old_etag
 
     weak = "W/" + headers["ETag"]
-    status, _, body = await fetch(client, "GET", url, headers={"Range": "bytes=0-9", "If-Range": weak})
+    status, _, body = await fetch(
+        client, "GET", url, headers={"Range": "bytes=0-9", "If-Range": weak}
+    )
     assert (status, body) == (200, new_bytes)
 
 
@@ -458,7 +471,9 @@ async def test_if_range_with_date(client, big_file, big_bytes):
     assert headers["Last-Modified"] == last_modified
     assert (status, body) == (206, big_bytes[-10:])
     older = formatdate(1_500_000_000, usegmt=True)
-    status, _, body = await fetch(client, "GET", url, headers={"Range": "bytes=-10", "If-Range": older})
+    status, _, body = await fetch(
+        client, "GET", url, headers={"Range": "bytes=-10", "If-Range": older}
+    )
     assert (status, body) == (200, big_bytes)
     status, _, body = await fetch(
         client, "GET", url, headers={"Range": "bytes=-10", "If-Range": "not a date"}
@@ -531,18 +546,24 @@ async def test_port_zero_reports_the_bound_port(server):
 
 async def test_bind_error_is_a_config_error(data_dir: Path, server: FileTransferServer):
     other = FileTransferServer(
-        root=data_dir / "file-transfer", cache_dir=data_dir / "cache",
-        host="127.0.0.1", port=server.port,
+        root=data_dir / "file-transfer",
+        cache_dir=data_dir / "cache",
+        host="127.0.0.1",
+        port=server.port,
     )
-    with pytest.raises(ConfigError, match=rf"cannot bind 127\.0\.0\.1:{server.port}: address in use"):
+    with pytest.raises(
+        ConfigError, match=rf"cannot bind 127\.0\.0\.1:{server.port}: address in use"
+    ):
         await other.start()
     await other.stop()  # harmless when start failed
 
 
 async def test_unknown_host_is_a_config_error(data_dir: Path):
     srv = FileTransferServer(
-        root=data_dir / "file-transfer", cache_dir=data_dir / "cache",
-        host="no-such-host.invalid", port=0,
+        root=data_dir / "file-transfer",
+        cache_dir=data_dir / "cache",
+        host="no-such-host.invalid",
+        port=0,
     )
     with pytest.raises(ConfigError, match=r"cannot bind no-such-host\.invalid:0"):
         await srv.start()
@@ -585,8 +606,9 @@ async def test_stop_is_bounded_with_a_stalled_download(data_dir: Path, big_file:
     await srv.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
     # A client that asks for a big file and never reads: the server's send stalls.
-    writer.write(b"GET /tedge/file-transfer/child1/firmware_update/image.bin HTTP/1.1\r\n"
-                 b"Host: x\r\n\r\n")
+    writer.write(
+        b"GET /tedge/file-transfer/child1/firmware_update/image.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     await writer.drain()
     await reader.readuntil(b"\r\n\r\n")  # the response has started
     loop = asyncio.get_running_loop()
@@ -607,10 +629,29 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
     )
     return cert, key
 
@@ -620,8 +661,11 @@ async def test_tls(data_dir: Path, big_file: Path, big_bytes: bytes, tls_files):
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     srv = FileTransferServer(
-        root=data_dir / "file-transfer", cache_dir=data_dir / "cache",
-        host="127.0.0.1", port=0, ssl_context=server_context,
+        root=data_dir / "file-transfer",
+        cache_dir=data_dir / "cache",
+        host="127.0.0.1",
+        port=0,
+        ssl_context=server_context,
     )
     await srv.start()
     try:

@@ -10,7 +10,8 @@ It serves the directory `root` (`data.path/file-transfer`) under two URL prefixe
   `If-Range` only as a date, guesses content types and serves `.gz` siblings, none of which a
   firmware repository wants.
 * PUT streams the body to a temporary file next to the target, fsyncs it and renames it over
-  the target only when the body is complete, so a broken upload never replaces a good file.
+  the target only when the body is complete, so a broken upload (client gone, malformed
+  chunk, no data for UPLOAD_STALL_TIMEOUT_S) never replaces a good file nor leaves a temp one.
 * DELETE removes a file (202, also when it is missing; 409 for a directory).
 
 Path rules (the reason this module exists; thin-edge 0.12 let `..` reach all of `data.path`):
@@ -27,6 +28,7 @@ and directories, so they cannot race a checked path into pointing elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import logging
@@ -46,8 +48,26 @@ from typing import BinaryIO, Final
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 
 from tedge_firmware.errors import ConfigError
+
+__all__ = [
+    "ALLOWED_METHODS",
+    "ROUTE_PREFIXES",
+    "STOP_TIMEOUT_S",
+    "UPLOAD_STALL_TIMEOUT_S",
+    "ByteRange",
+    "FileTransferServer",
+    "RangeVerdict",
+    "build_app",
+    "entity_tag",
+    "if_range_allows",
+    "is_not_modified",
+    "parse_byte_range",
+    "parse_http_date",
+    "url_segments",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +75,8 @@ ROUTE_PREFIXES: Final = ("/tedge/file-transfer/", "/te/v1/files/")
 ALLOWED_METHODS: Final = ("GET", "HEAD", "PUT", "DELETE")
 STOP_TIMEOUT_S: Final = 2.0
 """How long stop() lets running requests finish before they are cancelled."""
+UPLOAD_STALL_TIMEOUT_S = 60.0
+"""A PUT whose body sends nothing for this long is abandoned (408); the file is unchanged."""
 
 _CHUNK_SIZE: Final = 256 * 1024
 _TEMP_PREFIX: Final = ".ft-upload-"
@@ -387,10 +409,12 @@ class _FileTransferHandler:
             _log_request(request, exc.status, exc.text)
             raise
         except OSError as exc:
-            error = _os_error_response(exc)
+            verb = "read" if request.method in ("GET", "HEAD") else "written"
+            error = _os_error_response(exc, verb)
             _log_request(request, error.status, f"{error.text} ({exc})")
             raise error from exc
-        _log_request(request, response.status, None)
+        detail = response.text if isinstance(response, web.Response) else None
+        _log_request(request, response.status, detail)
         return response
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
@@ -419,15 +443,15 @@ class _FileTransferHandler:
         places = await self._places()
         upload = await asyncio.to_thread(_Upload.begin, places, segments)
         try:
-            shortfall = await _receive_body(request, upload)
-            if shortfall is None:
+            failure = await _receive_body(request, upload)
+            if failure is None:
                 await asyncio.to_thread(upload.commit)
         except BaseException:
             upload.discard()  # synchronous: must also run when the handler is cancelled
             raise
-        if shortfall is not None:
+        if failure is not None:
             upload.discard()
-            raise web.HTTPBadRequest(text=f"Incomplete upload ({shortfall}): nothing changed.\n")
+            return await _answer_and_close(request, failure)
         return web.Response(status=201)
 
     async def _delete(self, request: web.Request, segments: list[str]) -> web.StreamResponse:
@@ -436,20 +460,49 @@ class _FileTransferHandler:
         return web.Response(status=202)
 
 
-async def _receive_body(request: web.Request, upload: _Upload) -> str | None:
-    """Stream the body into the upload; what is missing when it ended early, else None."""
+async def _receive_body(request: web.Request, upload: _Upload) -> web.Response | None:
+    """Stream the body into the upload; the answer to send when it ended badly, else None."""
     try:
-        async for chunk in request.content.iter_chunked(_CHUNK_SIZE):
+        while chunk := await _next_chunk(request):
             await asyncio.to_thread(upload.write, chunk)
     except ConnectionError:  # aiohttp's way of saying the client went away mid-body
-        return f"connection lost after {upload.received} bytes"
+        return _upload_failed(400, f"connection lost after {upload.received} bytes")
+    except (web.RequestPayloadError, HttpProcessingError) as exc:  # e.g. a broken chunk
+        return _upload_failed(400, f"malformed body: {exc}")
+    except TimeoutError:
+        stalled = f"no data for {UPLOAD_STALL_TIMEOUT_S:.0f} s after {upload.received} bytes"
+        return _upload_failed(408, stalled)
     expected = request.content_length
     if expected is not None and upload.received != expected:
-        return f"got {upload.received} of {expected} bytes"
+        return _upload_failed(400, f"got {upload.received} of {expected} bytes")
     return None
 
 
-def _os_error_response(exc: OSError) -> web.HTTPException:
+async def _next_chunk(request: web.Request) -> bytes:
+    # A stall bound of our own: aiohttp has no body read timeout, and its C parser leaves the
+    # body waiting forever after a malformed chunk (the pure-Python one raises).
+    async with asyncio.timeout(UPLOAD_STALL_TIMEOUT_S):
+        return await request.content.read(_CHUNK_SIZE)
+
+
+def _upload_failed(status: int, why: str) -> web.Response:
+    return web.Response(status=status, text=f"Incomplete upload ({why}): nothing changed.\n")
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send an answer to a broken upload, then close the connection.
+
+    What is left of the body is worthless; without the close aiohttp would linger up to 10 s
+    reading it before it takes the next request.
+    """
+    with contextlib.suppress(ConnectionError):  # the client may be gone already
+        await response.prepare(request)
+        await response.write_eof()
+    request.protocol.force_close()
+    return response
+
+
+def _os_error_response(exc: OSError, verb: str) -> web.HTTPException:
     if isinstance(exc, PermissionError):
         return web.HTTPForbidden(text="Permission denied by the file system.\n")
     if isinstance(exc, IsADirectoryError):
@@ -459,14 +512,15 @@ def _os_error_response(exc: OSError) -> web.HTTPException:
     if exc.errno == errno.ENAMETOOLONG:
         return web.HTTPBadRequest(text="The file name is too long.\n")
     reason = exc.strerror or type(exc).__name__
-    return web.HTTPInternalServerError(text=f"The file cannot be written: {reason}.\n")
+    return web.HTTPInternalServerError(text=f"The file cannot be {verb}: {reason}.\n")
 
 
 def _log_request(request: web.Request, status: int, detail: str | None) -> None:
-    # %r: a hostile path must not be able to forge log lines.
-    if status >= 500 or status in (400, 403):
+    # %r and the folded detail: a hostile path or body must not be able to forge log lines.
+    if status >= 500 or status in (400, 403, 408):
+        folded = " ".join((detail or "").split())
         logger.warning(
-            "File transfer: %s %r -> %d %s", request.method, request.raw_path, status, detail
+            "File transfer: %s %r -> %d %s", request.method, request.raw_path, status, folded
         )
     else:
         logger.debug("File transfer: %s %r -> %d", request.method, request.raw_path, status)
@@ -512,9 +566,13 @@ async def _send_file(
         selected = ByteRange(0, st.st_size)
     response.content_length = selected.length
     await response.prepare(request)
-    if request.method != "HEAD" and selected.length:
-        await _stream_range(request, response, file, selected)
-    await response.write_eof()
+    try:
+        if request.method != "HEAD" and selected.length:
+            await _stream_range(request, response, file, selected)
+        await response.write_eof()
+    except ConnectionError as exc:  # routine: a child that reboots mid-download
+        logger.debug("File transfer: %r: the client left mid-body (%s)", request.raw_path, exc)
+        response.force_close()
     return response
 
 
@@ -598,7 +656,11 @@ class FileTransferServer:
         logger.info("File transfer: serving %s on %s", self._root, self._address(self.port))
 
     async def stop(self) -> None:
-        """Stop accepting, let running requests finish for STOP_TIMEOUT_S, then cancel them."""
+        """Stop accepting; running requests get STOP_TIMEOUT_S, then are cancelled.
+
+        aiohttp may wait that long twice (finish, then cancel), so stop() takes at most about
+        2 * STOP_TIMEOUT_S; a hard cap of 3 * STOP_TIMEOUT_S guards against anything else.
+        """
         runner, self._runner = self._runner, None
         if runner is None:
             return
