@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tedge_firmware.app.plugin import (
     PLUGIN_SUBSCRIPTIONS,
@@ -87,6 +89,7 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
     downloader = Downloader(parallel=config.download_parallel)
     session: MqttSession | None = None
     plugin: FirmwarePlugin | None = None
+    tasks: list[asyncio.Task[None]] = []
     try:
         if file_transfer is not None:
             await file_transfer.start()
@@ -117,9 +120,15 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
             config.mqtt_port,
             config.data_path,
         )
-        await _run_until_stopped(stop, session, plugin)
+        tasks = [
+            asyncio.create_task(session.run(), name="mqtt-session"),
+            asyncio.create_task(_pump(session, plugin), name="mqtt-pump"),
+            asyncio.create_task(plugin.run(), name="plugin-loop"),
+        ]
+        await _until_stopped(stop, tasks)
     finally:
         await _shutdown(session, plugin, downloader, file_transfer)
+        await _cancel(tasks)
 
 
 async def _pump(session: MqttSession, plugin: FirmwarePlugin) -> None:
@@ -128,24 +137,22 @@ async def _pump(session: MqttSession, plugin: FirmwarePlugin) -> None:
         plugin.submit(Incoming(message.topic, message.payload))
 
 
-async def _run_until_stopped(
-    stop: asyncio.Event, session: MqttSession, plugin: FirmwarePlugin
-) -> None:
-    tasks = [
-        asyncio.create_task(session.run(), name="mqtt-session"),
-        asyncio.create_task(_pump(session, plugin), name="mqtt-pump"),
-        asyncio.create_task(plugin.run(), name="plugin-loop"),
-        asyncio.create_task(stop.wait(), name="stop"),
-    ]
+async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for the stop request; a task that ends first (e.g. broker auth refused) re-raises."""
+    stopper = asyncio.create_task(stop.wait(), name="stop")
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task.get_name() != "stop" and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel([stopper])
+    for task in done:
+        if task is not stopper and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _shutdown(
