@@ -1,0 +1,644 @@
+"""Cloud downloader: streams a URL into a file with retries, resume and a running SHA-256.
+
+The one aiohttp client of tedge-firmware. Decisions (backoff, which failures are transient,
+what a ranged answer means) live in `tedge_firmware.core.retry`; this module only does the
+I/O and maps aiohttp/OSError exceptions into `DownloadError` in one place
+(`describe_exception`).
+
+How a download goes:
+
+- The body is streamed into `<target>.part` beside the target, in chunks of `chunk_size`
+  bytes; writing and hashing run in a worker thread so the event loop stays responsive, and at
+  most about three chunks per transfer are in memory whatever the file size.
+- A transient failure (network errors, stall, 5xx, 408, 429) is retried after a backoff, or
+  after the server's Retry-After; other failures end the download at once.
+- When the first answer carried a strong ETag or a Last-Modified, a broken transfer resumes
+  with `Range` + `If-Range`; otherwise (or when the server answers 200) it restarts from zero.
+- Once the body is complete the file is fsynced and renamed to the target. A failed or
+  cancelled download removes its `.part` file.
+
+Callers must not download two URLs into the same target at the same time (single flight per
+target is the orchestrator's job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+from yarl import URL
+
+from tedge_firmware.core.retry import (
+    ResumeAction,
+    ResumeDecision,
+    RetryPolicy,
+    describe_status,
+    format_seconds,
+    is_transient_status,
+    parse_retry_after,
+    plan_retry,
+    resume_decision,
+    resume_validator,
+    single_line,
+)
+from tedge_firmware.errors import DownloadError
+
+logger = logging.getLogger(__name__)
+
+PART_SUFFIX = ".part"
+
+# Chunks queued for the writer thread before reading from the network waits for the disk.
+# Memory per transfer stays below (WRITE_DEPTH + 2) * chunk_size plus aiohttp's read buffer.
+WRITE_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """A completed download: where it is, its lowercase hex SHA-256 and its size in bytes."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one attempt failed: a single-line detail, and whether another try may help."""
+
+    detail: str
+    transient: bool
+    retry_after: float | None = None
+
+
+class _Failed(Exception):
+    """Internal: an attempt or a file operation failed; carries the Failure."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.detail)
+        self.failure = failure
+
+
+@dataclass(frozen=True)
+class FailureContext:
+    """What the exception mapping needs to make a detail precise."""
+
+    host: str
+    port: int | None
+    stall_timeout: float
+    received: int = 0
+    expected: int | None = None
+
+
+@dataclass(frozen=True)
+class _Request:
+    url: str
+    target: Path
+    token: str | None
+
+    def headers(self, offset: int, validator: str | None) -> dict[str, str]:
+        # identity: we store and hash the bytes of the file, not a compressed transfer of it.
+        headers = {"Accept-Encoding": "identity"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if offset > 0 and validator is not None:
+            headers["Range"] = f"bytes={offset}-"
+            headers["If-Range"] = validator
+        return headers
+
+
+@dataclass
+class _Progress:
+    """Mutable state of one download() call across its attempts."""
+
+    validator: str | None = None
+    expected_end: int | None = None
+    attempts: int = 0
+    high_water: int = 0
+    failures_since_progress: int = 0
+    progress_at: float = 0.0
+    started_at: float = 0.0
+
+
+class Downloader:
+    """Downloads URLs into files, a bounded number at a time, over one shared session."""
+
+    def __init__(
+        self,
+        *,
+        parallel: int = 4,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 (frozen, so sharing is safe)
+        stall_timeout: float = 60.0,
+        chunk_size: int = 1 << 20,
+    ) -> None:
+        if parallel < 1 or stall_timeout <= 0 or chunk_size < 1:
+            raise ValueError("parallel and chunk_size must be >= 1, stall_timeout > 0")
+        self._slots = asyncio.Semaphore(parallel)
+        self._retry = retry
+        self._stall_timeout = stall_timeout
+        self._chunk_size = chunk_size
+        self._session: aiohttp.ClientSession | None = None
+
+    async def download(self, url: str, target: Path, *, token: str | None = None) -> DownloadResult:
+        """Download `url` into `target`; raise DownloadError when it cannot be done.
+
+        `token` is sent as `Authorization: Bearer <token>` when given (never logged).
+        """
+        request = _Request(_checked_url(url), Path(target), _checked_token(url, token))
+        part = _PartFile(request.target)
+        try:
+            await asyncio.to_thread(part.open)
+            await self._fetch_with_retries(request, part)
+            result = await asyncio.to_thread(part.commit)
+            logger.info("Downloaded %s into %s (%d bytes)", url, result.path, result.size)
+            return result
+        except _Failed as error:
+            raise DownloadError(url, error.failure.detail) from error
+        finally:
+            if not part.committed:
+                # Shielded and lock-protected: a write still running in its thread finishes
+                # before the file is closed and removed, even when we are being cancelled.
+                await asyncio.shield(asyncio.to_thread(part.discard))
+
+    async def close(self) -> None:
+        """Close the shared aiohttp session; a later download() opens a new one."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # aiohttp's default read buffer (256 KiB) is kept on purpose: when a connection
+            # breaks, aiohttp discards what is still buffered, so a bigger buffer costs more
+            # re-fetched bytes on resume without making transfers faster.
+            stall = self._stall_timeout
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=stall, sock_connect=stall, sock_read=stall
+                ),
+            )
+        return self._session
+
+    async def _fetch_with_retries(self, request: _Request, part: _PartFile) -> None:
+        loop = asyncio.get_running_loop()
+        progress = _Progress(started_at=loop.time(), progress_at=loop.time())
+        while True:
+            progress.attempts += 1
+            try:
+                async with self._slots:
+                    await self._attempt(request, part, progress)
+                return
+            except _Failed as error:
+                failure = error.failure
+            wait = self._next_wait(failure, part, progress, loop.time())
+            if wait is None:
+                raise _Failed(_final_failure(failure, progress, loop.time()))
+            logger.warning(
+                "Download of %s failed with %s; retrying in %.2fs",
+                request.url,
+                failure.detail,
+                wait,
+            )
+            await asyncio.sleep(wait)
+
+    def _next_wait(
+        self, failure: Failure, part: _PartFile, progress: _Progress, now: float
+    ) -> float | None:
+        if not failure.transient:
+            return None
+        if part.size > progress.high_water:
+            # The transfer advanced: this is a new run of failures with a fresh budget.
+            progress.high_water = part.size
+            progress.failures_since_progress = 0
+            progress.progress_at = now
+        progress.failures_since_progress += 1
+        return plan_retry(
+            self._retry,
+            failures=progress.failures_since_progress,
+            elapsed=now - progress.progress_at,
+            retry_after=failure.retry_after,
+        )
+
+    async def _attempt(self, request: _Request, part: _PartFile, progress: _Progress) -> None:
+        offset = part.size if progress.validator is not None else 0
+        if part.size > offset:
+            await asyncio.to_thread(part.reset)
+        logger.info(
+            "Downloading %s (attempt %d%s)",
+            request.url,
+            progress.attempts,
+            f", resuming at byte {offset}" if offset else "",
+        )
+        progress.expected_end = None
+        try:
+            async with self._client().get(
+                request.url, headers=request.headers(offset, progress.validator)
+            ) as response:
+                await self._receive(response, part, progress, offset)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            context = self._context(request, part, progress)
+            raise _Failed(describe_exception(exc, context)) from exc
+
+    def _context(self, request: _Request, part: _PartFile, progress: _Progress) -> FailureContext:
+        parsed = URL(request.url)
+        return FailureContext(
+            host=parsed.host or "",
+            port=parsed.port,
+            stall_timeout=self._stall_timeout,
+            received=part.size,
+            expected=progress.expected_end,
+        )
+
+    async def _receive(
+        self, response: aiohttp.ClientResponse, part: _PartFile, progress: _Progress, offset: int
+    ) -> None:
+        decision = resume_decision(
+            response.status, response.headers, offset, validator=progress.validator
+        )
+        if decision.action is ResumeAction.NOT_A_BODY:
+            raise _Failed(_status_failure(response))
+        if decision.action is ResumeAction.REFETCH:
+            progress.validator = None
+            await asyncio.to_thread(part.reset)
+            raise _Failed(Failure(decision.reason, transient=True))
+        # From here on the body is read at once: file work (truncate, the free space check)
+        # goes through the write pipeline, ahead of the first chunk.
+        first_steps: list[Callable[[], None]] = []
+        if decision.action is ResumeAction.RESTART:
+            progress.validator = resume_validator(response.headers)
+            if part.size:
+                first_steps.append(part.reset)
+        end = decision.body_end if decision.body_end is not None else decision.total
+        if end is not None:
+            first_steps.append(functools.partial(part.ensure_space, end - decision.offset))
+        progress.expected_end = end
+        await self._stream(response, part, first_steps)
+        _check_complete(part.size, decision)
+
+    async def _stream(
+        self,
+        response: aiohttp.ClientResponse,
+        part: _PartFile,
+        first_steps: list[Callable[[], None]],
+    ) -> None:
+        # The network side never waits for the disk unless WRITE_DEPTH steps are queued: when
+        # a connection breaks, aiohttp drops what it still buffers, so bytes must leave its
+        # buffer promptly for a resume not to fetch them again.
+        writer = _WritePipeline(WRITE_DEPTH + len(first_steps), name=part.path.name)
+        buffer = bytearray()
+        try:
+            for step in first_steps:
+                await writer.put(step)
+            async for piece in response.content.iter_any():
+                buffer += piece
+                if len(buffer) >= self._chunk_size:
+                    chunk, buffer = buffer, bytearray()
+                    await writer.put(functools.partial(part.write, chunk))
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            # Keep what did arrive, so that a resume does not fetch it again.
+            await writer.finish(functools.partial(part.write, buffer) if buffer else None)
+            raise
+        except BaseException:
+            writer.abandon()
+            raise
+        await writer.finish(functools.partial(part.write, buffer) if buffer else None)
+
+
+def _check_complete(size: int, decision: ResumeDecision) -> None:
+    # A 206 may legitimately end before the end of the file: the next attempt resumes there.
+    expected = decision.total if decision.total is not None else decision.body_end
+    if expected is not None and size != expected:
+        detail = f"incomplete body: got {size} of {expected} bytes"
+        raise _Failed(Failure(detail, transient=True))
+
+
+def _status_failure(response: aiohttp.ClientResponse) -> Failure:
+    transient = is_transient_status(response.status)
+    retry_after = None
+    if transient:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
+    return Failure(describe_status(response.status, response.reason), transient, retry_after)
+
+
+def _final_failure(failure: Failure, progress: _Progress, now: float) -> Failure:
+    detail = failure.detail
+    if progress.attempts > 1:
+        elapsed = format_seconds(now - progress.started_at)
+        detail = f"{detail} after {progress.attempts} attempts in {elapsed}"
+    if failure.transient and failure.retry_after is not None:
+        detail += f" (server asked to retry after {format_seconds(failure.retry_after)})"
+    return Failure(detail, transient=False)
+
+
+def _checked_url(url: str) -> str:
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        raise DownloadError(single_line(url), "invalid url") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise DownloadError(single_line(url), "invalid url: not an http(s) url with a host")
+    return url
+
+
+def _checked_token(url: str, token: str | None) -> str | None:
+    # A token with spaces or control characters would break (or inject into) the header.
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+        raise DownloadError(url, "unusable bearer token: not printable ASCII")
+    if token == "":
+        raise DownloadError(url, "unusable bearer token: empty")
+    return token
+
+
+# ---------------------------------------------------------------------------------------------
+# The one place where aiohttp and OSError exceptions become failure details.
+
+_Describe = Callable[[BaseException, FailureContext], Failure]
+
+
+def _endpoint(context: FailureContext) -> str:
+    return f"{context.host}:{context.port}" if context.port is not None else context.host
+
+
+def _dns(exc: BaseException, context: FailureContext) -> Failure:
+    return Failure(f"DNS lookup failed for {context.host}", transient=True)
+
+
+def _tls(exc: BaseException, context: FailureContext) -> Failure:
+    reason = single_line(str(getattr(exc, "os_error", exc)), limit=120)
+    return Failure(f"TLS error with {_endpoint(context)}: {reason}", transient=False)
+
+
+def _connect(exc: BaseException, context: FailureContext) -> Failure:
+    os_error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(os_error, ConnectionRefusedError) or _errno(os_error) == errno.ECONNREFUSED:
+        return Failure(f"connection refused ({_endpoint(context)})", transient=True)
+    reason = single_line(_strerror(os_error), limit=120)
+    return Failure(f"cannot connect to {_endpoint(context)}: {reason}", transient=True)
+
+
+def _connect_timeout(exc: BaseException, context: FailureContext) -> Failure:
+    seconds = format_seconds(context.stall_timeout)
+    return Failure(f"connect timeout: no connection within {seconds} ({_endpoint(context)})", True)
+
+
+def _stalled(exc: BaseException, context: FailureContext) -> Failure:
+    return Failure(f"stalled: no data for {format_seconds(context.stall_timeout)}", True)
+
+
+def _fingerprint(exc: BaseException, context: FailureContext) -> Failure:
+    return Failure(f"TLS certificate fingerprint mismatch ({_endpoint(context)})", False)
+
+
+def _disconnected(exc: BaseException, context: FailureContext) -> Failure:
+    return Failure(f"server disconnected before answering ({_endpoint(context)})", True)
+
+
+def _network(exc: BaseException, context: FailureContext) -> Failure:
+    if isinstance(exc, ConnectionResetError) or _errno(exc) == errno.ECONNRESET:
+        return Failure(f"connection reset ({_endpoint(context)})", transient=True)
+    reason = single_line(_strerror(exc), limit=120)
+    return Failure(f"network error with {_endpoint(context)}: {reason}", transient=True)
+
+
+def _payload(exc: BaseException, context: FailureContext) -> Failure:
+    if context.expected is not None:
+        detail = f"incomplete body: got {context.received} of {context.expected} bytes"
+    else:
+        detail = f"incomplete body: broken after {context.received} bytes"
+    return Failure(detail, transient=True)
+
+
+def _redirects(exc: BaseException, context: FailureContext) -> Failure:
+    return Failure("too many redirects", transient=False)
+
+
+def _proxy_status(exc: BaseException, context: FailureContext) -> Failure:
+    status = exc.status if isinstance(exc, aiohttp.ClientResponseError) else 0
+    return Failure(f"proxy answered {describe_status(status)}", is_transient_status(status))
+
+
+def _bad_response(exc: BaseException, context: FailureContext) -> Failure:
+    message = exc.message if isinstance(exc, aiohttp.ClientResponseError) else str(exc)
+    reason = single_line(str(message), limit=120)
+    return Failure(f"invalid HTTP response from {_endpoint(context)}: {reason}", False)
+
+
+def _bad_redirect(exc: BaseException, context: FailureContext) -> Failure:
+    return Failure("redirect to an invalid or non-HTTP url", transient=False)
+
+
+def _bad_url(exc: BaseException, context: FailureContext) -> Failure:
+    return Failure("invalid url", transient=False)
+
+
+def _timeout(exc: BaseException, context: FailureContext) -> Failure:
+    return Failure(f"timed out ({_endpoint(context)})", transient=True)
+
+
+def _other_client_error(exc: BaseException, context: FailureContext) -> Failure:
+    reason = single_line(str(exc) or type(exc).__name__, limit=120)
+    return Failure(f"client error: {reason}", transient=True)
+
+
+# Most specific first: the first entry whose type matches describes the exception.
+EXCEPTION_MAP: tuple[tuple[type[BaseException], _Describe], ...] = (
+    (aiohttp.ClientConnectorDNSError, _dns),
+    (aiohttp.ClientSSLError, _tls),
+    (aiohttp.ClientConnectorError, _connect),
+    (aiohttp.ConnectionTimeoutError, _connect_timeout),
+    (aiohttp.SocketTimeoutError, _stalled),
+    (aiohttp.ServerTimeoutError, _stalled),
+    (aiohttp.ServerFingerprintMismatch, _fingerprint),
+    (aiohttp.ServerDisconnectedError, _disconnected),
+    (aiohttp.ClientConnectionResetError, _network),
+    (aiohttp.ClientOSError, _network),
+    (aiohttp.ClientConnectionError, _network),
+    (aiohttp.ClientPayloadError, _payload),
+    (aiohttp.TooManyRedirects, _redirects),
+    (aiohttp.ClientHttpProxyError, _proxy_status),
+    (aiohttp.ClientResponseError, _bad_response),
+    (aiohttp.RedirectClientError, _bad_redirect),
+    (aiohttp.NonHttpUrlClientError, _bad_url),
+    (aiohttp.InvalidURL, _bad_url),
+    (aiohttp.UploadAbortedError, _other_client_error),  # we send no body; listed for completeness
+    (aiohttp.ClientError, _other_client_error),
+    (TimeoutError, _timeout),
+    (OSError, _network),
+)
+
+
+def describe_exception(exc: BaseException, context: FailureContext) -> Failure:
+    """Map an exception raised while fetching into a Failure (detail + transient or not)."""
+    for kind, describe in EXCEPTION_MAP:
+        if isinstance(exc, kind):
+            return describe(exc, context)
+    raise exc
+
+
+def _errno(exc: BaseException) -> int | None:
+    return exc.errno if isinstance(exc, OSError) else None
+
+
+def _strerror(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing off the event loop, in order, with a bounded number of chunks in flight.
+
+
+class _WritePipeline:
+    """Runs file steps (writes, truncation, checks) in a worker thread, in order.
+
+    At most `depth` steps wait in the queue. A step's failure is kept and raised by the next
+    put() or by finish(); later steps are then skipped, so that put() never blocks on a dead
+    writer.
+    """
+
+    def __init__(self, depth: int, *, name: str) -> None:
+        self._queue: asyncio.Queue[Callable[[], None] | None] = asyncio.Queue(depth)
+        self._error: _Failed | None = None
+        self._worker = asyncio.create_task(self._run(), name=f"write {name}")
+
+    async def put(self, step: Callable[[], None]) -> None:
+        self._raise_if_failed()
+        await self._queue.put(step)
+
+    async def finish(self, last: Callable[[], None] | None = None) -> None:
+        """Queue a last step (if any), wait until all steps have run, raise a failure."""
+        if last is not None and self._error is None:
+            await self._queue.put(last)
+        await self._queue.put(None)
+        await self._worker
+        self._raise_if_failed()
+
+    def abandon(self) -> None:
+        """Stop (on cancellation); a step already running in its thread still completes."""
+        self._worker.cancel()
+
+    async def _run(self) -> None:
+        while (step := await self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    await asyncio.to_thread(step)
+                except _Failed as error:
+                    self._error = error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+# ---------------------------------------------------------------------------------------------
+# The partial file. Every method but the constructor runs in a worker thread; the lock makes a
+# discard wait for a write still in progress.
+
+
+class _PartFile:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.path = target.with_name(target.name + PART_SUFFIX)
+        self.size = 0
+        self.committed = False
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        with self._lock, self._mapped("create"):
+            self._file = open(self.path, "wb")  # noqa: SIM115 (closed by commit or discard)
+
+    def reset(self) -> None:
+        with self._lock, self._mapped("truncate"):
+            file = self._opened()
+            file.seek(0)
+            file.truncate()
+            self._hash = hashlib.sha256()
+            self.size = 0
+
+    def write(self, chunk: bytes | bytearray) -> None:
+        with self._lock, self._mapped("write"):
+            self._opened().write(chunk)
+            self._hash.update(chunk)
+            self.size += len(chunk)
+
+    def ensure_space(self, needed: int) -> None:
+        with self._mapped("inspect"):
+            stats = os.statvfs(self.path.parent)
+        available = stats.f_bavail * stats.f_frsize
+        if needed > available:
+            detail = (
+                f"not enough disk space in {self.path.parent}: "
+                f"need {needed} bytes, {available} available"
+            )
+            raise _Failed(Failure(detail, transient=False))
+
+    def commit(self) -> DownloadResult:
+        with self._lock, self._mapped("save"):
+            file = self._opened()
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
+            self._file = None
+            os.replace(self.path, self.target)
+            self.committed = True
+            _fsync_directory(self.target.parent)
+        return DownloadResult(self.target, self._hash.hexdigest(), self.size)
+
+    def discard(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:
+                logger.warning("Cannot remove %s: %s", self.path, exc.strerror)
+
+    def _opened(self) -> BinaryIO:
+        if self._file is None:
+            raise RuntimeError(f"{self.path} is not open")  # a bug in the downloader
+        return self._file
+
+    @contextmanager
+    def _mapped(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError as exc:
+            directory = self.target.parent
+            if not directory.is_dir():
+                detail = f"target directory {directory} does not exist"
+                raise _Failed(Failure(detail, transient=False)) from exc
+            raise _Failed(Failure(f"cannot {action} {self.path}: file vanished", False)) from exc
+        except OSError as exc:
+            reason = single_line(exc.strerror or str(exc), limit=120)
+            raise _Failed(Failure(f"cannot {action} {self.path}: {reason}", False)) from exc
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable. Best effort: the file is already in place, and some
+    # filesystems refuse fsync on a directory.
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

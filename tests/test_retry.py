@@ -1,0 +1,432 @@
+"""Table tests of the pure retry and resume policy (tedge_firmware.core.retry)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from tedge_firmware.core.retry import (
+    RETRY_AFTER_CAP,
+    ResumeAction,
+    RetryPolicy,
+    describe_status,
+    format_seconds,
+    is_transient_status,
+    parse_content_length,
+    parse_content_range,
+    parse_retry_after,
+    plan_retry,
+    resume_decision,
+    resume_validator,
+    single_line,
+)
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+ETAG = '"18c1a2b3-100"'
+LAST_MODIFIED = "Wed, 01 May 2024 11:00:00 GMT"
+
+
+# RetryPolicy.delay --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "expected"),
+    [(0, 1.0), (1, 2.0), (2, 4.0), (5, 32.0), (6, 60.0), (7, 60.0), (100, 60.0), (10**6, 60.0)],
+)
+def test_delay_grows_exponentially_up_to_the_cap(attempt: int, expected: float) -> None:
+    policy = RetryPolicy(initial=1.0, multiplier=2.0, max_interval=60.0, jitter=0.0)
+    assert policy.delay(attempt) == expected
+
+
+@pytest.mark.parametrize("attempt", [0, 1, 3, 10, 1000])
+def test_jitter_stays_within_its_fraction_and_varies(attempt: int) -> None:
+    policy = RetryPolicy(initial=0.5, multiplier=3.0, max_interval=20.0, jitter=0.25)
+    base = min(0.5 * 3.0**attempt, 20.0) if attempt < 100 else 20.0
+    rng = random.Random(attempt)
+    delays = [policy.delay(attempt, rng) for _ in range(500)]
+    assert all(base * 0.75 <= delay <= base * 1.25 for delay in delays)
+    assert max(delays) - min(delays) > base * 0.3  # spread over the band, not a constant
+
+
+def test_delay_is_reproducible_with_a_seeded_rng() -> None:
+    policy = RetryPolicy()
+    assert policy.delay(3, random.Random(7)) == policy.delay(3, random.Random(7))
+
+
+def test_delay_without_rng_uses_module_random() -> None:
+    policy = RetryPolicy(initial=2.0, jitter=0.1)
+    assert 1.8 <= policy.delay(0) <= 2.2
+
+
+def test_delay_rejects_a_negative_attempt() -> None:
+    with pytest.raises(ValueError, match="attempt"):
+        RetryPolicy().delay(-1)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"initial": -1.0},
+        {"initial": 5.0, "max_interval": 1.0},
+        {"multiplier": 0.5},
+        {"jitter": 1.0},
+        {"jitter": -0.1},
+        {"max_elapsed": -1.0},
+        {"initial": float("nan")},
+        {"max_interval": float("inf")},
+    ],
+)
+def test_policy_rejects_unusable_values(fields: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="RetryPolicy"):
+        RetryPolicy(**fields)
+
+
+# plan_retry ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failures", "elapsed", "retry_after", "expected"),
+    [
+        (1, 0.0, None, 1.0),  # first failure: the initial interval
+        (3, 3.0, None, 4.0),
+        (3, 6.5, None, None),  # 6.5 + 4 > 10: out of budget
+        (1, 0.0, 5.0, 5.0),  # Retry-After longer than our schedule wins
+        (4, 0.0, 2.0, 8.0),  # but never makes us retry sooner than our schedule
+        (1, 0.0, 10.5, None),  # a Retry-After past the budget: give up now
+        (1, 9.0, None, 1.0),  # exactly at the budget is still allowed
+    ],
+)
+def test_plan_retry_waits_within_the_budget(
+    failures: int, elapsed: float, retry_after: float | None, expected: float | None
+) -> None:
+    policy = RetryPolicy(initial=1.0, multiplier=2.0, max_interval=60.0, max_elapsed=10.0, jitter=0)
+    assert plan_retry(policy, failures=failures, elapsed=elapsed, retry_after=retry_after) == (
+        expected
+    )
+
+
+# is_transient_status / describe_status ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [
+        (408, True),
+        (429, True),
+        (500, True),
+        (502, True),
+        (503, True),
+        (504, True),
+        (599, True),
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, False),
+        (410, False),
+        (416, False),
+        (200, False),
+        (206, False),
+        (301, False),
+        (600, False),
+        (999, False),
+        (0, False),
+        (-500, False),
+    ],
+)
+def test_transient_statuses(status: int, transient: bool) -> None:
+    assert is_transient_status(status) is transient
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "expected"),
+    [
+        (404, "Not Found", "HTTP 404 Not Found"),
+        (404, "whatever the server says", "HTTP 404 Not Found"),
+        (503, None, "HTTP 503 Service Unavailable"),
+        (599, "Network Connect Timeout", "HTTP 599 Network Connect Timeout"),
+        (599, "evil\r\n502,c8y_Firmware,\x00x", "HTTP 599 evil 502,c8y_Firmware, x"),
+        (599, "", "HTTP 599"),
+        (599, "x" * 500, "HTTP 599 " + "x" * 57 + "..."),
+    ],
+)
+def test_describe_status(status: int, reason: str | None, expected: str) -> None:
+    assert describe_status(status, reason) == expected
+
+
+# parse_retry_after --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", 0.0),
+        ("1", 1.0),
+        (" 120 ", 120.0),
+        ("Wed, 01 May 2024 12:00:30 GMT", 30.0),
+        ("Wed, 01 May 2024 11:00:00 GMT", 0.0),  # in the past: retry now
+        ("Wednesday, 01-May-24 12:01:00 GMT", 60.0),  # obsolete RFC 850 form
+        ("Wed May  1 12:00:05 2024", 5.0),  # asctime form (naive: taken as UTC)
+        ("Wed, 01 May 2024 14:00:30 +0200", None),  # an HTTP-date is always GMT
+        ("Wed, 01 May 2024 12:00:30 -0000", None),
+        ("Wed, 1 May 2024 12:00:30 GMT", None),  # IMF-fixdate has two-digit days
+        ("9999999999", 9999999999.0),
+        ("99999999999", float(RETRY_AFTER_CAP)),  # capped
+        ("9" * 150, float(RETRY_AFTER_CAP)),  # capped without int() of the digit string
+        ("9" * 5000, None),  # longer than any header we read
+        (None, None),
+        ("", None),
+        ("   ", None),
+        ("-1", None),
+        ("1.5", None),
+        ("1e3", None),
+        ("+5", None),
+        ("0x10", None),
+        ("\u0661\u0662", None),  # Arabic-Indic digits are digits to str.isdigit, not to HTTP
+        ("soon", None),
+        ("Wed, 32 May 2024 12:00:00 GMT", None),
+        ("Wed, 01 Foo 2024 12:00:00 GMT", None),
+        ("Wed, 01 May 0000 12:00:00 GMT", None),
+        ("Wed, 01 May 2024 25:00:00 GMT", None),
+        ("Wed, 01 May 2024 12:00:00 GMT" + "x" * 300, None),
+        ("Wed, 01 May 2024 12:00:00 GMT\x00", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+def test_parse_retry_after_far_future_date_is_capped() -> None:
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", NOW) == float(RETRY_AFTER_CAP)
+
+
+def test_parse_retry_after_accepts_a_naive_now_as_utc() -> None:
+    naive = NOW.replace(tzinfo=None)
+    assert parse_retry_after("Wed, 01 May 2024 12:00:10 GMT", naive) == 10.0
+
+
+def test_parse_retry_after_with_a_non_utc_now() -> None:
+    now = NOW.astimezone(timezone(timedelta(hours=-5)))
+    assert parse_retry_after("Wed, 01 May 2024 12:00:10 GMT", now) == 10.0
+
+
+# parse_content_range / parse_content_length -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("bytes 0-499/1234", (0, 499, 1234)),
+        ("bytes 500-1233/1234", (500, 1233, 1234)),
+        ("bytes 0-0/1", (0, 0, 1)),
+        ("bytes 42-99/*", (42, 99, None)),
+        ("BYTES 1-2/3", (1, 2, 3)),
+        ("  bytes 1-2/3  ", (1, 2, 3)),
+        ("bytes\t1-2/3", (1, 2, 3)),
+        ("bytes 0-9999999999999999998/9999999999999999999", (0, 9999999999999999998, 10**19 - 1)),
+        (None, None),
+        ("", None),
+        ("bytes */1234", None),  # unsatisfied range: names no bytes
+        ("bytes 5-3/10", None),  # end before start
+        ("bytes 0-10/10", None),  # end past the last byte
+        ("bytes 0-10/0", None),
+        ("bytes -1-10/20", None),
+        ("bytes 1-/20", None),
+        ("bytes 1-2", None),
+        ("bytes=1-2/3", None),
+        ("items 1-2/3", None),
+        ("bytes 1-2/3, 5-6/7", None),
+        ("bytes 1 - 2/3", None),
+        ("bytes 0x1-2/3", None),
+        ("bytes \u0661-2/3", None),
+        ("bytes 1-2/3\r\nX-Evil: 1", None),
+        ("bytes 0-1/" + "9" * 20, None),  # more digits than any real file size
+        ("bytes " + "1" * 300 + "-2/3", None),
+    ],
+)
+def test_parse_content_range(
+    value: str | None, expected: tuple[int, int, int | None] | None
+) -> None:
+    assert parse_content_range(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", 0),
+        ("2048", 2048),
+        (" 7 ", 7),
+        (None, None),
+        ("", None),
+        ("-1", None),
+        ("1.0", None),
+        ("12, 12", None),
+        ("9" * 20, None),
+        ("\u0661", None),
+    ],
+)
+def test_parse_content_length(value: str | None, expected: int | None) -> None:
+    assert parse_content_length(value) == expected
+
+
+# resume_validator ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"ETag": ETAG, "Last-Modified": LAST_MODIFIED}, ETAG),
+        ({"etag": ETAG}, ETAG),
+        ({"ETag": 'W/"weak"', "Last-Modified": LAST_MODIFIED}, LAST_MODIFIED),
+        ({"ETag": 'W/"weak"'}, None),
+        ({"ETag": "unquoted"}, None),
+        ({"ETag": '"has"quote"'}, None),
+        ({"ETag": '"' + "a" * 300 + '"'}, None),
+        ({"Last-Modified": LAST_MODIFIED}, LAST_MODIFIED),
+        ({"Last-Modified": "yesterday"}, None),
+        ({}, None),
+    ],
+)
+def test_resume_validator(headers: dict[str, str], expected: str | None) -> None:
+    assert resume_validator(headers) == expected
+
+
+# resume_decision ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "offset", "validator", "action", "body_end", "total"),
+    [
+        # 200: whole file, whatever we asked for
+        (200, {"Content-Length": "1000"}, 0, None, ResumeAction.RESTART, 1000, 1000),
+        (200, {"Content-Length": "1000"}, 400, ETAG, ResumeAction.RESTART, 1000, 1000),
+        (200, {}, 400, ETAG, ResumeAction.RESTART, None, None),
+        (200, {"Content-Length": "-5"}, 0, None, ResumeAction.RESTART, None, None),
+        # 206 matching our offset: continue
+        (
+            206,
+            {"Content-Range": "bytes 400-999/1000"},
+            400,
+            ETAG,
+            ResumeAction.CONTINUE,
+            1000,
+            1000,
+        ),
+        (
+            206,
+            {"content-range": "bytes 400-999/1000", "content-length": "600", "etag": ETAG},
+            400,
+            ETAG,
+            ResumeAction.CONTINUE,
+            1000,
+            1000,
+        ),
+        (206, {"Content-Range": "bytes 400-499/*"}, 400, ETAG, ResumeAction.CONTINUE, 500, None),
+        (206, {"Content-Range": "bytes 400-499/1000"}, 400, ETAG, ResumeAction.CONTINUE, 500, 1000),
+        (
+            206,
+            {"Content-Range": "bytes 400-999/1000", "Last-Modified": LAST_MODIFIED},
+            400,
+            LAST_MODIFIED,
+            ResumeAction.CONTINUE,
+            1000,
+            1000,
+        ),
+        # 206 we cannot use: refetch from zero
+        (206, {"Content-Range": "bytes 0-999/1000"}, 400, ETAG, ResumeAction.REFETCH, None, None),
+        (206, {"Content-Range": "bytes 500-999/1000"}, 400, ETAG, ResumeAction.REFETCH, None, None),
+        (206, {}, 400, ETAG, ResumeAction.REFETCH, None, None),
+        (206, {"Content-Range": "garbage"}, 400, ETAG, ResumeAction.REFETCH, None, None),
+        (206, {"Content-Range": "bytes */1000"}, 400, ETAG, ResumeAction.REFETCH, None, None),
+        (
+            206,
+            {"Content-Range": "bytes 400-999/1000", "ETag": '"other"'},
+            400,
+            ETAG,
+            ResumeAction.REFETCH,
+            None,
+            None,
+        ),
+        (
+            206,
+            {"Content-Range": "bytes 400-999/1000", "Last-Modified": "Thu, 02 May 2024 0:0:0 GMT"},
+            400,
+            LAST_MODIFIED,
+            ResumeAction.REFETCH,
+            None,
+            None,
+        ),
+        (
+            206,
+            {"Content-Range": "bytes 400-999/1000", "Content-Length": "1000"},
+            400,
+            ETAG,
+            ResumeAction.REFETCH,
+            None,
+            None,
+        ),
+        (416, {"Content-Range": "bytes */300"}, 400, ETAG, ResumeAction.REFETCH, None, None),
+        # not a body: the caller classifies the status
+        (416, {}, 0, None, ResumeAction.NOT_A_BODY, None, None),
+        (404, {"Content-Length": "10"}, 0, None, ResumeAction.NOT_A_BODY, None, None),
+        (503, {"Retry-After": "1"}, 400, ETAG, ResumeAction.NOT_A_BODY, None, None),
+        (204, {}, 0, None, ResumeAction.NOT_A_BODY, None, None),
+        (304, {}, 400, ETAG, ResumeAction.NOT_A_BODY, None, None),
+    ],
+)
+def test_resume_decision(
+    status: int,
+    headers: dict[str, str],
+    offset: int,
+    validator: str | None,
+    action: ResumeAction,
+    body_end: int | None,
+    total: int | None,
+) -> None:
+    decision = resume_decision(status, headers, offset, validator=validator)
+    assert decision.action is action
+    assert decision.body_end == body_end
+    assert decision.total == total
+    if action is ResumeAction.CONTINUE:
+        assert decision.offset == offset
+    if action is ResumeAction.REFETCH:
+        assert decision.offset == 0
+        assert decision.reason and "\n" not in decision.reason
+
+
+def test_resume_decision_names_the_unexpected_offset() -> None:
+    decision = resume_decision(206, {"Content-Range": "bytes 0-9/10"}, 4)
+    assert decision.reason == "HTTP 206 for bytes 0- instead of 4-"
+
+
+def test_resume_decision_accepts_the_positional_signature() -> None:
+    assert resume_decision(206, {"Content-Range": "bytes 4-9/10"}, 4).action is (
+        ResumeAction.CONTINUE
+    )
+
+
+# small text helpers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plain", "plain"),
+        ("two\nlines\r\n", "two lines"),
+        ("tab\tand   spaces", "tab and spaces"),
+        ("nul\x00byte", "nul byte"),
+        ("caf\u00e9", "caf"),
+        ("a" * 250, "a" * 197 + "..."),
+    ],
+)
+def test_single_line(text: str, expected: str) -> None:
+    assert single_line(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [(30.0, "30s"), (31.4, "31s"), (0.3, "0.3s"), (1.0, "1s"), (1.25, "1.2s"), (0.04, "0s")],
+)
+def test_format_seconds(seconds: float, expected: str) -> None:
+    assert format_seconds(seconds) == expected
