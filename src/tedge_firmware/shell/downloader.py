@@ -376,7 +376,8 @@ def _dns(exc: BaseException, context: FailureContext) -> Failure:
 
 
 def _tls(exc: BaseException, context: FailureContext) -> Failure:
-    reason = single_line(str(getattr(exc, "os_error", exc)), limit=120)
+    cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
+    reason = single_line(getattr(cause, "verify_message", None) or _strerror(cause), limit=120)
     return Failure(f"TLS error with {_endpoint(context)}: {reason}", transient=False)
 
 
