@@ -95,6 +95,8 @@ VALID: dict[str, tuple[str, object]] = {
     "tmp.path": ("/var/tmp", Path("/var/tmp")),
     "firmware.child.update.timeout": ("1", 1),
     "firmware.download.parallel": ("1024", 1024),
+    "firmware.download.stall_timeout": ("5", 5),
+    "firmware.download.retry_budget": ("86400", 86400),
 }
 
 DEFAULTS: dict[str, object] = {
@@ -120,6 +122,8 @@ DEFAULTS: dict[str, object] = {
     "tmp.path": Path("/tmp"),
     "firmware.child.update.timeout": 3600,
     "firmware.download.parallel": 4,
+    "firmware.download.stall_timeout": 60,
+    "firmware.download.retry_budget": 21600,
 }
 
 

@@ -29,6 +29,7 @@ from tedge_firmware.core.messages import (
 )
 from tedge_firmware.core.operation import (
     Event,
+    FetchRecord,
     OperationRecord,
     State,
     file_id_for_url,
@@ -44,7 +45,7 @@ from tedge_firmware.errors import (
     StoreError,
 )
 from tedge_firmware.shell.cache import FirmwareCache, sha256_of_file
-from tedge_firmware.shell.store import OperationStore
+from tedge_firmware.shell.store import fetch_store, operation_store
 from tedge_firmware.shell.timers import Timers
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,8 @@ class FirmwarePlugin:
         self.fetcher = fetcher
         self.options = options or PluginOptions()
         self.base_url = config.file_transfer_base_url()
-        self.store = OperationStore(config.firmware_dir)
+        self.store = operation_store(config.firmware_dir)
+        self.fetching = fetch_store(config.firmware_dir)
         self.cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
         self.jwt = JwtBroker(publisher, self.options)
         self.timers = Timers()
@@ -222,27 +224,45 @@ class FirmwarePlugin:
     # ---- lifecycle ----------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Re-send every persisted operation with attempt + 1, re-arm its timeout, then `500`."""
+        """Pick up where the last run stopped, then ask Cumulocity for pending operations.
+
+        Operations whose request was sent are re-sent with attempt + 1 (timeout re-armed);
+        operations still waiting for their firmware rejoin its (resumed) download. Then `500`.
+        """
         for record in self.store.load_all():
-            problem = topics.child_id_problem(record.child_id)
-            if problem is not None:
-                self.store.quarantine(self.store.path(record.operation_id), problem)
-                continue
-            operation = LiveOperation(
-                op_id=record.operation_id,
-                child_id=record.child_id,
-                name=record.name,
-                version=record.version,
-                url=record.server_url,
-                file_id=file_id_for_url(record.server_url),
-                attempt=record.attempt + 1,
-                state=State.PENDING,
-                record=record,
-            )
-            self.operations[operation.op_id] = operation
-            log.info("resuming operation after restart %s", operation.context())
-            self._resend(operation)
+            if self._usable_child(record.child_id, self.store.path(record.operation_id)):
+                operation = self._live(record.operation_id, record, attempt=record.attempt + 1)
+                operation.state = State.PENDING
+                operation.record = record
+                log.info("resuming operation after restart %s", operation.context())
+                self._resend(operation)
+        for fetch in self.fetching.load_all():
+            if fetch.operation_id in self.operations:
+                self.fetching.delete(fetch.operation_id)  # its request went out before the stop
+            elif self._usable_child(fetch.child_id, self.fetching.path(fetch.operation_id)):
+                operation = self._live(fetch.operation_id, fetch, attempt=fetch.attempt)
+                log.info("resuming the firmware download after restart %s", operation.context())
+                self._join_fetch(operation)
         self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
+
+    def _usable_child(self, child_id: str, path: Path) -> bool:
+        problem = topics.child_id_problem(child_id)
+        if problem is not None:
+            self.store.quarantine(path, problem)
+        return problem is None
+
+    def _live(self, op_id: str, record: OperationRecord | FetchRecord, attempt: int) -> LiveOperation:
+        operation = LiveOperation(
+            op_id=op_id,
+            child_id=record.child_id,
+            name=record.name,
+            version=record.version,
+            url=record.server_url,
+            file_id=file_id_for_url(record.server_url),
+            attempt=attempt,
+        )
+        self.operations[op_id] = operation
+        return operation
 
     def submit(self, item: Input) -> None:
         self.inputs.put_nowait(item)
@@ -330,7 +350,9 @@ class FirmwarePlugin:
                 duplicate.attempt,
                 duplicate.context(),
             )
-            if duplicate.state is not State.FETCHING:
+            if duplicate.state is State.FETCHING:
+                self._save_fetching(duplicate)
+            else:
                 self._resend(duplicate)
             return
         operation = LiveOperation(
@@ -342,6 +364,7 @@ class FirmwarePlugin:
             file_id=file_id_for_url(request.url),
         )
         self.operations[operation.op_id] = operation
+        self._save_fetching(operation)
         log.info(
             "new firmware operation name=%s version=%s url=%s %s",
             operation.name,
@@ -352,6 +375,21 @@ class FirmwarePlugin:
         self._join_fetch(operation)
 
     # ---- fetching the firmware (single flight per FILE_ID) ------------------------------
+
+    def _save_fetching(self, operation: LiveOperation) -> None:
+        record = FetchRecord(
+            operation_id=operation.op_id,
+            child_id=operation.child_id,
+            name=operation.name,
+            version=operation.version,
+            server_url=operation.url,
+            attempt=operation.attempt,
+        )
+        try:
+            self.fetching.save(record)
+        except StoreError as error:
+            # the operation goes on; only a restart during its download would lose it
+            log.warning("%s %s", error, operation.context())
 
     def _join_fetch(self, operation: LiveOperation) -> None:
         fetch = self.fetches.get(operation.file_id)
@@ -428,6 +466,7 @@ class FirmwarePlugin:
                 attempt=operation.attempt,
             )
             self.store.save(operation.record)
+            self.fetching.delete(operation.op_id)
         except StoreError as error:
             self._abort(operation, str(error))
             return
@@ -536,6 +575,7 @@ class FirmwarePlugin:
         self.operations.pop(operation.op_id, None)
         self.timers.cancel(operation.op_id)
         self.store.delete(operation.op_id)
+        self.fetching.delete(operation.op_id)
         still_used = any(
             other.child_id == operation.child_id and other.file_id == operation.file_id
             for other in self.operations.values()

@@ -26,6 +26,7 @@ from tedge_firmware.app.plugin import (
 )
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import TedgeConfig
+from tedge_firmware.core.retry import RetryPolicy
 from tedge_firmware.errors import ConfigError
 from tedge_firmware.shell.config_file import resolve_device_id
 from tedge_firmware.shell.downloader import Downloader
@@ -86,7 +87,11 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
     device_id = check_plugin_config(config)
     create_directories(config)
     file_transfer = make_file_transfer(config) if options.with_file_transfer else None
-    downloader = Downloader(parallel=config.download_parallel)
+    downloader = Downloader(
+        parallel=config.download_parallel,
+        stall_timeout=config.download_stall_timeout,
+        retry=RetryPolicy(max_elapsed=config.download_retry_budget),
+    )
     session: MqttSession | None = None
     plugin: FirmwarePlugin | None = None
     tasks: list[asyncio.Task[None]] = []

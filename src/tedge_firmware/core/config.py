@@ -196,6 +196,18 @@ KEYS: tuple[KeySpec, ...] = (
         ("firmware.child_update_timeout",),
     ),
     KeySpec("firmware.download.parallel", _count, "Cloud downloads run at the same time", "4"),
+    KeySpec(
+        "firmware.download.stall_timeout",
+        _seconds,
+        "Seconds without a byte before a download connection is dropped and resumed",
+        "60",
+    ),
+    KeySpec(
+        "firmware.download.retry_budget",
+        _seconds,
+        "Seconds a download may keep failing without progress before its operations fail",
+        "21600",
+    ),
 )
 
 KEYS_BY_NAME: dict[str, KeySpec] = {spec.name: spec for spec in KEYS}
@@ -348,6 +360,8 @@ class TedgeConfig:
     tmp_path: Path
     child_update_timeout: int
     download_parallel: int
+    download_stall_timeout: int
+    download_retry_budget: int
 
     @property
     def cache_dir(self) -> Path:
@@ -457,4 +471,6 @@ def config_from_document(
         tmp_path=get("tmp.path"),
         child_update_timeout=get("firmware.child.update.timeout"),
         download_parallel=get("firmware.download.parallel"),
+        download_stall_timeout=get("firmware.download.stall_timeout"),
+        download_retry_budget=get("firmware.download.retry_budget"),
     )

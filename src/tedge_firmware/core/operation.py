@@ -28,6 +28,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from tedge_firmware.core import smartrest
 from tedge_firmware.errors import InvalidTransition, StoreError
@@ -69,23 +70,55 @@ class OperationRecord:
     @classmethod
     def from_json(cls, text: str | bytes) -> OperationRecord:
         """Parse an operation file; unknown or missing fields and wrong types are errors."""
-        try:
-            document = json.loads(text)
-        except (ValueError, RecursionError) as error:
-            raise StoreError(f"not JSON: {error}") from None
-        if not isinstance(document, dict):
-            raise StoreError("not a JSON object")
-        unknown = set(document) - set(RECORD_FIELDS)
-        missing = set(RECORD_FIELDS) - set(document)
-        if unknown or missing:
-            raise StoreError(f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
-        for field in RECORD_FIELDS[:-1]:
-            if not isinstance(document[field], str):
-                raise StoreError(f"field {field!r} is not a string")
-        attempt = document["attempt"]
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
-            raise StoreError("field 'attempt' is not a non-negative integer")
-        return cls(**document)
+        return cls(**_parse_record(text, RECORD_FIELDS))
+
+
+FETCH_FIELDS = ("operation_id", "child_id", "name", "version", "server_url", "attempt")
+
+
+@dataclass(frozen=True)
+class FetchRecord:
+    """An operation still waiting for its firmware download, persisted so that a restart
+    resumes the download and keeps the operation (`data.path/firmware/.fetching/<op_id>`)."""
+
+    operation_id: str
+    child_id: str
+    name: str
+    version: str
+    server_url: str
+    attempt: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {field: getattr(self, field) for field in FETCH_FIELDS},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> FetchRecord:
+        return cls(**_parse_record(text, FETCH_FIELDS))
+
+
+def _parse_record(text: str | bytes, fields: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object with exactly `fields`: strings, except a non-negative int `attempt`."""
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise StoreError(f"not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise StoreError("not a JSON object")
+    unknown = set(document) - set(fields)
+    missing = set(fields) - set(document)
+    if unknown or missing:
+        raise StoreError(f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+    for field in fields:
+        if field != "attempt" and not isinstance(document[field], str):
+            raise StoreError(f"field {field!r} is not a string")
+    attempt = document["attempt"]
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+        raise StoreError("field 'attempt' is not a non-negative integer")
+    return document
 
 
 class State(enum.Enum):

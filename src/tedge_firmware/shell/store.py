@@ -1,31 +1,47 @@
-"""Operation store: one JSON file per operation under `data.path/firmware`, written atomically.
+"""Operation store: one JSON file per operation, written atomically.
 
-A corrupt file never stops the service: it is moved aside to `firmware/.corrupt/` and logged,
-so that an operator can look at it, and startup goes on with the others.
+`data.path/firmware/<op_id>` holds thin-edge's operation file (request sent to the child);
+`data.path/firmware/.fetching/<op_id>` holds an operation still waiting for its download, so a
+restart resumes the download instead of losing the operation. A corrupt file never stops the
+service: it is moved aside to `.corrupt/` and logged, so an operator can look at it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
-from tedge_firmware.core.operation import OperationRecord
+from tedge_firmware.core.operation import FetchRecord, OperationRecord
 from tedge_firmware.errors import StoreError
 
 log = logging.getLogger(__name__)
 
 CORRUPT_DIR = ".corrupt"
+FETCHING_DIR = ".fetching"
 
 
-class OperationStore:
-    def __init__(self, directory: Path) -> None:
+class _Record(Protocol):
+    @property
+    def operation_id(self) -> str: ...
+
+    def to_json(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Record)
+
+
+class RecordStore(Generic[R]):
+    def __init__(self, directory: Path, parse: Callable[[bytes], R]) -> None:
         self.directory = directory
+        self._parse = parse
 
     def path(self, op_id: str) -> Path:
         return self.directory / op_id
 
-    def save(self, record: OperationRecord) -> None:
+    def save(self, record: R) -> None:
         """Write the record atomically (temp file, fsync, rename), mode 0644."""
         target = self.path(record.operation_id)
         temp = self.directory / f".{record.operation_id}.tmp"
@@ -51,7 +67,7 @@ class OperationStore:
         except OSError as error:
             log.warning("cannot delete operation file %s: %s", self.path(op_id), error)
 
-    def load_all(self) -> list[OperationRecord]:
+    def load_all(self) -> list[R]:
         """Every valid record; corrupt ones are quarantined. Sorted by name for a stable order."""
         if not self.directory.is_dir():
             return []
@@ -60,7 +76,7 @@ class OperationStore:
             if entry.name.startswith(".") or not entry.is_file() or entry.is_symlink():
                 continue
             try:
-                record = OperationRecord.from_json(entry.read_bytes())
+                record = self._parse(entry.read_bytes())
                 if record.operation_id != entry.name:
                     raise StoreError(
                         f"operation_id {record.operation_id!r} differs from the file name"
@@ -79,3 +95,11 @@ class OperationStore:
             log.error("corrupt operation file %s moved to %s: %s", entry, corrupt, why)
         except OSError as error:
             log.error("corrupt operation file %s (%s) cannot be moved aside: %s", entry, why, error)
+
+
+def operation_store(firmware_dir: Path) -> RecordStore[OperationRecord]:
+    return RecordStore(firmware_dir, OperationRecord.from_json)
+
+
+def fetch_store(firmware_dir: Path) -> RecordStore[FetchRecord]:
+    return RecordStore(firmware_dir / FETCHING_DIR, FetchRecord.from_json)
