@@ -1,24 +1,40 @@
 """Cloud downloader: streams a URL into a file with retries, resume and a running SHA-256.
 
 The one aiohttp client of tedge-firmware. Decisions (backoff, which failures are transient,
-what a ranged answer means) live in `tedge_firmware.core.retry`; this module only does the
-I/O and maps aiohttp/OSError exceptions into `DownloadError` in one place
-(`describe_exception`).
+what a ranged answer means, what to keep from an earlier run) live in
+`tedge_firmware.core.retry`; this module only does the I/O and maps aiohttp/OSError
+exceptions into `DownloadError` in one place (`describe_exception`).
 
 How a download goes:
 
 - The body is streamed into `<target>.part` beside the target, in chunks of `chunk_size`
   bytes; writing and hashing run in a worker thread so the event loop stays responsive, and at
   most about three chunks per transfer are in memory whatever the file size.
+- Beside it, `<target>.part.json` (the resume record) keeps the url, the validator (a strong
+  ETag, else Last-Modified), the total size and the SHA-256 the server declared. It is
+  written atomically when the first answer arrives and whenever that changes, always after
+  the partial file was emptied for a new version of the file, so that a record never
+  describes bytes of another version.
 - A transient failure (network errors, stall, 5xx, 408, 429) is retried after a backoff, or
   after the server's Retry-After; other failures end the download at once.
-- When the first answer carried a strong ETag or a Last-Modified, a broken transfer resumes
-  with `Range` + `If-Range`; otherwise (or when the server answers 200) it restarts from zero.
-- Once the body is complete the file is fsynced and renamed to the target. A failed or
-  cancelled download removes its `.part` file.
+- With a validator, a broken transfer resumes with `Range` + `If-Range`; otherwise (or when
+  the server answers 200) it restarts from zero.
+- A new `download()` of the same url into the same target (after a restart of the service, a
+  crash or a `kill -9`) finds the partial file and its record, hashes the kept bytes again in a
+  worker thread and resumes. A record of another url, an unreadable one, or a partial file
+  without one: start from zero.
+- Before the body is written, the free space (the injectable `free_space`, read nowhere else)
+  must hold what is still to come plus a reserve.
+- Once the body is complete, its SHA-256 is checked against a digest the server declared
+  (Repr-Digest, Digest, x-amz-checksum-sha256), the file is fsynced and renamed to the
+  target: the target appears only complete and checked.
+- A failure removes the partial file and its record. A cancellation (the service stopping)
+  keeps them when they can be resumed, so that the next run goes on where this one stopped.
 
 Callers must not download two URLs into the same target at the same time (single flight per
-target is the orchestrator's job).
+target is the orchestrator's job). Names ending in `.part`, `.part.json` and
+`.part.json.tmp` beside a target are this module's working files, never cache entries
+(`is_working_file`).
 """
 
 from __future__ import annotations
@@ -29,6 +45,8 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,13 +59,19 @@ import aiohttp
 from yarl import URL
 
 from tedge_firmware.core.retry import (
+    MAX_RESUME_RECORD_BYTES,
+    RestartPlan,
     ResumeAction,
     ResumeDecision,
+    ResumeState,
     RetryPolicy,
+    declared_sha256,
     describe_status,
+    encode_resume_state,
     format_seconds,
     is_transient_status,
     parse_retry_after,
+    plan_restart,
     plan_retry,
     resume_decision,
     resume_validator,
@@ -58,10 +82,30 @@ from tedge_firmware.errors import DownloadError
 logger = logging.getLogger(__name__)
 
 PART_SUFFIX = ".part"
+RECORD_SUFFIX = ".part.json"
+_RECORD_TEMP_SUFFIX = ".part.json.tmp"
 
 # Chunks queued for the writer thread before reading from the network waits for the disk.
 # Memory per transfer stays below (WRITE_DEPTH + 2) * chunk_size plus aiohttp's read buffer.
 WRITE_DEPTH = 4
+
+# The default free-space reserve: 5% of the filesystem, at most 64 MiB.
+RESERVE_FRACTION = 0.05
+RESERVE_CAP = 64 << 20
+
+_REHASH_CHUNK = 1 << 20
+
+FreeSpace = Callable[[Path], int]
+
+
+def is_working_file(name: str) -> bool:
+    """Whether a file name is one of the downloader's working files (not a cache entry)."""
+    return name.endswith((PART_SUFFIX, RECORD_SUFFIX, _RECORD_TEMP_SUFFIX))
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged process may still write in `directory`'s filesystem."""
+    return shutil.disk_usage(directory).free
 
 
 @dataclass(frozen=True)
@@ -120,9 +164,17 @@ class _Request:
 
 @dataclass
 class _Progress:
-    """Mutable state of one download() call across its attempts."""
+    """Mutable state of one download() call across its attempts.
+
+    `validator`, `total` and `sha256` describe the version of the file being fetched;
+    `recorded` is the resume record last handed to the writer, so that an unchanged one is
+    not written again.
+    """
 
     validator: str | None = None
+    total: int | None = None
+    sha256: str | None = None
+    recorded: ResumeState | None = None
     expected_end: int | None = None
     attempts: int = 0
     high_water: int = 0
@@ -131,8 +183,35 @@ class _Progress:
     started_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Space:
+    """The free-space check: how to read free bytes, and the reserve (None: the default)."""
+
+    free_space: FreeSpace
+    reserve_bytes: int | None
+
+    def reserve(self, directory: Path) -> int:
+        if self.reserve_bytes is not None:
+            return self.reserve_bytes
+        return min(RESERVE_CAP, int(shutil.disk_usage(directory).total * RESERVE_FRACTION))
+
+
 class Downloader:
-    """Downloads URLs into files, a bounded number at a time, over one shared session."""
+    """Downloads URLs into files, a bounded number at a time, over one shared session.
+
+    Keyword arguments (the integrator maps them to tedge.toml):
+
+    - `parallel`: transfers at the same time; more download() calls wait for a slot.
+    - `retry`: backoff and the two budgets (`max_elapsed` without progress, `max_total` hard
+      cap), see `RetryPolicy`.
+    - `stall_timeout`: seconds without a byte (or without a connection) before an attempt is
+      abandoned and retried.
+    - `chunk_size`: bytes per write; memory per transfer is a few chunks.
+    - `reserve_bytes`: free space to leave on the filesystem after the download; None means
+      5% of the filesystem, at most 64 MiB.
+    - `free_space`: returns the free bytes for a directory; the one place where free space is
+      read (default: `shutil.disk_usage(directory).free`). Tests inject a full disk here.
+    """
 
     def __init__(
         self,
@@ -141,35 +220,48 @@ class Downloader:
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 (frozen, so sharing is safe)
         stall_timeout: float = 60.0,
         chunk_size: int = 1 << 20,
+        reserve_bytes: int | None = None,
+        free_space: FreeSpace | None = None,
     ) -> None:
         if parallel < 1 or stall_timeout <= 0 or chunk_size < 1:
             raise ValueError("parallel and chunk_size must be >= 1, stall_timeout > 0")
+        if reserve_bytes is not None and reserve_bytes < 0:
+            raise ValueError("reserve_bytes must be >= 0 (or None for the default)")
         self._slots = asyncio.Semaphore(parallel)
         self._retry = retry
         self._stall_timeout = stall_timeout
         self._chunk_size = chunk_size
+        self._space = _Space(free_space or free_bytes, reserve_bytes)
         self._session: aiohttp.ClientSession | None = None
 
     async def download(self, url: str, target: Path, *, token: str | None = None) -> DownloadResult:
         """Download `url` into `target`; raise DownloadError when it cannot be done.
 
-        `token` is sent as `Authorization: Bearer <token>` when given (never logged).
+        `token` is sent as `Authorization: Bearer <token>` when given (never logged, never
+        written to disk). A partial download of the same url into the same target left by an
+        earlier call (cancelled, or a process that died) is resumed.
         """
         request = _Request(_checked_url(url), Path(target), _checked_token(url, token))
-        part = _PartFile(request.target)
+        part = _PartFile(request.target, self._space)
+        interrupted = False
         try:
-            await asyncio.to_thread(part.open)
-            await self._fetch_with_retries(request, part)
-            result = await asyncio.to_thread(part.commit)
+            progress = await self._reopen(request, part)
+            await self._fetch_with_retries(request, part, progress)
+            result = await asyncio.to_thread(part.commit, progress.sha256)
             logger.info("Downloaded %s into %s (%d bytes)", url, result.path, result.size)
             return result
         except _Failed as error:
             raise DownloadError(url, error.failure.detail) from error
+        except BaseException as error:
+            # Cancelled (the service stops) or interrupted: keep what can be resumed. A bug
+            # (any Exception) leaves nothing behind, like a failure.
+            interrupted = not isinstance(error, Exception)
+            raise
         finally:
             if not part.committed:
                 # Shielded and lock-protected: a write still running in its thread finishes
-                # before the file is closed and removed, even when we are being cancelled.
-                await asyncio.shield(asyncio.to_thread(part.discard))
+                # before the file is closed (and removed), even when we are being cancelled.
+                await asyncio.shield(asyncio.to_thread(part.release, keep=interrupted))
 
     async def close(self) -> None:
         """Close the shared aiohttp session; a later download() opens a new one."""
@@ -191,14 +283,39 @@ class Downloader:
             )
         return self._session
 
-    async def _fetch_with_retries(self, request: _Request, part: _PartFile) -> None:
+    async def _reopen(self, request: _Request, part: _PartFile) -> _Progress:
+        """Open the partial file, keeping what an earlier run left when it can be resumed."""
+        plan = await asyncio.to_thread(part.open, request.url)
+        if plan.keep:
+            logger.info(
+                "Resuming download of %s into %s at byte %d (left by an earlier run)",
+                request.url,
+                part.path,
+                plan.keep,
+            )
+        elif plan.note:
+            logger.warning(
+                "Download of %s into %s starts from zero: %s", request.url, part.path, plan.note
+            )
+        now = asyncio.get_running_loop().time()
+        progress = _Progress(started_at=now, progress_at=now, high_water=part.size)
+        if plan.state is not None:
+            state = progress.recorded = plan.state
+            progress.validator, progress.total, progress.sha256 = (
+                state.validator,
+                state.total,
+                state.sha256,
+            )
+        return progress
+
+    async def _fetch_with_retries(
+        self, request: _Request, part: _PartFile, progress: _Progress
+    ) -> None:
         loop = asyncio.get_running_loop()
-        progress = _Progress(started_at=loop.time(), progress_at=loop.time())
         while True:
             progress.attempts += 1
             try:
-                async with self._slots:
-                    await self._attempt(request, part, progress)
+                await self._capped_attempt(request, part, progress)
                 return
             except _Failed as error:
                 failure = error.failure
@@ -212,6 +329,21 @@ class Downloader:
                 wait,
             )
             await asyncio.sleep(wait)
+
+    async def _capped_attempt(
+        self, request: _Request, part: _PartFile, progress: _Progress
+    ) -> None:
+        """One attempt (with its wait for a slot), cut when the `max_total` cap is reached."""
+        cap = self._retry.max_total
+        deadline = None if cap is None else progress.started_at + cap
+        try:
+            async with asyncio.timeout_at(deadline), self._slots:
+                await self._attempt(request, part, progress)
+        except TimeoutError as exc:
+            # Only the cap gets here: _attempt maps the network's own timeouts to _Failed.
+            received = _received(part.size, progress.expected_end)
+            detail = f"time limit of {format_seconds(cap or 0)} reached with {received}"
+            raise _Failed(Failure(detail, transient=False)) from exc
 
     def _next_wait(
         self, failure: Failure, part: _PartFile, progress: _Progress, now: float
@@ -229,6 +361,7 @@ class Downloader:
             failures=progress.failures_since_progress,
             elapsed=now - progress.progress_at,
             retry_after=failure.retry_after,
+            total_elapsed=now - progress.started_at,
         )
 
     async def _attempt(self, request: _Request, part: _PartFile, progress: _Progress) -> None:
@@ -246,7 +379,7 @@ class Downloader:
             async with self._client().get(
                 request.url, headers=request.headers(offset, progress.validator)
             ) as response:
-                await self._receive(response, part, progress, offset)
+                await self._receive(request, response, part, progress, offset)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             context = self._context(request, part, progress)
             raise _Failed(describe_exception(exc, context)) from exc
@@ -262,30 +395,61 @@ class Downloader:
         )
 
     async def _receive(
-        self, response: aiohttp.ClientResponse, part: _PartFile, progress: _Progress, offset: int
+        self,
+        request: _Request,
+        response: aiohttp.ClientResponse,
+        part: _PartFile,
+        progress: _Progress,
+        offset: int,
     ) -> None:
         decision = resume_decision(
-            response.status, response.headers, offset, validator=progress.validator
+            response.status,
+            response.headers,
+            offset,
+            validator=progress.validator,
+            expected_total=progress.total,
         )
         if decision.action is ResumeAction.NOT_A_BODY:
             raise _Failed(_status_failure(response))
         if decision.action is ResumeAction.REFETCH:
-            progress.validator = None
+            progress.validator = progress.total = progress.sha256 = None
             await asyncio.to_thread(part.reset)
             raise _Failed(Failure(decision.reason, transient=True))
-        # From here on the body is read at once: file work (truncate, the free space check)
-        # goes through the write pipeline, ahead of the first chunk.
-        first_steps: list[Callable[[], None]] = []
-        if decision.action is ResumeAction.RESTART:
-            progress.validator = resume_validator(response.headers)
-            if part.size:
-                first_steps.append(part.reset)
+        # From here on the body is read at once: file work (truncate, the resume record, the
+        # free space check) goes through the write pipeline, ahead of the first chunk.
+        first_steps = self._first_steps(request, response, part, progress, decision)
         end = decision.body_end if decision.body_end is not None else decision.total
         if end is not None:
             first_steps.append(functools.partial(part.ensure_space, end - decision.offset))
         progress.expected_end = end
         await self._stream(response, part, first_steps)
         _check_complete(part.size, decision)
+
+    def _first_steps(
+        self,
+        request: _Request,
+        response: aiohttp.ClientResponse,
+        part: _PartFile,
+        progress: _Progress,
+        decision: ResumeDecision,
+    ) -> list[Callable[[], None]]:
+        """Learn what the answer says about the file; the file steps that must come first."""
+        steps: list[Callable[[], None]] = []
+        if decision.action is ResumeAction.RESTART:
+            progress.validator = resume_validator(response.headers)
+            progress.total = decision.total
+            progress.sha256 = declared_sha256(response.headers)
+            if part.size:
+                steps.append(part.reset)
+        else:
+            progress.total = decision.total if decision.total is not None else progress.total
+            progress.sha256 = declared_sha256(response.headers, partial=True) or progress.sha256
+        state = ResumeState(request.url, progress.validator, progress.total, progress.sha256)
+        if state != progress.recorded:
+            # After the reset: the record must never describe bytes of another version.
+            steps.append(functools.partial(part.record, state))
+            progress.recorded = state
+        return steps
 
     async def _stream(
         self,
@@ -304,16 +468,38 @@ class Downloader:
             async for piece in response.content.iter_any():
                 buffer += piece
                 if len(buffer) >= self._chunk_size:
-                    chunk, buffer = buffer, bytearray()
-                    await writer.put(functools.partial(part.write, chunk))
+                    # `buffer` is replaced only once queued: a cancellation while put() waits
+                    # must not lose these bytes (the rest would be written after a gap).
+                    await writer.put(functools.partial(part.write, buffer))
+                    buffer = bytearray()
         except (aiohttp.ClientError, OSError, TimeoutError):
             # Keep what did arrive, so that a resume does not fetch it again.
-            await writer.finish(functools.partial(part.write, buffer) if buffer else None)
+            await writer.finish(_tail(part, buffer))
+            raise
+        except asyncio.CancelledError:
+            # The service stops (or the time cap is reached): write what arrived, shielded,
+            # so that the partial file holds every received byte for the next run.
+            await _finish_quietly(writer, _tail(part, buffer))
             raise
         except BaseException:
             writer.abandon()
             raise
-        await writer.finish(functools.partial(part.write, buffer) if buffer else None)
+        await writer.finish(_tail(part, buffer))
+
+
+def _tail(part: _PartFile, buffer: bytearray) -> Callable[[], None] | None:
+    return functools.partial(part.write, buffer) if buffer else None
+
+
+async def _finish_quietly(writer: _WritePipeline, last: Callable[[], None] | None) -> None:
+    try:
+        await asyncio.shield(writer.finish(last))
+    except _Failed as error:
+        logger.warning("While stopping, cannot write the last bytes: %s", error.failure.detail)
+
+
+def _received(size: int, expected: int | None) -> str:
+    return f"{size} of {expected} bytes" if expected is not None else f"{size} bytes"
 
 
 def _check_complete(size: int, decision: ResumeDecision) -> None:
@@ -545,29 +731,49 @@ class _WritePipeline:
 
 
 # ---------------------------------------------------------------------------------------------
-# The partial file. Every method but the constructor runs in a worker thread; the lock makes a
-# discard wait for a write still in progress.
+# The partial file and its resume record. Every method but the constructor runs in a worker
+# thread; the lock makes a release wait for a write still in progress.
 
 
 class _PartFile:
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, space: _Space) -> None:
         self.target = target
         self.path = target.with_name(target.name + PART_SUFFIX)
+        self.record_path = target.with_name(target.name + RECORD_SUFFIX)
+        self.record_temp = target.with_name(target.name + _RECORD_TEMP_SUFFIX)
         self.size = 0
         self.committed = False
+        self._space = space
         self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
+        self._recorded: ResumeState | None = None  # the record on disk, as far as we know
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
-    def open(self) -> None:
-        with self._lock, self._mapped("create"):
-            self._file = open(self.path, "wb")  # noqa: SIM115 (closed by commit or discard)
+    def open(self, url: str) -> RestartPlan:
+        """Open the partial file; keep (and hash again) what an earlier run left, if usable."""
+        with self._lock, self._mapped("open"):
+            plan = plan_restart(self._read_record(), url=url, part_size=self._part_size())
+            if plan.keep:
+                self._file = _open_file(self.path, os.O_RDWR)
+                self._rehash(plan.keep)
+                self._recorded = plan.state
+            else:
+                # Empty the partial file first, then drop the record: killed in between, the
+                # next run finds an empty file, which it cannot mistake for a resumable one.
+                self.path.unlink(missing_ok=True)  # also a symlink put there: never follow it
+                self._file = _open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+                self._remove_record()
+        return plan
 
     def reset(self) -> None:
         with self._lock, self._mapped("truncate"):
             file = self._opened()
             file.seek(0)
             file.truncate()
+            # Durable before a new resume record can be: after a power loss, a record of the
+            # new version must not sit beside bytes of the old one. Rare, so cheap.
+            os.fsync(file.fileno())
             self._hash = hashlib.sha256()
             self.size = 0
 
@@ -577,19 +783,38 @@ class _PartFile:
             self._hash.update(chunk)
             self.size += len(chunk)
 
+    def record(self, state: ResumeState) -> None:
+        """Write the resume record atomically (temp file, fsync, rename, fsync directory)."""
+        with self._lock, self._mapped("write the resume record of"):
+            self.record_temp.unlink(missing_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            with _open_file(self.record_temp, flags) as out:
+                out.write(encode_resume_state(state))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(self.record_temp, self.record_path)
+            _fsync_directory(self.target.parent)
+            self._recorded = state
+
     def ensure_space(self, needed: int) -> None:
+        directory = self.target.parent
         with self._mapped("inspect"):
-            stats = os.statvfs(self.path.parent)
-        available = stats.f_bavail * stats.f_frsize
-        if needed > available:
+            available = self._space.free_space(directory)
+            reserve = self._space.reserve(directory)
+        if needed + reserve > available:
             detail = (
-                f"not enough disk space in {self.path.parent}: "
-                f"need {needed} bytes, {available} available"
+                f"not enough disk space in {directory}: "
+                f"need {needed} bytes (+{reserve} reserve), {available} available"
             )
             raise _Failed(Failure(detail, transient=False))
 
-    def commit(self) -> DownloadResult:
+    def commit(self, expected_sha256: str | None) -> DownloadResult:
+        """Check the digest, make the file durable and rename it to the target."""
         with self._lock, self._mapped("save"):
+            digest = self._hash.hexdigest()
+            if expected_sha256 is not None and digest != expected_sha256:
+                detail = f"digest mismatch: server says {expected_sha256}, got {digest}"
+                raise _Failed(Failure(detail, transient=False))
             file = self._opened()
             file.flush()
             os.fsync(file.fileno())
@@ -597,23 +822,88 @@ class _PartFile:
             self._file = None
             os.replace(self.path, self.target)
             self.committed = True
+            # Only now: a record without its partial file is dropped by the next run.
+            self._remove_record(quietly=True)
             _fsync_directory(self.target.parent)
-        return DownloadResult(self.target, self._hash.hexdigest(), self.size)
+        return DownloadResult(self.target, digest, self.size)
 
-    def discard(self) -> None:
+    def release(self, *, keep: bool) -> None:
+        """Close; remove the partial file and its record unless `keep` and resumable."""
+        self._stopping.set()  # a re-hash in progress stops at its next chunk
         with self._lock:
+            if self.committed:
+                return
             if self._file is not None:
-                self._file.close()
+                self._close_quietly(self._file)
                 self._file = None
-            try:
-                self.path.unlink(missing_ok=True)
-            except OSError as exc:
-                logger.warning("Cannot remove %s: %s", self.path, exc.strerror)
+            if keep and self._resumable():
+                logger.info("Keeping %s (%d bytes) to resume later", self.path, self._disk_size())
+                return
+            for path in (self.path, self.record_path, self.record_temp):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    logger.warning("Cannot remove %s: %s", path, exc.strerror)
+
+    def _resumable(self) -> bool:
+        state = self._recorded
+        return state is not None and state.validator is not None and self._disk_size() > 0
+
+    def _disk_size(self) -> int:
+        return self._part_size() or 0
+
+    def _part_size(self) -> int | None:
+        """Size of the partial file if it is a regular file, None if there is none."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+    def _read_record(self) -> bytes | None:
+        try:
+            with _open_file(self.record_path, os.O_RDONLY) as source:
+                return source.read(MAX_RESUME_RECORD_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # a directory or a symlink in its place: not our record
+            logger.warning("Cannot read %s: %s", self.record_path, exc.strerror or exc)
+            return b""
+
+    def _remove_record(self, *, quietly: bool = False) -> None:
+        try:
+            self.record_path.unlink(missing_ok=True)
+        except OSError as exc:
+            if not quietly:
+                raise
+            logger.warning("Cannot remove %s: %s", self.record_path, exc.strerror)
+
+    def _rehash(self, keep: int) -> None:
+        """Hash the first `keep` bytes again (constant memory) and cut the file there."""
+        file = self._opened()
+        remaining = keep
+        while remaining and not self._stopping.is_set():
+            chunk = file.read(min(_REHASH_CHUNK, remaining))
+            if not chunk:
+                break  # shorter than it was a moment ago: keep what is there
+            self._hash.update(chunk)
+            remaining -= len(chunk)
+        if self._stopping.is_set():
+            return  # released while hashing: leave the file as it was
+        self.size = keep - remaining
+        file.seek(self.size)
+        file.truncate()
 
     def _opened(self) -> BinaryIO:
         if self._file is None:
             raise RuntimeError(f"{self.path} is not open")  # a bug in the downloader
         return self._file
+
+    def _close_quietly(self, file: BinaryIO) -> None:
+        try:
+            file.close()
+        except OSError as exc:
+            logger.warning("Cannot close %s: %s", self.path, exc.strerror)
 
     @contextmanager
     def _mapped(self, action: str) -> Iterator[None]:
@@ -630,8 +920,15 @@ class _PartFile:
             raise _Failed(Failure(f"cannot {action} {self.path}: {reason}", False)) from exc
 
 
+def _open_file(path: Path, flags: int) -> BinaryIO:
+    """Open without following a symlink: our working files are never links to elsewhere."""
+    descriptor = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    modes = {os.O_RDONLY: "rb", os.O_WRONLY: "wb", os.O_RDWR: "r+b"}
+    return os.fdopen(descriptor, modes[flags & os.O_ACCMODE])  # type: ignore[return-value]
+
+
 def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable. Best effort: the file is already in place, and some
+    # Makes a rename itself durable. Best effort: the file is already in place, and some
     # filesystems refuse fsync on a directory.
     try:
         descriptor = os.open(directory, os.O_RDONLY)
