@@ -1,0 +1,734 @@
+"""MQTT session: one persistent connection to the local broker that survives broker restarts.
+
+Built on aiomqtt 2.5 (paho-mqtt 2.x), which has no reconnect of its own. This module adds:
+
+- a reconnect loop with capped exponential backoff and jitter. A CONNACK that refuses our
+  credentials (bad user name or password, not authorised) is fatal: `BrokerAuthError`;
+- the subscriptions (QoS 1) made again on every connect: a broker that crashed has lost
+  our persistent session, and no client library subscribes again on its own;
+- an outbox: `publish()` only enqueues and never fails because the broker is away. A sender
+  delivers the outbox in order while connected; a message leaves it only when the broker
+  acknowledged it (PUBACK for QoS 1), so a message cut off mid-way is sent again after the
+  reconnect: at least once, in order;
+- one queue of incoming messages (`MqttSession.messages`) for the whole life of the session.
+
+Theory of operation. `run()` loops over connections. Each connection is a fresh
+`aiomqtt.Client`: a reused client whose link the broker dropped does not wait for the next
+CONNACK (its connected future is still done; measured with aiomqtt 2.5.1), so a refusal
+would go unnoticed. On every connection: CONNECT (clean_session=False, will) → SUBSCRIBE →
+the `on_connect` hook (which may `publish_now()` ahead of the outbox) → state CONNECTED →
+the sender drains the outbox, up to `max_inflight` publishes in flight. A watcher ends the
+connection as soon as aiomqtt reports the link lost, so no await hangs on a dead link.
+
+States: IDLE → CONNECTING → CONNECTED → (link lost) BACKOFF → CONNECTING → ...;
+`close()` → CLOSED.
+
+aiomqtt and paho exceptions are mapped to `tedge_firmware.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import random
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.reasoncodes import ReasonCode
+
+from tedge_firmware.core.config import MqttAuth, TedgeConfig, format_host
+from tedge_firmware.errors import BrokerAuthError, BrokerError, ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# CONNACK refusals that a retry will not fix: MQTT 3.1.1 return codes 4 (bad user name or
+# password) and 5 (not authorised), and the reason codes paho 2.x reports them as (134, 135).
+_AUTH_REFUSALS = frozenset({4, 5, 134, 135})
+_MAX_TOPIC_BYTES = 65_535
+# MQTT's largest packet; topic length, topic and packet id take part of it.
+_MAX_PACKET_BODY = 268_435_455
+# close(): time left for a clean DISCONNECT even when flushing used the whole budget.
+_STOP_GRACE = 1.0
+# _cancel_all(): how long to wait before cancelling again a task that swallowed it.
+_CANCEL_RETRY = 0.1
+_OUTBOX_WARNING_START = 1_000
+_DROP_LOG_EVERY = 1_000
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message received on a subscription (or the final message handed to `close()`)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last will the broker publishes when our connection ends without a DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Everything needed to reach the broker. Invalid values raise ValueError at once."""
+
+    host: str
+    port: int
+    client_id: str
+    clean_session: bool = False
+    auth: MqttAuth | None = None
+    will: Will | None = None
+    keepalive: int = 60
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 10.0  # longest wait for a CONNACK, SUBACK or PUBACK
+    outbox_limit: int = 100_000  # messages beyond it are dropped (and logged)
+    max_inflight: int = 64  # QoS 1/2 publishes awaiting their acknowledgement at once
+
+    def __post_init__(self) -> None:
+        _check_text(self.host, "host")
+        _check_text(self.client_id, "client_id")
+        _require(1 <= self.port <= 65_535, f"port {self.port} is not in 1-65535")
+        _require(0 <= self.keepalive <= 65_535, f"keepalive {self.keepalive} is not in 0-65535")
+        _require(self.backoff_initial > 0, "backoff_initial must be positive")
+        _require(self.backoff_max >= self.backoff_initial, "backoff_max < backoff_initial")
+        _require(self.timeout > 0, "timeout must be positive")
+        _require(self.outbox_limit >= 1, "outbox_limit must be at least 1")
+        _require(1 <= self.max_inflight <= 65_535, "max_inflight is not in 1-65535")
+        _require(
+            self.password is None or self.username is not None,
+            "MQTT 3.1.1 allows a password only with a user name",
+        )
+        if self.will is not None:
+            check_topic_name(self.will.topic)
+            _check_qos(self.will.qos)
+
+    @property
+    def address(self) -> str:
+        """`host:port`, as used in log lines and error messages."""
+        return f"{format_host(self.host)}:{self.port}"
+
+    @classmethod
+    def from_tedge_config(
+        cls, config: TedgeConfig, client_id: str, *, will: Will | None = None
+    ) -> MqttSettings:
+        """Settings for the broker named by `mqtt.client.*` in tedge.toml."""
+        return cls(
+            host=config.mqtt_host,
+            port=config.mqtt_port,
+            client_id=client_id,
+            auth=config.mqtt_auth,
+            will=will,
+        )
+
+
+class SessionState(enum.Enum):
+    """Where the session stands; `MqttSession.state`."""
+
+    IDLE = "idle"  # run() is not running (not started yet, or cancelled)
+    CONNECTING = "connecting"  # connect, CONNACK, SUBSCRIBE and the on_connect hook
+    CONNECTED = "connected"  # ready: subscribed, hook done, outbox flowing
+    BACKOFF = "backoff"  # the link failed; waiting before the next attempt
+    CLOSED = "closed"  # close() was called; run() will not connect again
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+def backoff_delay(
+    failures: int, initial: float, maximum: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait after `failures` failed attempts in a row (0 for the first retry).
+
+    The ceiling doubles from `initial` up to `maximum`; the delay is drawn from the upper half
+    below the ceiling, so clients restarted together spread out but still back off.
+    """
+    ceiling = min(maximum, initial * 2.0 ** min(max(failures, 0), 64))
+    return ceiling / 2 + ceiling / 2 * rand()
+
+
+def check_topic_name(topic: str) -> None:
+    """ValueError unless `topic` can be published to (no wildcards, not empty, UTF-8)."""
+    _check_topic_text(topic)
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"topic {topic!r} contains a wildcard; publish needs a topic name")
+
+
+def check_topic_filter(topic_filter: str) -> None:
+    """ValueError unless `topic_filter` is a valid subscription (`+` a whole level, `#` last)."""
+    _check_topic_text(topic_filter)
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            raise ValueError(f"topic filter {topic_filter!r}: '#' must be the whole last level")
+        if "+" in level and level != "+":
+            raise ValueError(f"topic filter {topic_filter!r}: '+' must be a whole level")
+
+
+def tls_context(auth: MqttAuth) -> ssl.SSLContext:
+    """An SSL context that trusts `auth`'s CA and presents its client certificate, if any.
+
+    Reads files (call it off the event loop). ConfigError when a file is unusable.
+    """
+    if auth.key_file is not None and auth.cert_file is None:
+        raise ConfigError("mqtt.client.auth.key_file is set but mqtt.client.auth.cert_file is not")
+    try:
+        context = ssl.create_default_context(cafile=auth.ca_file, capath=auth.ca_dir)
+        if auth.cert_file is not None:
+            context.load_cert_chain(auth.cert_file, auth.key_file)
+    except OSError as error:  # ssl.SSLError is an OSError too
+        files = ", ".join(
+            str(path)
+            for path in (auth.ca_file, auth.ca_dir, auth.cert_file, auth.key_file)
+            if path is not None
+        )
+        raise ConfigError(f"cannot use the MQTT TLS files ({files}): {error}") from error
+    return context
+
+
+class MqttSession:
+    """A persistent MQTT session to one broker; see the module docstring.
+
+    Incoming messages: `messages`, one `asyncio.Queue[Message]` for the session's lifetime
+    (the consumer calls `get()`; nothing is dropped between reconnects).
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        subscriptions: Sequence[str],
+        *,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        if isinstance(subscriptions, str):
+            raise TypeError("subscriptions must be a sequence of topic filters, not one string")
+        for topic_filter in subscriptions:
+            check_topic_filter(topic_filter)
+        self._settings = settings
+        self._filters = tuple(dict.fromkeys(subscriptions))
+        self._on_connect = on_connect
+        self._messages: asyncio.Queue[Message] = asyncio.Queue()
+        self._outbox: deque[_Outgoing] = deque()
+        self._outbox_changed = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._ready = asyncio.Event()  # set while CONNECTED
+        self._finished = asyncio.Event()  # set when run() has ended
+        self._stopping = asyncio.Event()  # set by close()
+        self._state = SessionState.IDLE
+        self._client: aiomqtt.Client | None = None  # while the link is up
+        self._loop_task: asyncio.Task[None] | None = None
+        self._connected_at: float | None = None
+        self._next_outbox_warning = _OUTBOX_WARNING_START
+        self._dropped = 0
+
+    # --- public interface -------------------------------------------------------------------
+
+    @property
+    def messages(self) -> asyncio.Queue[Message]:
+        """Every message received on the subscriptions, in arrival order."""
+        return self._messages
+
+    @property
+    def connected(self) -> bool:
+        return self._state is SessionState.CONNECTED
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def outbox_size(self) -> int:
+        """Messages published but not yet acknowledged by the broker."""
+        return len(self._outbox)
+
+    async def run(self) -> None:
+        """Connect and keep connected until cancelled or `close()`.
+
+        Raises BrokerAuthError when the broker refuses our credentials, ConfigError when the
+        TLS files are unusable, RuntimeError when already running. May run again after it
+        was cancelled; returns at once after `close()`.
+        """
+        if self._state is SessionState.CLOSED:
+            self._finished.set()
+            return
+        if self._loop_task is not None:
+            raise RuntimeError("MqttSession.run() is already running")
+        self._finished.clear()
+        task = asyncio.create_task(
+            self._connection_loop(), name=f"mqtt-session {self._settings.client_id}"
+        )
+        self._loop_task = task
+        try:
+            await asyncio.wait((task,))  # unlike `await task`, leaves the stopping to us
+        except asyncio.CancelledError:
+            await asyncio.shield(_cancel_all((task,)))
+            raise
+        finally:
+            self._loop_task = None
+            self._set_state(SessionState.IDLE)  # close() moves on to CLOSED afterwards
+            self._finished.set()
+        if not task.cancelled():  # cancelled: close() ran out of time and stopped it, a normal end
+            task.result()  # BrokerAuthError, ConfigError, or a bug in the on_connect hook
+
+    def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Queue a message for the broker; it is sent as soon as (and whenever) connected.
+
+        Never fails because the broker is away. ValueError/TypeError for a topic, payload or
+        QoS that no broker would take (they would block the outbox otherwise).
+        """
+        entry = _outgoing(topic, payload, qos, retain)
+        if self._state is SessionState.CLOSED:
+            log.warning("MQTT session is closed: dropped a message to %s", topic)
+            return
+        if len(self._outbox) >= self._settings.outbox_limit:
+            self._drop(entry)
+            return
+        self._outbox.append(entry)
+        self._drained.clear()
+        self._outbox_changed.set()
+        if len(self._outbox) >= self._next_outbox_warning:
+            log.warning(
+                "MQTT outbox holds %d messages waiting for the broker at %s",
+                len(self._outbox),
+                self._settings.address,
+            )
+            self._next_outbox_warning *= 10
+
+    async def publish_now(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish on the current connection at once, ahead of the outbox; wait for the ack.
+
+        Meant for the `on_connect` hook (health "up", re-sends). BrokerError when not
+        connected or when the link fails before the acknowledgement.
+        """
+        entry = _outgoing(topic, payload, qos, retain)
+        client = self._client
+        if client is None:
+            raise BrokerError(f"not connected to the MQTT broker at {self._settings.address}")
+        with _broker_errors(self._settings.address):
+            await self._acknowledged(
+                client.publish(
+                    entry.topic, entry.payload, qos=entry.qos, retain=entry.retain, timeout=math.inf
+                )
+            )
+
+    async def wait_connected(self) -> None:
+        """Return once CONNECTED; BrokerError if run() ends first (closed, refused, cancelled).
+
+        Before run() has started it simply waits; bound it with asyncio.timeout.
+        """
+        waiters = [
+            asyncio.create_task(self._ready.wait()),
+            asyncio.create_task(self._finished.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel_all(waiters)
+        if not self._ready.is_set():
+            raise BrokerError(f"MQTT session to {self._settings.address} is not running")
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 (the agreed interface)
+        """Wait until the outbox is empty; False when `timeout` seconds pass first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(
+        self, final: Message | None = None, timeout: float = 5.0  # noqa: ASYNC109 (agreed API)
+    ) -> None:
+        """Flush the outbox (and then `final`, e.g. health "down"), then disconnect cleanly.
+
+        Takes at most about `timeout` + 1 s; undelivered messages are logged and dropped.
+        The clean DISCONNECT means the broker discards the will. run() then returns.
+        """
+        if self._state is SessionState.CLOSED:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if final is not None:
+            self.publish(final.topic, final.payload, qos=1, retain=final.retain)
+        if self._loop_task is not None:
+            await self.flush(timeout)
+        if self._outbox:
+            log.warning(
+                "closing the MQTT session with %d message(s) not delivered to %s",
+                len(self._outbox),
+                self._settings.address,
+            )
+        self._stopping.set()
+        await self._wait_run_ended(max(deadline, loop.time() + _STOP_GRACE))
+        self._set_state(SessionState.CLOSED)
+        self._finished.set()  # wake wait_connected() callers: this session will not connect
+
+    # --- connection loop --------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        context = await self._load_tls()
+        failures = 0
+        while not self._stopping.is_set():
+            self._set_state(SessionState.CONNECTING)
+            self._connected_at = None
+            try:
+                await self._one_connection(context, failures)
+            except BrokerAuthError:
+                raise
+            except BrokerError as error:
+                reason = str(error)
+            else:
+                return  # stop requested; disconnected cleanly
+            if self._stopping.is_set():
+                return
+            if self._long_lived():
+                failures = 0  # only a link that held resets the backoff: no tight flapping
+            delay = backoff_delay(
+                failures, self._settings.backoff_initial, self._settings.backoff_max
+            )
+            self._log_failure(reason, delay, first=failures == 0)
+            failures += 1
+            self._set_state(SessionState.BACKOFF)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+
+    async def _one_connection(self, context: ssl.SSLContext | None, failures: int) -> None:
+        """Connect, set up, serve: returns when stopped, raises BrokerError when the link ends."""
+        client = self._new_client(context)
+        with _broker_errors(self._settings.address):
+            async with client:
+                self._connected_at = asyncio.get_running_loop().time()
+                self._client = client
+                log.info(
+                    "connected to the MQTT broker at %s as %s%s",
+                    self._settings.address,
+                    self._settings.client_id,
+                    f" after {failures} failed attempt(s)" if failures else "",
+                )
+                try:
+                    await self._serve(client)
+                finally:
+                    self._client = None
+                    self._ready.clear()
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Run set-up and sender until stop is requested (return) or the link fails (raise)."""
+        watcher = asyncio.create_task(_watch_link(client), name="mqtt-link-watcher")
+        worker = asyncio.create_task(self._set_up_and_send(client), name="mqtt-sender")
+        stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop")
+        try:
+            done, _ = await asyncio.wait(
+                (watcher, worker, stop), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            await _cancel_all((watcher, worker, stop))
+        for task in (watcher, worker):
+            error = task.exception() if task in done and not task.cancelled() else None
+            if error is not None:
+                raise error
+
+    async def _set_up_and_send(self, client: aiomqtt.Client) -> None:
+        await self._subscribe(client)
+        if self._on_connect is not None:
+            await self._on_connect()
+        self._set_state(SessionState.CONNECTED)
+        self._ready.set()
+        await self._send_outbox(client)
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        if not self._filters:
+            return
+        granted: Sequence[int | ReasonCode] = await self._acknowledged(
+            client.subscribe([(name, 1) for name in self._filters], timeout=math.inf)
+        )
+        for topic_filter, code in zip(self._filters, granted, strict=False):
+            value = _code_value(code)
+            if value >= 0x80:
+                log.error("the broker refused the subscription to %s (%s)", topic_filter, value)
+            elif value < 1:
+                log.warning("the broker granted only QoS 0 for %s", topic_filter)
+
+    async def _send_outbox(self, client: aiomqtt.Client) -> None:
+        """Deliver the outbox head first, keeping up to `max_inflight` publishes in flight.
+
+        paho writes packets in the order the publish calls start (tasks start in creation
+        order), and an entry leaves the outbox only when its own publish completed.
+        """
+        window: deque[asyncio.Task[None]] = deque()
+        try:
+            while True:
+                self._fill_window(client, window)
+                if not window:
+                    self._outbox_changed.clear()
+                    await self._outbox_changed.wait()
+                    continue
+                await window[0]
+                window.popleft()
+                self._outbox.popleft()
+                if not self._outbox:
+                    self._drained.set()
+                    self._next_outbox_warning = _OUTBOX_WARNING_START
+        finally:
+            await _cancel_all(window)
+
+    def _fill_window(self, client: aiomqtt.Client, window: deque[asyncio.Task[None]]) -> None:
+        while len(window) < min(self._settings.max_inflight, len(self._outbox)):
+            entry = self._outbox[len(window)]
+            publish = client.publish(
+                entry.topic, entry.payload, qos=entry.qos, retain=entry.retain, timeout=math.inf
+            )
+            window.append(asyncio.create_task(self._acknowledged(publish)))
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    async def _acknowledged(self, call: Awaitable[T]) -> T:
+        """Await an aiomqtt call bounded by our timeout.
+
+        The call itself gets `timeout=math.inf`: aiomqtt then awaits plainly instead of using
+        Python 3.11's asyncio.wait_for, which can swallow a cancellation that arrives together
+        with the acknowledgement (and a swallowed cancellation hangs shutdown).
+        """
+        async with asyncio.timeout(self._settings.timeout):
+            return await call
+
+    def _new_client(self, context: ssl.SSLContext | None) -> aiomqtt.Client:
+        settings = self._settings
+        will = None
+        if settings.will is not None:
+            topic, payload, qos, retain = (
+                settings.will.topic, settings.will.payload, settings.will.qos, settings.will.retain
+            )
+            will = aiomqtt.Will(topic, payload, qos, retain)
+        client = aiomqtt.Client(
+            settings.host,
+            settings.port,
+            identifier=settings.client_id,
+            clean_session=settings.clean_session,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            username=settings.username,
+            password=settings.password,
+            will=will,
+            keepalive=settings.keepalive,
+            timeout=settings.timeout,
+            tls_context=context,
+            max_inflight_messages=settings.max_inflight,
+            queue_type=_forwarding_queue(self._deliver),
+        )
+        # We pipeline up to max_inflight publishes; aiomqtt warns above 10 pending calls.
+        client.pending_calls_threshold = settings.max_inflight + len(self._filters) + 8
+        return client
+
+    def _deliver(self, incoming: aiomqtt.Message) -> None:
+        """Runs inside paho's read callback, before paho acknowledges the message."""
+        try:
+            message = Message(
+                topic=incoming.topic.value,
+                payload=_payload_bytes(incoming.payload),
+                retain=bool(incoming.retain),
+            )
+        except Exception:  # raising into paho would drop the link and loop on redelivery
+            log.exception("dropped an MQTT message that could not be converted")
+            return
+        self._messages.put_nowait(message)
+
+    async def _load_tls(self) -> ssl.SSLContext | None:
+        auth = self._settings.auth
+        if auth is None or not auth.uses_tls:
+            return None
+        return await asyncio.to_thread(tls_context, auth)
+
+    async def _wait_run_ended(self, deadline: float) -> None:
+        task = self._loop_task
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._finished.wait()
+                return
+        log.warning("MQTT session did not stop in time; cancelling it")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_STOP_GRACE):
+                await _cancel_all((task,))
+                await self._finished.wait()
+
+    def _long_lived(self) -> bool:
+        if self._connected_at is None:
+            return False
+        uptime = asyncio.get_running_loop().time() - self._connected_at
+        return uptime >= self._settings.backoff_max
+
+    def _log_failure(self, reason: str, delay: float, *, first: bool) -> None:
+        was_connected = self._connected_at is not None
+        level = logging.WARNING if first or was_connected else logging.DEBUG
+        what = "lost the connection to" if was_connected else "cannot connect to"
+        log.log(
+            level,
+            "%s the MQTT broker at %s: %s; retrying in %.2f s",
+            what,
+            self._settings.address,
+            reason,
+            delay,
+        )
+
+    def _set_state(self, state: SessionState) -> None:
+        if state is self._state:
+            return
+        log.debug("MQTT session %s: %s -> %s", self._settings.client_id, self._state, state)
+        self._state = state
+        if state is SessionState.CLOSED:
+            log.info("MQTT session to %s closed", self._settings.address)
+
+    def _drop(self, entry: _Outgoing) -> None:
+        self._dropped += 1
+        if self._dropped % _DROP_LOG_EVERY == 1:
+            log.error(
+                "MQTT outbox is full (%d messages): dropped a message to %s (%d dropped so far)",
+                self._settings.outbox_limit,
+                entry.topic,
+                self._dropped,
+            )
+
+
+# --- module helpers -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _broker_errors(address: str) -> Iterator[None]:
+    """The one place where aiomqtt/paho errors become tedge_firmware errors."""
+    try:
+        yield
+    except MqttConnectError as error:
+        if _code_value(error.rc) in _AUTH_REFUSALS:
+            raise BrokerAuthError(f"the MQTT broker at {address} refused us: {error}") from error
+        raise BrokerError(f"the MQTT broker at {address} refused to connect: {error}") from error
+    except aiomqtt.MqttError as error:
+        raise BrokerError(f"MQTT connection to {address}: {error}") from error
+    except TimeoutError as error:  # from _acknowledged(): no SUBACK/PUBACK in time
+        raise BrokerError(f"the MQTT broker at {address} did not acknowledge in time") from error
+    except OSError as error:
+        raise BrokerError(f"MQTT connection to {address}: {error}") from error
+
+
+async def _watch_link(client: aiomqtt.Client) -> None:
+    """Raise MqttError when the link is lost.
+
+    Our forwarding queue keeps aiomqtt's own queue empty, so this iterator yields nothing
+    and only ends, loudly, on disconnect.
+    """
+    async for _ in client.messages:
+        pass
+
+
+def _forwarding_queue(
+    deliver: Callable[[aiomqtt.Message], None],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """A queue class for aiomqtt's `queue_type` that hands every message to `deliver` at once.
+
+    aiomqtt keeps a queue per Client and we use a Client per connection: messages left in a
+    dropped client's queue would be lost although paho had acknowledged them.
+    """
+
+    class ForwardingQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            deliver(item)
+
+    return ForwardingQueue
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel `tasks` and wait until all are done, cancelling again if one swallowed it.
+
+    aiomqtt's CONNACK wait uses asyncio.wait_for, which on Python 3.11 loses a cancellation
+    that arrives together with the result; the task then goes on to its next await.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=_CANCEL_RETRY)
+
+
+def _outgoing(topic: str, payload: bytes | str, qos: int, retain: bool) -> _Outgoing:
+    check_topic_name(topic)
+    _check_qos(qos)
+    if isinstance(payload, str):
+        data = payload.encode("utf-8")
+    elif isinstance(payload, bytes | bytearray | memoryview):
+        data = bytes(payload)
+    else:
+        raise TypeError(f"MQTT payload must be bytes or str, not {type(payload).__name__}")
+    if len(data) + len(topic.encode("utf-8")) + 4 > _MAX_PACKET_BODY:
+        raise ValueError(f"MQTT payload of {len(data)} bytes is larger than a packet can hold")
+    return _Outgoing(topic, data, qos, bool(retain))
+
+
+def _code_value(code: int | ReasonCode | None) -> int:
+    if isinstance(code, ReasonCode):
+        return int(code.value)
+    return -1 if code is None else int(code)
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if payload is None:
+        return b""
+    return str(payload).encode("utf-8")
+
+
+def _check_topic_text(topic: object) -> None:
+    if not isinstance(topic, str):
+        raise TypeError(f"MQTT topic must be a str, not {type(topic).__name__}")
+    if not topic:
+        raise ValueError("MQTT topic must not be empty")
+    if "\0" in topic:
+        raise ValueError(f"MQTT topic {topic!r} contains a NUL character")
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"MQTT topic {topic!r} is not valid UTF-8") from None
+    if size > _MAX_TOPIC_BYTES:
+        raise ValueError(f"MQTT topic of {size} bytes is longer than {_MAX_TOPIC_BYTES}")
+
+
+def _check_text(value: object, name: str) -> None:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError(f"{name} must be a non-empty string without NUL, got {value!r}")
+
+
+def _check_qos(qos: object) -> None:
+    if isinstance(qos, bool) or qos not in (0, 1, 2):
+        raise ValueError(f"MQTT QoS must be 0, 1 or 2, got {qos!r}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

@@ -1,0 +1,729 @@
+"""MqttSession against a real mosquitto: the `broker` fixture, or a private one started here
+(password file, TLS). A plain aiomqtt client is the peer/observer; a small TCP proxy in front
+of the broker cuts our connection for fault injection. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiomqtt
+import pytest
+
+from tedge_firmware.core.config import MqttAuth, config_from_document
+from tedge_firmware.errors import BrokerAuthError, BrokerError, ConfigError
+from tedge_firmware.shell.mqtt import (
+    Message,
+    MqttSession,
+    MqttSettings,
+    SessionState,
+    Will,
+    backoff_delay,
+    check_topic_filter,
+    check_topic_name,
+)
+
+WAIT = 10.0  # upper bound of any single wait on the broker
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+# mosquitto started as root drops to user "mosquitto", which can neither read nor write our
+# root-owned 0700 temp dirs (no persistence file, no password file); as non-root it has no effect.
+KEEP_USER = "user root\n" if os.geteuid() == 0 else ""
+T = TypeVar("T")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def settings(port: int, client_id: str | None = None, **overrides: Any) -> MqttSettings:
+    """Fast backoff so that reconnects happen within a test's time."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "client_id": client_id or unique("session"),
+        "backoff_initial": 0.02,
+        "backoff_max": 0.2,
+        "timeout": 5.0,
+    }
+    values.update(overrides)
+    return MqttSettings(**values)
+
+
+async def bounded(awaitable: Awaitable[T], seconds: float = WAIT) -> T:
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
+class Connects:
+    """An on_connect hook that counts its calls; a test can await the n-th one."""
+
+    def __init__(self, also: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.count = 0
+        self.also = also
+        self._changed = asyncio.Condition()
+
+    async def __call__(self) -> None:
+        if self.also is not None:
+            await self.also()
+        self.count += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(WAIT), self._changed:
+            await self._changed.wait_for(lambda: self.count >= count)
+
+
+@contextlib.asynccontextmanager
+async def running(session: MqttSession) -> AsyncIterator[asyncio.Task[None]]:
+    """run() in a task; cancelled at the end (an error that ended run() early is re-raised)."""
+    task = asyncio.create_task(session.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def peer(
+    port: int, *filters: str, client_id: str | None = None, clean: bool = True
+) -> AsyncIterator[aiomqtt.Client]:
+    async with aiomqtt.Client(
+        "127.0.0.1", port, identifier=client_id, clean_session=clean
+    ) as client:
+        for topic_filter in filters:
+            await client.subscribe(topic_filter, qos=1)
+        yield client
+
+
+async def receive(client: aiomqtt.Client, count: int) -> list[aiomqtt.Message]:
+    received: list[aiomqtt.Message] = []
+    async with asyncio.timeout(WAIT):
+        async for message in client.messages:
+            received.append(message)
+            if len(received) == count:
+                break
+    return received
+
+
+async def receive_until(client: aiomqtt.Client, last_payload: bytes) -> list[bytes]:
+    payloads: list[bytes] = []
+    async with asyncio.timeout(WAIT):
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            payloads.append(message.payload)
+            if message.payload == last_payload:
+                break
+    return payloads
+
+
+async def receive_distinct(client: aiomqtt.Client, count: int) -> list[bytes]:
+    """Payloads in arrival order until `count` distinct ones came (duplicates are allowed)."""
+    payloads: list[bytes] = []
+    async with asyncio.timeout(WAIT):
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            payloads.append(message.payload)
+            if len(set(payloads)) == count:
+                break
+    return payloads
+
+
+def first_occurrences(payloads: list[bytes]) -> list[bytes]:
+    return list(dict.fromkeys(payloads))
+
+
+async def next_message(session: MqttSession) -> Message:
+    return await bounded(session.messages.get())
+
+
+async def persisting(broker: Any) -> Any:
+    """The fixture's broker, restarted (empty) with a config under which it can save sessions."""
+    text = broker.conf.read_text()
+    if KEEP_USER and KEEP_USER not in text:
+        await asyncio.to_thread(broker.stop)
+        broker.conf.write_text(text + KEEP_USER)
+        await asyncio.to_thread(broker.start)
+    return broker
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def private_mosquitto(workdir: Path, listener_options: str) -> AsyncIterator[int]:
+    """A mosquitto with its own listener options; yields its port once it logs "running"."""
+    port = free_port()
+    conf = workdir / "private-mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\n{KEEP_USER}{listener_options}")
+    process = await asyncio.create_subprocess_exec(
+        MOSQUITTO, "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert process.stderr is not None
+    stdout = process.stderr  # mosquitto logs to stderr by default, unbuffered
+    drain: asyncio.Task[bytes] | None = None
+    try:
+        async with asyncio.timeout(WAIT):
+            while b" running" not in (line := await stdout.readline()):
+                assert line, "mosquitto exited before it was running"
+        drain = asyncio.create_task(stdout.read())  # keep the pipe from filling up
+        yield port
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        if drain is not None:
+            await drain
+
+
+class CuttingProxy:
+    """TCP proxy in front of the broker. `cut()` aborts every connection on both sides, as a
+    network failure would (the broker then publishes our will). With `cut_after`, the first
+    connection is cut once that many bytes went from client to broker."""
+
+    def __init__(self, target_port: int, cut_after: int | None = None) -> None:
+        self.target_port = target_port
+        self.cut_after = cut_after
+        self.cuts = 0
+        self._sent = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._abort_all()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def cut(self) -> None:
+        self.cuts += 1
+        self._abort_all()
+
+    def _abort_all(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(self._relay(reader, writer))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers += [writer, up_writer]
+        await asyncio.gather(
+            self._pipe(reader, up_writer, upstream=True),
+            self._pipe(up_reader, writer, upstream=False),
+            return_exceptions=True,
+        )
+        writer.transport.abort()
+        up_writer.transport.abort()
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            if upstream and self.cut_after is not None:
+                self._sent += len(data)
+                if self._sent >= self.cut_after:
+                    self.cut_after = None
+                    self.cut()
+                    return
+            await writer.drain()
+        writer.transport.abort()
+
+
+# --- pure parts: backoff, topic checks, settings ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failures", "rand", "expected"),
+    [
+        (0, 0.0, 0.1),  # lower half of the first ceiling (0.2)
+        (0, 1.0, 0.2),
+        (1, 1.0, 0.4),  # doubles
+        (5, 1.0, 6.4),
+        (6, 1.0, 10.0),  # capped
+        (6, 0.0, 5.0),
+        (10_000, 0.5, 7.5),  # no overflow however long the broker is away
+        (-3, 1.0, 0.2),
+    ],
+)
+def test_backoff_doubles_up_to_the_cap_with_jitter(failures, rand, expected):
+    assert backoff_delay(failures, 0.2, 10.0, lambda: rand) == pytest.approx(expected)
+
+
+def test_backoff_jitter_spreads_clients():
+    delays = {backoff_delay(3, 0.2, 10.0) for _ in range(50)}
+    assert len(delays) > 1
+    assert all(0.8 <= delay <= 1.6 for delay in delays)
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    ["#", "a/#", "+", "+/b/+", "c8y/s/ds", "tedge/+/commands/req/firmware_update", "a//b"],
+)
+def test_valid_topic_filters(topic_filter):
+    check_topic_filter(topic_filter)
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    ["", "a/#/b", "a#", "#/", "a/b+", "+a/b", "a\0b", "x" * 65_536, "a/\udc80"],
+)
+def test_invalid_topic_filters(topic_filter):
+    with pytest.raises(ValueError):
+        check_topic_filter(topic_filter)
+
+
+@pytest.mark.parametrize("topic", ["", "a/+", "a/#", "#", "a\0b", "é" * 40_000])
+def test_invalid_topic_names(topic):
+    with pytest.raises(ValueError):
+        check_topic_name(topic)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "qos", "error"),
+    [
+        ("a/#", b"x", 1, ValueError),
+        ("a/+/b", b"x", 1, ValueError),
+        ("", b"x", 1, ValueError),
+        ("a\0b", b"x", 1, ValueError),
+        (42, b"x", 1, TypeError),
+        ("a/b", 42, 1, TypeError),
+        ("a/b", None, 1, TypeError),
+        ("a/b", b"x", 3, ValueError),
+        ("a/b", b"x", -1, ValueError),
+        ("a/b", b"x", True, ValueError),
+    ],
+)
+async def test_publish_rejects_what_no_broker_would_take(topic, payload, qos, error):
+    session = MqttSession(settings(1883), [])
+    with pytest.raises(error):
+        session.publish(topic, payload, qos=qos)
+    with pytest.raises(error):
+        await session.publish_now(topic, payload, qos=qos)
+    assert session.outbox_size == 0  # nothing poisonous entered the outbox
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"port": 0},
+        {"port": 65_536},
+        {"client_id": ""},
+        {"client_id": "a\0b"},
+        {"host": ""},
+        {"keepalive": -1},
+        {"backoff_initial": 0},
+        {"backoff_initial": 1.0, "backoff_max": 0.5},
+        {"timeout": 0},
+        {"outbox_limit": 0},
+        {"max_inflight": 0},
+        {"password": "secret"},  # without a user name
+        {"will": Will("a/#", b"down")},
+        {"will": Will("a/b", b"down", qos=3)},
+    ],
+)
+def test_settings_reject_invalid_values(overrides):
+    values = {"host": "localhost", "port": 1883, "client_id": "me", **overrides}
+    with pytest.raises(ValueError):
+        MqttSettings(**values)
+
+
+async def test_session_rejects_invalid_subscriptions():
+    with pytest.raises(ValueError):
+        MqttSession(settings(1883), ["ok/#", "bad/#/x"])
+    with pytest.raises(TypeError):
+        MqttSession(settings(1883), "a/b")
+
+
+def test_settings_from_tedge_config():
+    document = {"mqtt": {"client": {"host": "::1", "port": 1884, "auth": {"ca_file": "/x/ca.pem"}}}}
+    config = config_from_document(document, {}, Path("/etc/tedge"), "tedge.toml")
+    will = Will("te/device/main/service/x/status/health", b'{"status":"down"}')
+    mqtt = MqttSettings.from_tedge_config(config, "c8y-firmware-plugin", will=will)
+    assert (mqtt.host, mqtt.port, mqtt.client_id) == ("::1", 1884, "c8y-firmware-plugin")
+    assert mqtt.auth == MqttAuth(ca_file=Path("/x/ca.pem"))
+    assert mqtt.will == will
+    assert mqtt.clean_session is False
+    assert mqtt.address == "[::1]:1884"
+
+
+# --- against the broker ----------------------------------------------------------------------
+
+
+async def test_round_trip_qos1_and_retained_flag(broker):
+    base = unique("rt")
+    async with peer(broker.port, f"{base}/out/#") as observer:
+        await observer.publish(f"{base}/in/kept", b"was here before", qos=1, retain=True)
+        session = MqttSession(settings(broker.port), [f"{base}/in/#"])
+        async with running(session):
+            assert await next_message(session) == Message(
+                f"{base}/in/kept", b"was here before", retain=True
+            )
+            await bounded(session.wait_connected())
+            assert session.connected and session.state is SessionState.CONNECTED
+            await observer.publish(f"{base}/in/live", b"hello", qos=1)
+            assert await next_message(session) == Message(f"{base}/in/live", b"hello")
+
+            session.publish(f"{base}/out/live", "text")
+            session.publish(f"{base}/out/kept", b"kept", retain=True)
+            got = await receive(observer, 2)
+            assert await session.flush(WAIT)
+            assert session.outbox_size == 0
+    assert [(m.topic.value, m.payload, m.qos) for m in got] == [
+        (f"{base}/out/live", b"text", 1),
+        (f"{base}/out/kept", b"kept", 1),
+    ]
+    # A late subscriber gets the retained message, flagged so, and not the other one.
+    async with peer(broker.port, f"{base}/out/#") as late:
+        await late.publish(f"{base}/out/sentinel", b"sentinel", qos=1)
+        payloads = await receive_until(late, b"sentinel")
+    assert payloads == [b"kept", b"sentinel"]
+
+
+async def test_payloads_arrive_byte_for_byte(broker):
+    base = unique("bytes")
+    big = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    session = MqttSession(settings(broker.port), [f"{base}/in"])
+    async with peer(broker.port, f"{base}/out") as observer, running(session):
+        await bounded(session.wait_connected())
+        for payload in (b"", b"\x00\xff\xfe not utf-8", big, "ünïcode".encode()):
+            await observer.publish(f"{base}/in", payload, qos=1)
+            assert (await next_message(session)).payload == payload
+        session.publish(f"{base}/out", big)
+        session.publish(f"{base}/out", "ünïcode")
+        got = await receive(observer, 2)
+    assert [m.payload for m in got] == [big, "ünïcode".encode()]
+
+
+def mqtt_packet(kind: int, body: bytes) -> bytes:
+    length, encoded = len(body), bytearray()
+    while True:
+        length, digit = divmod(length, 128)
+        encoded.append(digit | (0x80 if length else 0))
+        if not length:
+            return bytes([kind]) + bytes(encoded) + body
+
+
+def mqtt_string(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+async def test_hostile_publishers_do_not_disturb_the_session(broker):
+    base = unique("hostile")
+    connects = Connects()
+    session = MqttSession(settings(broker.port), [f"{base}/#"], on_connect=connects)
+    async with running(session):
+        await connects.wait_for(1)
+        for bad_topic in (b"/\xff\xfe", b"/a\x00b", b"/\xed\xa0\x80"):  # bad UTF-8, NUL, surrogate
+            reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+            connect_body = mqtt_string(b"MQTT") + bytes([4, 0x02]) + (60).to_bytes(2, "big")
+            writer.write(mqtt_packet(0x10, connect_body + mqtt_string(unique("evil").encode())))
+            assert await bounded(reader.readexactly(4)) == b"\x20\x02\x00\x00"
+            writer.write(mqtt_packet(0x30, mqtt_string(base.encode() + bad_topic) + b"evil"))
+            assert await bounded(reader.read()) == b""  # the broker dropped the sender
+            writer.close()
+            await writer.wait_closed()
+        async with peer(broker.port) as good:
+            await good.publish(f"{base}/fine", b"fine", qos=1)
+        assert await next_message(session) == Message(f"{base}/fine", b"fine")
+        assert connects.count == 1 and session.connected
+
+
+async def test_subscriptions_are_made_again_after_a_broker_crash(broker):
+    topic = unique("crash")
+    connects = Connects()
+    session = MqttSession(settings(broker.port), [topic], on_connect=connects)
+    async with running(session):
+        await connects.wait_for(1)
+        await asyncio.to_thread(broker.kill)  # SIGKILL: the broker forgets our session
+        await asyncio.to_thread(broker.start)
+        await connects.wait_for(2)
+        async with peer(broker.port) as publisher:
+            await publisher.publish(topic, b"after the crash", qos=1)
+        assert await next_message(session) == Message(topic, b"after the crash")
+
+
+async def test_persistent_session_keeps_messages_while_we_are_away(broker):
+    broker = await persisting(broker)
+    topic, client_id = unique("away"), unique("persistent")
+    first = MqttSession(settings(broker.port, client_id), [topic])
+    async with running(first):
+        await bounded(first.wait_connected())
+    # our process is gone (run() cancelled: clean disconnect, the session stays on the broker)
+    async with peer(broker.port) as publisher:
+        for payload in (b"m1", b"m2", b"m3"):
+            await publisher.publish(topic, payload, qos=1)
+    second = MqttSession(settings(broker.port, client_id), [topic])  # a restarted process
+    async with running(second):
+        assert [(await next_message(second)).payload for _ in range(3)] == [b"m1", b"m2", b"m3"]
+
+    # The broker restarts gracefully (it saves sessions) while we are away; then the same
+    # MqttSession instance runs again.
+    await asyncio.to_thread(broker.stop)
+    await asyncio.to_thread(broker.start)
+    async with peer(broker.port) as publisher:
+        await publisher.publish(topic, b"m4", qos=1)
+    async with running(second):
+        assert await next_message(second) == Message(topic, b"m4")
+
+
+async def test_outbox_filled_while_broker_is_down_is_delivered_in_order(broker):
+    broker = await persisting(broker)
+    topic, observer_id = unique("outbox"), unique("observer")
+    async with peer(broker.port, topic, client_id=observer_id, clean=False):
+        pass  # a persistent observer: the broker queues for it while it is away
+    await asyncio.to_thread(broker.stop)
+    session = MqttSession(settings(broker.port), [])
+    expected = [str(i).encode() for i in range(200)]
+    async with running(session):
+        for payload in expected:
+            session.publish(topic, payload)  # must not raise: the broker is away
+        assert session.outbox_size == 200 and not session.connected
+        assert not await session.flush(0.05)
+        await asyncio.to_thread(broker.start)
+        assert await session.flush(WAIT)
+        assert session.outbox_size == 0
+    async with peer(broker.port, client_id=observer_id, clean=False) as observer:
+        payloads = await receive_distinct(observer, 200)
+    assert first_occurrences(payloads) == expected
+
+
+async def test_outbox_is_resent_when_the_link_drops_mid_way(broker):
+    topic = unique("cut")
+    connects = Connects()
+    expected = [str(i).encode() for i in range(2000)]
+    async with (
+        CuttingProxy(broker.port, cut_after=20_000) as proxy,
+        peer(broker.port, topic) as observer,
+    ):
+        session = MqttSession(settings(proxy.port), [], on_connect=connects)
+        async with running(session):
+            await connects.wait_for(1)
+            for payload in expected:
+                session.publish(topic, payload)
+            assert await session.flush(WAIT)
+            assert proxy.cuts == 1 and connects.count >= 2  # the link did drop mid-way
+        payloads = await receive_distinct(observer, len(expected))
+    assert first_occurrences(payloads) == expected  # nothing lost, order kept
+
+
+async def test_will_is_published_when_the_link_is_cut(broker):
+    base = unique("will")
+    connects = Connects()
+    will = Will(f"{base}/health", b'{"status":"down"}', qos=1, retain=True)
+    async with CuttingProxy(broker.port) as proxy, peer(broker.port, f"{base}/health") as observer:
+        session = MqttSession(settings(proxy.port, will=will), [], on_connect=connects)
+        async with running(session):
+            await connects.wait_for(1)
+            proxy.cut()
+            [message] = await receive(observer, 1)
+            assert (message.topic.value, message.payload) == (will.topic, will.payload)
+            await connects.wait_for(2)  # and the session came back by itself
+
+
+async def test_on_connect_runs_before_the_outbox_on_every_connect(broker):
+    topic = unique("status")
+    session: MqttSession
+
+    async def say_up() -> None:
+        await session.publish_now(topic, b"up")
+
+    connects = Connects(also=say_up)
+    async with CuttingProxy(broker.port) as proxy, peer(broker.port, topic) as observer:
+        session = MqttSession(settings(proxy.port), [], on_connect=connects)
+        async with running(session):
+            await connects.wait_for(1)
+            proxy.cut()
+            for payload in ("q0", "q1", "q2"):
+                session.publish(topic, payload)  # queued while the link is down
+            await connects.wait_for(2)
+            assert await session.flush(WAIT)
+            payloads = [m.payload for m in await receive(observer, 5)]
+    assert payloads == [b"up", b"up", b"q0", b"q1", b"q2"]
+
+
+async def test_publish_now_needs_a_connection(broker):
+    session = MqttSession(settings(broker.port), [])
+    with pytest.raises(BrokerError):
+        await session.publish_now("a/b", b"x")
+
+
+async def test_close_sends_the_outbox_and_final_message_then_disconnects_cleanly(broker):
+    base = unique("close")
+    status = f"{base}/status"
+    will = Will(status, b"will", qos=1, retain=False)
+    session = MqttSession(settings(broker.port, will=will), [])
+    async with peer(broker.port, status) as observer, running(session) as task:
+        await bounded(session.wait_connected())
+        session.publish(status, b"last regular")
+        await bounded(session.close(Message(status, b"down", retain=True), timeout=WAIT))
+        await bounded(task)  # run() returned normally
+        assert session.state is SessionState.CLOSED and not session.connected
+        session.publish(status, b"after close")  # dropped (logged), does not raise
+        assert session.outbox_size == 0
+        await observer.publish(status, b"sentinel", qos=1)
+        payloads = await receive_until(observer, b"sentinel")
+    assert payloads == [b"last regular", b"down", b"sentinel"]  # no will: clean disconnect
+    async with peer(broker.port, status) as late:
+        [retained] = await receive(late, 1)
+    assert (retained.payload, retained.retain) == (b"down", True)
+    await bounded(session.run())  # a closed session does not connect again
+
+
+async def test_close_is_bounded_when_the_broker_is_away(broker):
+    await asyncio.to_thread(broker.kill)
+    session = MqttSession(settings(broker.port), [])
+    session.publish(unique("never"), b"x")
+    async with running(session) as task:
+        assert not await session.flush(0.2)  # meanwhile run() tries and backs off
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await bounded(session.close(timeout=0.3))
+        assert loop.time() - started < 0.3 + 1.5
+        await bounded(task)
+    assert session.state is SessionState.CLOSED
+    with pytest.raises(BrokerError):
+        await bounded(session.wait_connected())
+
+
+async def test_run_twice_at_once_is_refused(broker):
+    session = MqttSession(settings(broker.port), [])
+    async with running(session):
+        await bounded(session.wait_connected())
+        with pytest.raises(RuntimeError):
+            await bounded(session.run())
+        assert session.connected
+
+
+async def test_refused_credentials_are_fatal(tmp_path):
+    passwords = tmp_path / "passwords"
+    maker = await asyncio.create_subprocess_exec(
+        "mosquitto_passwd", "-b", "-c", str(passwords), "alice", "secret"
+    )
+    assert await bounded(maker.wait()) == 0
+    options = f"allow_anonymous false\npassword_file {passwords}\n"
+    async with private_mosquitto(tmp_path, options) as port:
+        for username, password in ((None, None), ("alice", "wrong"), ("mallory", "secret")):
+            session = MqttSession(
+                settings(port, username=username, password=password), ["x/#"]
+            )
+            with pytest.raises(BrokerAuthError):
+                await bounded(session.run(), 5.0)  # at once, not after retrying forever
+            with pytest.raises(BrokerError):
+                await bounded(session.wait_connected())
+        topic = unique("auth")
+        session = MqttSession(settings(port, username="alice", password="secret"), [topic])
+        async with running(session):
+            session.publish(topic, b"accepted")
+            assert await next_message(session) == Message(topic, b"accepted")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    files = {name: directory / name for name in ("ca.pem", "ca.key")}
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    ec_key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec_key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=test-ca")
+    (directory / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", *ec_key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        extension = ("-extfile", "server.ext") if name == "server" else ()
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *extension)
+        files[f"{name}.pem"] = directory / f"{name}.pem"
+        files[f"{name}.key"] = directory / f"{name}.key"
+    return files
+
+
+async def test_tls_with_a_client_certificate(tmp_path, tls_files):
+    options = (
+        f"cafile {tls_files['ca.pem']}\ncertfile {tls_files['server.pem']}\n"
+        f"keyfile {tls_files['server.key']}\nrequire_certificate true\nallow_anonymous true\n"
+    )
+    auth = MqttAuth(
+        ca_file=tls_files["ca.pem"],
+        cert_file=tls_files["client.pem"],
+        key_file=tls_files["client.key"],
+    )
+    topic = unique("tls")
+    async with private_mosquitto(tmp_path, options) as port:
+        session = MqttSession(settings(port, auth=auth), [topic])
+        async with running(session):
+            session.publish(topic, b"over tls")
+            assert await next_message(session) == Message(topic, b"over tls")
+
+
+@pytest.mark.parametrize(
+    "auth_files",
+    [
+        {"ca_file": "missing.pem"},
+        {"ca_file": "garbage.pem"},
+        {"ca_file": "ca.pem", "cert_file": "garbage.pem"},
+        {"ca_file": "ca.pem", "key_file": "client.key"},  # a key without a certificate
+    ],
+)
+async def test_unusable_tls_files_are_a_config_error(tmp_path, tls_files, unused_port, auth_files):
+    (tmp_path / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnonsense\n")
+    known = {path.name: path for path in tls_files.values()}
+    auth = MqttAuth(**{key: known.get(name, tmp_path / name) for key, name in auth_files.items()})
+    session = MqttSession(settings(unused_port, auth=auth), [])
+    with pytest.raises(ConfigError):
+        await bounded(session.run(), 5.0)
+
+
+@pytest.fixture(autouse=True)
+async def _debug_watchdog():
+    async def dump() -> None:
+        await asyncio.sleep(15)
+        for task in asyncio.all_tasks():
+            print("TASK", task.get_name(), task)
+            task.print_stack()
+    watchdog = asyncio.create_task(dump())
+    yield
+    watchdog.cancel()
