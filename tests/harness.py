@@ -1,0 +1,269 @@
+"""Black-box harness: the real gateway service against a real broker, watched over MQTT.
+
+`Observer` is a plain aiomqtt client playing Cumulocity and the children; `Gateway` runs
+`tedge-firmware run` in-process (or as a subprocess for kill -9 tests) with a temp config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+from aiohttp import web
+
+from tedge_firmware.app.plugin import PluginOptions
+from tedge_firmware.app.service import ServiceOptions, serve_plugin
+from tedge_firmware.core.config import config_from_document
+
+CHILD = "child-device"
+U = "http://test.domain.com"
+K = "f6a5105230c19daee36d739d678ecc59ee0d5c99749138aedc65934a7f31cbf4"
+EMPTY_SHA = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+S515 = f"515,{CHILD},fw-name,fw-version,{U}"
+WATCHED = ("c8y/s/us", "c8y/s/us/+", "tedge/+/commands/req/firmware_update", "c8y/s/uat")
+
+E501 = b"501,c8y_Firmware\n"
+E503 = b"503,c8y_Firmware,\n"
+
+
+def f502(reason: str) -> bytes:
+    return f'502,c8y_Firmware,"{reason}"\n'.encode()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def operation_files(data: Path) -> list[Path]:
+    """Every persisted operation: request sent (firmware/<id>) or waiting for its download."""
+    firmware = data / "firmware"
+    return sorted(
+        p for p in [*firmware.glob("*"), *firmware.glob(".fetching/*")] if p.is_file() and not p.name.startswith(".")
+    )
+
+
+def req_topic(child: str = CHILD) -> str:
+    return f"tedge/{child}/commands/req/firmware_update"
+
+
+def res_topic(child: str = CHILD) -> str:
+    return f"tedge/{child}/commands/res/firmware_update"
+
+
+def us(child: str = CHILD) -> str:
+    return f"c8y/s/us/{child}"
+
+
+_observer_ids = itertools.count()
+
+
+class Observer:
+    """Records every message on the watched topics, one FIFO per topic."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.queues: dict[str, asyncio.Queue[aiomqtt.Message]] = defaultdict(asyncio.Queue)
+        self.log: list[tuple[str, bytes]] = []
+
+    async def _collect(self) -> None:
+        async for message in self.client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            self.log.append((message.topic.value, payload))
+            self.queues[message.topic.value].put_nowait(message)
+
+    async def next(self, topic: str, timeout: float = 10.0) -> bytes:
+        async with asyncio.timeout(timeout):
+            message = await self.queues[topic].get()
+        payload = message.payload
+        return payload if isinstance(payload, bytes) else str(payload).encode()
+
+    async def next_message(self, topic: str, timeout: float = 10.0) -> aiomqtt.Message:
+        async with asyncio.timeout(timeout):
+            return await self.queues[topic].get()
+
+    async def sequence(self, topic: str, count: int, timeout: float = 10.0) -> list[bytes]:
+        return [await self.next(topic, timeout) for _ in range(count)]
+
+    async def silence(self, seconds: float = 1.0, topics: Iterable[str] | None = None) -> None:
+        """Assert that nothing arrives on `topics` (default: all watched) for `seconds`."""
+        start = len(self.log)
+        await asyncio.sleep(seconds)  # waiting for the absence of an event has no event to await
+        new = [(t, p) for t, p in self.log[start:] if topics is None or t in set(topics)]
+        assert not new, f"unexpected messages: {new}"
+
+    def pending(self, topic: str) -> int:
+        return self.queues[topic].qsize()
+
+    async def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
+        await self.client.publish(topic, payload, qos=1, retain=retain)
+
+
+@contextlib.asynccontextmanager
+async def observer(port: int, topics: Iterable[str] = WATCHED) -> AsyncIterator[Observer]:
+    identifier = f"observer-{os.getpid()}-{next(_observer_ids)}"
+    async with aiomqtt.Client("127.0.0.1", port, identifier=identifier) as client:
+        for topic in topics:
+            await client.subscribe(topic, qos=1)
+        watcher = Observer(client)
+        task = asyncio.create_task(watcher._collect())
+        try:
+            yield watcher
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+
+
+def write_config(
+    config_dir: Path, data_path: Path, mqtt_port: int, http_port: int, *, timeout: int = 3600, extra: str = ""
+) -> None:
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "tedge.toml").write_text(
+        f"""[config]
+version = "2"
+[device]
+id = "parent-device"
+[c8y]
+url = "c8y.tenant.io"
+[mqtt.client]
+host = "127.0.0.1"
+port = {mqtt_port}
+[http.bind]
+address = "127.0.0.1"
+port = {http_port}
+[data]
+path = "{data_path}"
+[firmware.child.update]
+timeout = {timeout}
+{extra}"""
+    )
+
+
+def load(config_dir: Path):  # type: ignore[no-untyped-def]
+    import tomllib
+
+    document = tomllib.loads((config_dir / "tedge.toml").read_text())
+    return config_from_document(document, {}, config_dir, str(config_dir / "tedge.toml"))
+
+
+@dataclass
+class Gateway:
+    """`tedge-firmware run` in-process, started and stopped by the test."""
+
+    config_dir: Path
+    data: Path
+    options: PluginOptions = field(default_factory=lambda: PluginOptions(jwt_timeout=1.0, jwt_attempts=2))
+    task: asyncio.Task[None] | None = None
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        self.stop_event = asyncio.Event()
+        config = load(self.config_dir)
+        options = ServiceOptions(with_file_transfer=True, plugin=self.options)
+        self.task = asyncio.create_task(serve_plugin(config, self.stop_event, options))
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        self.stop_event.set()
+        async with asyncio.timeout(10):
+            await self.task
+        self.task = None
+
+    @property
+    def cache(self) -> Path:
+        return self.data / "cache"
+
+    @property
+    def firmware(self) -> Path:
+        return self.data / "firmware"
+
+    @property
+    def file_transfer(self) -> Path:
+        return self.data / "file-transfer"
+
+
+class GatewayProcess:
+    """`tedge-firmware run` as a real process (for kill -9)."""
+
+    def __init__(self, config_dir: Path, log_path: Path) -> None:
+        self.config_dir = config_dir
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tedge_firmware", "run", "--config-dir", str(self.config_dir), "--debug"],
+                stdout=log,
+                stderr=log,
+            )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=15)
+
+
+@dataclass
+class FirmwareServer:
+    """A cloud-side HTTP server serving binaries; records every request it got."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    requests: list[web.Request] = field(default_factory=list)
+    statuses: dict[str, list[int]] = field(default_factory=dict)  # path → statuses to answer first
+    stall: set[str] = field(default_factory=set)
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)  # path → answer once set
+    arrivals: defaultdict[str, asyncio.Event] = field(default_factory=lambda: defaultdict(asyncio.Event))
+    port: int = 0
+    runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{name:.*}", self._serve)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def count(self, name: str) -> int:
+        return sum(1 for request in self.requests if request.path == f"/{name}")
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request)
+        name = request.match_info["name"]
+        self.arrivals[name].set()
+        if name in self.stall:
+            await asyncio.Event().wait()
+        if name in self.gates:
+            await self.gates[name].wait()
+        queued = self.statuses.get(name)
+        if queued:
+            return web.Response(status=queued.pop(0))
+        if name not in self.files:
+            return web.Response(status=404)
+        return web.Response(body=self.files[name], content_type="application/octet-stream")
