@@ -50,8 +50,8 @@ class Setup:
         self.gateway = Gateway(self.config_dir, self.data)
         self.cloud = FirmwareServer()
 
-    def configure(self, *, timeout: int = 3600, c8y_url: str = "c8y.tenant.io") -> None:
-        write_config(self.config_dir, self.data, self.broker.port, self.http_port, timeout=timeout)
+    def configure(self, *, timeout: int = 3600, c8y_url: str = "c8y.tenant.io", extra: str = "") -> None:
+        write_config(self.config_dir, self.data, self.broker.port, self.http_port, timeout=timeout, extra=extra)
         text = (self.config_dir / "tedge.toml").read_text().replace("c8y.tenant.io", c8y_url)
         (self.config_dir / "tedge.toml").write_text(text)
 
@@ -188,8 +188,12 @@ async def test_tenant_url_gets_a_jwt_and_bearer(tmp_path: Path, broker: Broker) 
     try:
         async with observer(broker.port) as obs:
             await setup.start(obs)
+            setup.cache_hit()
             await obs.publish("c8y/s/ds", f"515,{CHILD},fw,1.0,{tenant_url}")
             assert await obs.next("c8y/s/uat") == b""
+            # waiting for the token blocks nobody: another operation goes ahead meanwhile
+            await obs.publish("c8y/s/ds", S515)
+            assert json.loads(await obs.next(req_topic()))["name"] == "fw-name"
             await obs.publish("c8y/s/dat", "71,token")
             request = await setup.request(obs)
             assert request["sha256"] == sha256(b"tenant firmware")
@@ -542,3 +546,14 @@ async def test_operation_waiting_for_its_download_survives_a_restart(setup: Setu
         assert again["id"] == request["id"] and again["attempt"] == 2
         await respond(obs, request["id"], "successful")
         assert await obs.sequence(us(), 3) == [E501, f"115,fw,1.0,{url}".encode(), E503]
+
+
+# DESIGN item 10: the URL handed to children uses http.client.host when set
+async def test_urls_use_the_client_host(setup: Setup) -> None:
+    setup.configure(extra='[http.client]\nhost = "gateway.local"\n')
+    setup.cache_hit()
+    async with observer(setup.broker.port) as obs:
+        await setup.start(obs)
+        await obs.publish("c8y/s/ds", S515)
+        request = await setup.request(obs)
+        assert request["url"] == f"http://gateway.local:{setup.http_port}/tedge/file-transfer/{CHILD}/firmware_update/{K}"
