@@ -299,13 +299,11 @@ class Downloader:
             )
         now = asyncio.get_running_loop().time()
         progress = _Progress(started_at=now, progress_at=now, high_water=part.size)
-        if plan.state is not None:
-            state = progress.recorded = plan.state
-            progress.validator, progress.total, progress.sha256 = (
-                state.validator,
-                state.total,
-                state.sha256,
-            )
+        if (state := plan.state) is not None:
+            progress.recorded = state
+            progress.validator = state.validator
+            progress.total = state.total
+            progress.sha256 = state.sha256
         return progress
 
     async def _fetch_with_retries(
@@ -732,7 +730,10 @@ class _WritePipeline:
 
 # ---------------------------------------------------------------------------------------------
 # The partial file and its resume record. Every method but the constructor runs in a worker
-# thread; the lock makes a release wait for a write still in progress.
+# thread; the lock makes a release wait for a write still in progress, and steps that come
+# after a release (a cancellation cut the pipeline short) do nothing. Since the steps run in
+# order (truncate, then record, then data), a release between any two of them leaves a
+# consistent pair: an empty file, or a record with bytes of the version it describes.
 
 
 class _PartFile:
@@ -743,6 +744,7 @@ class _PartFile:
         self.record_temp = target.with_name(target.name + _RECORD_TEMP_SUFFIX)
         self.size = 0
         self.committed = False
+        self._released = False
         self._space = space
         self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
@@ -768,6 +770,8 @@ class _PartFile:
 
     def reset(self) -> None:
         with self._lock, self._mapped("truncate"):
+            if self._released:
+                return
             file = self._opened()
             file.seek(0)
             file.truncate()
@@ -779,6 +783,8 @@ class _PartFile:
 
     def write(self, chunk: bytes | bytearray) -> None:
         with self._lock, self._mapped("write"):
+            if self._released:
+                return
             self._opened().write(chunk)
             self._hash.update(chunk)
             self.size += len(chunk)
@@ -786,6 +792,8 @@ class _PartFile:
     def record(self, state: ResumeState) -> None:
         """Write the resume record atomically (temp file, fsync, rename, fsync directory)."""
         with self._lock, self._mapped("write the resume record of"):
+            if self._released:
+                return
             self.record_temp.unlink(missing_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
             with _open_file(self.record_temp, flags) as out:
@@ -831,8 +839,9 @@ class _PartFile:
         """Close; remove the partial file and its record unless `keep` and resumable."""
         self._stopping.set()  # a re-hash in progress stops at its next chunk
         with self._lock:
-            if self.committed:
+            if self.committed or self._released:
                 return
+            self._released = True
             if self._file is not None:
                 self._close_quietly(self._file)
                 self._file = None
