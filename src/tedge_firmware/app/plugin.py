@@ -251,7 +251,9 @@ class FirmwarePlugin:
             self.store.quarantine(path, problem)
         return problem is None
 
-    def _live(self, op_id: str, record: OperationRecord | FetchRecord, attempt: int) -> LiveOperation:
+    def _live(
+        self, op_id: str, record: OperationRecord | FetchRecord, attempt: int
+    ) -> LiveOperation:
         operation = LiveOperation(
             op_id=op_id,
             child_id=record.child_id,
