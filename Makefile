@@ -37,8 +37,19 @@ lint: venv
 run: venv mosquitto
 	scripts/run-local.sh $(CONFIG_DIR)
 
-bench: venv
-	$(BIN)/python -m benchmarks
+# Benchmarks against curl and nginx (docs/benchmarks.md); not part of `make test`. Installs nginx
+# from the OS packages when it is missing and we are root. Quick run: make bench BENCH_ARGS=--quick
+bench: venv mosquitto
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing nginx from the OS packages"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; \
+	  else \
+	    echo "nginx is missing: install it (e.g. sudo apt-get install nginx-light) and retry" >&2; \
+	    exit 1; \
+	  fi; }
+	@command -v curl >/dev/null 2>&1 || { echo "curl is missing: apt-get install curl" >&2; exit 1; }
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache
