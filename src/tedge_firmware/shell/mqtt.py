@@ -59,7 +59,7 @@ _MAX_PACKET_BODY = 268_435_455
 # close(): time left for a clean DISCONNECT even when flushing used the whole budget.
 _STOP_GRACE = 1.0
 # _cancel_all(): how long to wait before cancelling again a task that swallowed it.
-_CANCEL_RETRY = 0.1
+_CANCEL_RETRY = 1.0
 _OUTBOX_WARNING_START = 1_000
 _DROP_LOG_EVERY = 1_000
 
@@ -269,7 +269,9 @@ class MqttSession:
 
         Raises BrokerAuthError when the broker refuses our credentials, ConfigError when the
         TLS files are unusable, RuntimeError when already running. May run again after it
-        was cancelled; returns at once after `close()`.
+        was cancelled; returns at once after `close()`. Cancelled, it disconnects cleanly (the
+        broker keeps the session, the will is not sent); a connection attempt in flight is
+        finished first (on loopback at once; at most paho's 5 s plus `timeout` otherwise).
         """
         if self._state is SessionState.CLOSED:
             self._finished.set()
@@ -285,6 +287,8 @@ class MqttSession:
             await asyncio.wait((task,))  # unlike `await task`, leaves the stopping to us
         except asyncio.CancelledError:
             await asyncio.shield(_cancel_all((task,)))
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved (and dropped): the cancellation wins
             raise
         finally:
             self._loop_task = None
@@ -424,7 +428,8 @@ class MqttSession:
         """Connect, set up, serve: returns when stopped, raises BrokerError when the link ends."""
         client = self._new_client(context)
         with _broker_errors(self._settings.address):
-            async with client:
+            async with contextlib.AsyncExitStack() as stack:
+                await _connect(stack, client)
                 self._connected_at = asyncio.get_running_loop().time()
                 self._client = client
                 log.info(
@@ -635,6 +640,28 @@ def _broker_errors(address: str) -> Iterator[None]:
         raise BrokerError(f"the MQTT broker at {address} did not acknowledge in time") from error
     except OSError as error:
         raise BrokerError(f"MQTT connection to {address}: {error}") from error
+
+
+async def _connect(stack: contextlib.AsyncExitStack, client: aiomqtt.Client) -> None:
+    """Enter `client` (connect, CONNACK) on `stack`; a cancellation waits for the attempt.
+
+    aiomqtt does not clean up when its __aenter__ is cancelled: the connection stays open
+    with our client id (measured with aiomqtt 2.5.1). So the attempt, bounded by paho's connect
+    timeout (5 s) and our CONNACK timeout, always finishes; a cancellation is raised afterwards,
+    and the stack then disconnects cleanly.
+    """
+    attempt = asyncio.ensure_future(stack.enter_async_context(client))
+    cancellation: asyncio.CancelledError | None = None
+    while not attempt.done():
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError as error:
+            cancellation = error
+    if cancellation is not None:
+        if not attempt.cancelled():
+            attempt.exception()  # the cancellation wins over a failed attempt
+        raise cancellation
+    attempt.result()
 
 
 async def _watch_link(client: aiomqtt.Client) -> None:
