@@ -9,6 +9,7 @@ Decisions about one operation are in `core.operation.step`; this module executes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -189,7 +190,8 @@ class JwtBroker:
 
 @dataclass
 class _Fetch:
-    url: str
+    """One download in flight and the operations waiting for it."""
+
     waiting: set[str] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
 
@@ -396,7 +398,7 @@ class FirmwarePlugin:
     def _join_fetch(self, operation: LiveOperation) -> None:
         fetch = self.fetches.get(operation.file_id)
         if fetch is None:
-            fetch = _Fetch(url=operation.url)
+            fetch = _Fetch()
             self.fetches[operation.file_id] = fetch
             fetch.task = asyncio.create_task(
                 self._fetch(operation.file_id, operation.url),
@@ -481,9 +483,7 @@ class FirmwarePlugin:
     def _resend(self, operation: LiveOperation) -> None:
         """Publish the same request again with the incremented attempt (persisted first)."""
         assert operation.record is not None
-        operation.record = OperationRecord(
-            **{**vars(operation.record), "attempt": operation.attempt}
-        )
+        operation.record = dataclasses.replace(operation.record, attempt=operation.attempt)
         try:
             self.store.save(operation.record)
         except StoreError as error:
