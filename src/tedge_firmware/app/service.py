@@ -101,7 +101,7 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
 
         async def on_connect() -> None:
             # after every (re)connect, as thin-edge does: the retained "up" replaces the will
-            mqtt.publish(topics.health_topic(), health_up(), retain=True)
+            await mqtt.publish_now(topics.health_topic(), health_up(), retain=True)
 
         session = mqtt = MqttSession(
             MqttSettings(

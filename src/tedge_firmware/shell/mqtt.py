@@ -34,6 +34,7 @@ import enum
 import logging
 import math
 import random
+import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -546,6 +547,8 @@ class MqttSession:
             tls_context=context,
             max_inflight_messages=settings.max_inflight,
             queue_type=_forwarding_queue(self._deliver),
+            # a status right after an acknowledgement must not wait for a delayed ACK (~40 ms)
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         # We pipeline up to max_inflight publishes; aiomqtt warns above 10 pending calls.
         client.pending_calls_threshold = settings.max_inflight + len(self._filters) + 8
