@@ -97,6 +97,7 @@ VALID: dict[str, tuple[str, object]] = {
     "firmware.download.parallel": ("1024", 1024),
     "firmware.download.stall_timeout": ("5", 5),
     "firmware.download.retry_budget": ("86400", 86400),
+    "firmware.registration.cloud_list_timeout": ("2", 2),
 }
 
 DEFAULTS: dict[str, object] = {
@@ -124,6 +125,7 @@ DEFAULTS: dict[str, object] = {
     "firmware.download.parallel": 4,
     "firmware.download.stall_timeout": 60,
     "firmware.download.retry_budget": 21600,
+    "firmware.registration.cloud_list_timeout": 5,
 }
 
 
@@ -189,6 +191,8 @@ def test_every_key_reaches_the_config_record() -> None:
     )
     assert (config.data_path, config.tmp_path) == (Path("/srv/tedge"), Path("/var/tmp"))
     assert (config.child_update_timeout, config.download_parallel) == (1, 1024)
+    assert config.registration_cloud_list_timeout == 2
+    assert config.c8y_operations_dir == CONFIG_DIR / "operations" / "c8y"
 
 
 def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:

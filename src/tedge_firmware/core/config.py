@@ -208,6 +208,12 @@ KEYS: tuple[KeySpec, ...] = (
         "Seconds a download may keep failing without progress before its operations fail",
         "21600",
     ),
+    KeySpec(
+        "firmware.registration.cloud_list_timeout",
+        _seconds,
+        "Seconds to wait for the cloud's list of children (106) before registering all",
+        "5",
+    ),
 )
 
 KEYS_BY_NAME: dict[str, KeySpec] = {spec.name: spec for spec in KEYS}
@@ -362,6 +368,7 @@ class TedgeConfig:
     download_parallel: int
     download_stall_timeout: int
     download_retry_budget: int
+    registration_cloud_list_timeout: int
 
     @property
     def cache_dir(self) -> Path:
@@ -374,6 +381,11 @@ class TedgeConfig:
     @property
     def file_transfer_dir(self) -> Path:
         return self.data_path / "file-transfer"
+
+    @property
+    def c8y_operations_dir(self) -> Path:
+        """`<config-dir>/operations/c8y`: the supported operations of the device and children."""
+        return self.config_dir / "operations" / "c8y"
 
     @property
     def http_tls(self) -> bool:
@@ -473,4 +485,5 @@ def config_from_document(
         download_parallel=get("firmware.download.parallel"),
         download_stall_timeout=get("firmware.download.stall_timeout"),
         download_retry_budget=get("firmware.download.retry_budget"),
+        registration_cloud_list_timeout=get("firmware.registration.cloud_list_timeout"),
     )
