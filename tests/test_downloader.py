@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +30,9 @@ from tedge_firmware.core.retry import RetryPolicy
 from tedge_firmware.errors import DownloadError
 from tedge_firmware.shell.downloader import (
     EXCEPTION_MAP,
+    SYNC_FILE_RANGE,
+    SYNC_FILE_RANGE_WRITE,
+    WRITEBACK_STEP,
     Downloader,
     DownloadResult,
     FailureContext,
@@ -704,6 +710,146 @@ async def test_a_large_file_downloads_correctly(tmp_path: Path) -> None:
     assert result.size == 50 << 20
     assert result.sha256 == digest.hexdigest()
     assert hashlib.sha256((tmp_path / "copy").read_bytes()).hexdigest() == digest.hexdigest()
+
+
+# early writeback ----------------------------------------------------------------------------
+
+
+@dataclass
+class WritebackCalls:
+    """Records the downloader's requests to start writeback; answers with the real call
+    (where there is one) or with `answer`."""
+
+    answer: int | None = None
+    calls: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __call__(self, descriptor: int, offset: int, count: int, flags: int) -> int:
+        self.calls.append((offset, count, flags))
+        if self.answer is not None or SYNC_FILE_RANGE is None:
+            return self.answer or 0
+        return SYNC_FILE_RANGE(descriptor, offset, count, flags)
+
+    def runs(self) -> list[list[tuple[int, int]]]:
+        """The calls as runs of adjacent ranges; a new run starts where a range starts at 0."""
+        runs: list[list[tuple[int, int]]] = []
+        for offset, count, _ in self.calls:
+            if offset == 0:
+                runs.append([])
+            runs[-1].append((offset, offset + count))
+        return runs
+
+
+def assert_adjacent_steps(run: list[tuple[int, int]]) -> None:
+    assert run[0][0] == 0
+    for (_, end), (begin, _) in itertools.pairwise(run):
+        assert begin == end  # no gap, no overlap
+    assert all(end - begin >= WRITEBACK_STEP for begin, end in run)
+
+
+async def test_writeback_starts_every_step_while_the_body_arrives(tmp_path: Path) -> None:
+    body = payload(5 * WRITEBACK_STEP + 12_345, seed=11)
+    calls = WritebackCalls()
+    downloader = Downloader(retry=FAST, start_writeback=calls)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    try:
+        async with serve(handler) as base:
+            result = await fetch(downloader, f"{base}/fw.bin", tmp_path / "fw")
+    finally:
+        await downloader.close()
+    assert result.sha256 == sha256(body)
+    assert (tmp_path / "fw").read_bytes() == body
+    assert {flags for _, _, flags in calls.calls} == {SYNC_FILE_RANGE_WRITE}
+    [run] = calls.runs()
+    assert_adjacent_steps(run)
+    # Everything but the last, unfinished step was handed over before the final fsync.
+    assert run[-1][1] > len(body) - WRITEBACK_STEP - (1 << 20)
+
+
+async def test_writeback_counts_from_zero_again_after_a_restart(tmp_path: Path) -> None:
+    body = payload(3 * WRITEBACK_STEP, seed=12)
+    calls = WritebackCalls()
+    downloader = Downloader(retry=FAST, start_writeback=calls)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"ETag": '"v1"'})  # 200 even to a Range
+
+    try:
+        async with serve(handler) as base, FaultProxy(int(base.rsplit(":", 1)[1])) as proxy:
+            proxy.plan(Fault.cut(2 * WRITEBACK_STEP + 500_000))
+            result = await fetch(downloader, proxy.url("/fw.bin"), tmp_path / "fw")
+    finally:
+        await downloader.close()
+    assert result.sha256 == sha256(body)
+    assert (tmp_path / "fw").read_bytes() == body
+    first, second = calls.runs()  # the partial file was emptied: ranges start at 0 again
+    assert_adjacent_steps(first)
+    assert_adjacent_steps(second)
+    assert first[-1][1] >= WRITEBACK_STEP
+    assert second[-1][1] > len(body) - WRITEBACK_STEP - (1 << 20)
+
+
+async def test_a_refused_writeback_is_not_asked_again_and_the_download_completes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = payload(3 * WRITEBACK_STEP, seed=13)
+    calls = WritebackCalls(answer=-1)  # a filesystem that refuses sync_file_range
+    downloader = Downloader(retry=FAST, start_writeback=calls)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    caplog.set_level(logging.DEBUG, logger="tedge_firmware.shell.downloader")
+    try:
+        async with serve(handler) as base:
+            result = await fetch(downloader, f"{base}/fw.bin", tmp_path / "fw")
+    finally:
+        await downloader.close()
+    assert result == DownloadResult(tmp_path / "fw", sha256(body), len(body))
+    assert (tmp_path / "fw").read_bytes() == body
+    assert len(calls.calls) == 1
+    assert "No early writeback" in caplog.text
+
+
+async def test_without_writeback_the_download_is_the_same(tmp_path: Path) -> None:
+    body = payload(2 * WRITEBACK_STEP + 1, seed=14)
+    downloader = Downloader(retry=FAST, start_writeback=None)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    try:
+        async with serve(handler) as base:
+            result = await fetch(downloader, f"{base}/fw.bin", tmp_path / "fw")
+    finally:
+        await downloader.close()
+    assert result == DownloadResult(tmp_path / "fw", sha256(body), len(body))
+    assert (tmp_path / "fw").read_bytes() == body
+    assert leftovers(tmp_path) == ["fw"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_the_c_library_sync_file_range_is_found_and_works(tmp_path: Path) -> None:
+    assert SYNC_FILE_RANGE is not None
+    path = tmp_path / "data"
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(descriptor, b"x" * 100_000)
+        assert SYNC_FILE_RANGE(descriptor, 0, 100_000, SYNC_FILE_RANGE_WRITE) == 0
+        # 64-bit offsets pass through intact: a range far beyond 4 GiB is accepted.
+        assert SYNC_FILE_RANGE(descriptor, 5 << 32, 1 << 20, SYNC_FILE_RANGE_WRITE) == 0
+    finally:
+        os.close(descriptor)
+    assert SYNC_FILE_RANGE(descriptor, 0, 1, SYNC_FILE_RANGE_WRITE) == -1  # closed now
+    assert ctypes.get_errno() == errno.EBADF
+    descriptor = os.open(path, os.O_RDONLY)
+    try:  # a negative offset stays negative (no truncation to 32 bits): refused
+        assert SYNC_FILE_RANGE(descriptor, -1, 1, SYNC_FILE_RANGE_WRITE) == -1
+        assert ctypes.get_errno() == errno.EINVAL
+    finally:
+        os.close(descriptor)
 
 
 async def test_a_missing_target_directory_fails_without_a_request(

@@ -28,6 +28,10 @@ How a download goes:
 - Once the body is complete, its SHA-256 is checked against a digest the server declared
   (Repr-Digest, Digest, x-amz-checksum-sha256), the file is fsynced and renamed to the
   target: the target appears only complete and checked.
+- While the body arrives, every `WRITEBACK_STEP` bytes the kernel is asked to start writing
+  the new pages to disk (Linux `sync_file_range`, which does not wait). The disk then works
+  during the download instead of after it, and the final fsync, which still makes the file
+  durable before the rename, has only the last few MiB left to wait for.
 - A failure removes the partial file and its record. A cancellation (the service stopping)
   keeps them when they can be resumed, so that the next run goes on where this one stopped.
 
@@ -40,6 +44,7 @@ target is the orchestrator's job). Names ending in `.part`, `.part.json` and
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import functools
 import hashlib
@@ -47,6 +52,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,7 +101,35 @@ RESERVE_CAP = 64 << 20
 
 _REHASH_CHUNK = 1 << 20
 
+# Start the disk writing every this many new bytes. Measured on the benchmark machine (1 GiB
+# from nginx, see docs/benchmarks.md): 1 to 16 MiB performed the same within noise, 64 MiB left
+# more for the final fsync (20 ms instead of 2 ms).
+WRITEBACK_STEP = 4 << 20
+
 FreeSpace = Callable[[Path], int]
+
+# sync_file_range(fd, offset, nbytes, flags) -> 0 or -1; in the shape of the libc function.
+StartWriteback = Callable[[int, int, int, int], int]
+SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing dirty pages in the range, do not wait
+
+
+def _libc_sync_file_range() -> StartWriteback | None:
+    """The C library's sync_file_range (Linux only; Python's os module does not offer it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # CDLL(None): the symbols already loaded into the process, which include the C
+        # library's (glibc and musl alike), without searching for its file.
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    # glibc and musl both declare the offsets as 64-bit on every architecture.
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+SYNC_FILE_RANGE = _libc_sync_file_range()
 
 
 def is_working_file(name: str) -> bool:
@@ -211,6 +245,9 @@ class Downloader:
       5% of the filesystem, at most 64 MiB.
     - `free_space`: returns the free bytes for a directory; the one place where free space is
       read (default: `shutil.disk_usage(directory).free`). Tests inject a full disk here.
+    - `start_writeback`: how to start the disk writing without waiting, in the shape of
+      `sync_file_range` (default: the C library's on Linux, None elsewhere). None: the final
+      fsync writes the whole file, as it would without this head start.
     """
 
     def __init__(
@@ -222,6 +259,7 @@ class Downloader:
         chunk_size: int = 1 << 20,
         reserve_bytes: int | None = None,
         free_space: FreeSpace | None = None,
+        start_writeback: StartWriteback | None = SYNC_FILE_RANGE,
     ) -> None:
         if parallel < 1 or stall_timeout <= 0 or chunk_size < 1:
             raise ValueError("parallel and chunk_size must be >= 1, stall_timeout > 0")
@@ -232,6 +270,7 @@ class Downloader:
         self._stall_timeout = stall_timeout
         self._chunk_size = chunk_size
         self._space = _Space(free_space or free_bytes, reserve_bytes)
+        self._start_writeback = start_writeback
         self._session: aiohttp.ClientSession | None = None
 
     async def download(self, url: str, target: Path, *, token: str | None = None) -> DownloadResult:
@@ -242,7 +281,7 @@ class Downloader:
         earlier call (cancelled, or a process that died) is resumed.
         """
         request = _Request(_checked_url(url), Path(target), _checked_token(url, token))
-        part = _PartFile(request.target, self._space)
+        part = _PartFile(request.target, self._space, _Writeback(self._start_writeback))
         interrupted = False
         try:
             progress = await self._reopen(request, part)
@@ -736,8 +775,36 @@ class _WritePipeline:
 # consistent pair: an empty file, or a record with bytes of the version it describes.
 
 
+class _Writeback:
+    """Asks the kernel to start writing a file's new pages every `step` bytes, without waiting.
+
+    A head start for the final fsync, never a guarantee of its own: when the call is missing
+    or fails (a filesystem may refuse it), it is not tried again and nothing else changes.
+    """
+
+    def __init__(self, start: StartWriteback | None, step: int = WRITEBACK_STEP) -> None:
+        self._start = start
+        self._step = step
+        self._begin = 0  # the bytes before this offset were already handed to the kernel
+
+    def advance(self, descriptor: int, end: int) -> None:
+        """The file now holds `end` bytes: start writing the new ones once a step gathered."""
+        start = self._start
+        if start is None or end - self._begin < self._step:
+            return
+        if start(descriptor, self._begin, end - self._begin, SYNC_FILE_RANGE_WRITE) != 0:
+            reason = os.strerror(ctypes.get_errno() or errno.EINVAL)
+            logger.debug("No early writeback (sync_file_range: %s); fsync does it all", reason)
+            self._start = None
+        self._begin = end
+
+    def restart(self) -> None:
+        """The file was emptied: count from its start again."""
+        self._begin = 0
+
+
 class _PartFile:
-    def __init__(self, target: Path, space: _Space) -> None:
+    def __init__(self, target: Path, space: _Space, writeback: _Writeback) -> None:
         self.target = target
         self.path = target.with_name(target.name + PART_SUFFIX)
         self.record_path = target.with_name(target.name + RECORD_SUFFIX)
@@ -746,6 +813,7 @@ class _PartFile:
         self.committed = False
         self._released = False
         self._space = space
+        self._writeback = writeback
         self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._recorded: ResumeState | None = None  # the record on disk, as far as we know
@@ -780,14 +848,17 @@ class _PartFile:
             os.fsync(file.fileno())
             self._hash = hashlib.sha256()
             self.size = 0
+            self._writeback.restart()
 
     def write(self, chunk: bytes | bytearray) -> None:
         with self._lock, self._mapped("write"):
             if self._released:
                 return
-            self._opened().write(chunk)
+            file = self._opened()
+            file.write(chunk)
             self._hash.update(chunk)
             self.size += len(chunk)
+            self._writeback.advance(file.fileno(), self.size)
 
     def record(self, state: ResumeState) -> None:
         """Write the resume record atomically (temp file, fsync, rename, fsync directory)."""
@@ -825,6 +896,7 @@ class _PartFile:
                 raise _Failed(Failure(detail, transient=False))
             file = self._opened()
             file.flush()
+            # Waits for the writeback started during the download, and writes the rest.
             os.fsync(file.fileno())
             file.close()
             self._file = None
