@@ -128,7 +128,7 @@ sub_config_dir_option = click.option(
 @debug_option
 @click.pass_context
 def run_command(ctx: click.Context, config_dir: Path | None, debug: bool) -> None:
-    """The all-in-one service: firmware plugin and file-transfer service in one process."""
+    """The all-in-one service: firmware plugin, file-transfer and child registration."""
     configure_logging(debug)
     _serve_plugin(load_or_exit(_config_dir(ctx, config_dir)), with_file_transfer=True)
 
@@ -148,6 +148,25 @@ def file_transfer_command(ctx: click.Context, config_dir: Path | None, debug: bo
 
     async def serve(stop: asyncio.Event) -> None:
         await serve_file_transfer(config, stop)
+
+    run_service(lambda: run_until_signal(serve))
+
+
+@main_group.command("registration")
+@sub_config_dir_option
+@debug_option
+@click.pass_context
+def registration_command(ctx: click.Context, config_dir: Path | None, debug: bool) -> None:
+    """Child registration alone: operations files and MQTT declarations to Cumulocity 101/114."""
+    import asyncio
+
+    from tedge_firmware.app.registration import RegistrationOptions, serve_registration
+
+    configure_logging(debug)
+    config = load_or_exit(_config_dir(ctx, config_dir))
+
+    async def serve(stop: asyncio.Event) -> None:
+        await serve_registration(config, stop, RegistrationOptions())
 
     run_service(lambda: run_until_signal(serve))
 

@@ -1,9 +1,10 @@
 """Wiring: the firmware plugin and the file-transfer service as long-running services.
 
-`serve_plugin` runs the plugin (optionally with the file-transfer service in the same process,
-the all-in-one `tedge-firmware run`); `serve_file_transfer` runs the HTTP service alone. Both
-return when `stop` is set, after a bounded graceful shutdown, and raise when they cannot go on
-(the CLI turns that into a non-zero exit so that the service manager restarts us).
+`serve_plugin` runs the plugin (optionally with the file-transfer service and child
+registration in the same process, the all-in-one `tedge-firmware run`); `serve_file_transfer`
+runs the HTTP service alone. Both return when `stop` is set, after a bounded graceful shutdown,
+and raise when they cannot go on (the CLI turns that into a non-zero exit so that the service
+manager restarts us).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tedge_firmware.app.plugin import (
     health_down,
     health_up,
 )
+from tedge_firmware.app.registration import RegistrationOptions, serve_registration
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import TedgeConfig
 from tedge_firmware.core.retry import RetryPolicy
@@ -43,6 +45,8 @@ class ServiceOptions:
     with_file_transfer: bool = False
     plugin: PluginOptions = field(default_factory=PluginOptions)
     client_id: str = topics.PLUGIN_NAME
+    # child registration runs in the all-in-one (with_file_transfer), with its own MQTT session
+    registration: RegistrationOptions = field(default_factory=RegistrationOptions)
 
 
 def file_transfer_ssl(config: TedgeConfig) -> ssl.SSLContext | None:
@@ -130,6 +134,9 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
             asyncio.create_task(_pump(session, plugin), name="mqtt-pump"),
             asyncio.create_task(plugin.run(), name="plugin-loop"),
         ]
+        if options.with_file_transfer:  # it stops by itself on `stop`
+            registration = serve_registration(config, stop, options.registration)
+            tasks.append(asyncio.create_task(registration, name="registration"))
         await _until_stopped(stop, tasks)
     finally:
         await _shutdown(session, plugin, downloader, file_transfer)

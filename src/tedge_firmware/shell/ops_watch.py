@@ -41,6 +41,7 @@ from tedge_firmware.errors import StoreError
 
 log = logging.getLogger(__name__)
 
+_RESTART_DELAY = 0.5  # seconds between the end of a failed watch and the next one
 _DIR_MODE = 0o755
 _FILE_MODE = 0o644
 _StatKey = tuple[int, int, int]  # inode, size, mtime_ns
@@ -195,6 +196,9 @@ class OperationsDirectory:
             if create:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(device, _DIR_MODE, dir_fd=root)
+            if stat.S_ISLNK(os.lstat(device, dir_fd=root).st_mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), device)
+            # O_NOFOLLOW: a symlink swapped in after the check fails here (ENOTDIR) all the same
             child = os.open(device, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
             try:
                 yield child
@@ -247,7 +251,7 @@ def _content(entry: os.DirEntry[str]) -> str | None:
 
 def _why(error: OSError) -> str:
     if error.errno == errno.ELOOP:
-        return "the child directory is a symlink"
+        return "the child directory is a symlink, which is never written through"
     if error.errno == errno.ENOTDIR:
         return "the child's entry is not a directory"
     return error.strerror or str(error)
@@ -288,6 +292,11 @@ class OperationsWatcher:
         self.resync = resync
         self._resync_ms = max(1, int(resync * 1000))
         self._stop = threading.Event()  # read by watchfiles' thread
+        # Set once the watch is in place: a change from then on is seen. Look at the directory
+        # after it, and nothing done meanwhile is missed.
+        self.ready = asyncio.Event()
+        self._watching = False  # the current watch was set up (a failure is not a start-up one)
+        self._failures: set[str] = set()  # failures already logged
 
     def close(self) -> None:
         self._stop.set()
@@ -297,11 +306,16 @@ class OperationsWatcher:
         return self._stop.is_set()
 
     async def changes(self) -> AsyncGenerator[None, None]:
-        """One tick per burst of changes and per quiet `resync` period, until `close()`."""
+        """One tick per burst of changes and per quiet `resync` period, until `close()`.
+
+        StoreError when the directory can be watched neither with notifications nor by polling.
+        """
         while not self._stop.is_set():
             if not await self._prepared():
+                self.ready.set()  # as ready as it gets: callers go on, ticks keep coming
                 yield  # the directory cannot be created: scan again later anyway
                 continue
+            self._watching = False
             try:
                 async for _ in self._watch():
                     yield
@@ -310,25 +324,42 @@ class OperationsWatcher:
                         break
             except FileNotFoundError:
                 continue  # removed just before the watch started
-            except (OSError, RuntimeError) as error:
+            except Exception as error:  # watchfiles raises RuntimeError, OSError, ExceptionGroup
+                if self._watching:
+                    await self._after_failure(_innermost(error))
+                    yield  # something changed: look again
+                    continue
                 if self.polling:
                     raise StoreError(f"cannot watch {self.directory.root}: {error}") from error
                 log.warning(
                     "no file-system notifications for %s (%s): polling every %d ms instead",
                     self.directory.root,
-                    error,
+                    _innermost(error),
                     self._poll_delay_ms,
                 )
                 self.polling = True
+
+    async def _after_failure(self, error: BaseException) -> None:
+        """A running watch failed (e.g. on a name that is not UTF-8): start it again, not too
+        often, and say so once per kind of failure."""
+        text = f"{type(error).__name__}: {error}"
+        if text not in self._failures:
+            self._failures.add(text)
+            log.warning("watching %s failed (%s): watching again", self.directory.root, text)
+        await asyncio.sleep(_RESTART_DELAY)
 
     async def _prepared(self) -> bool:
         try:
             self.directory.ensure_exists()
         except StoreError as error:
-            log.error("%s; trying again in %d s", error, self._resync_ms // 1000)
-            await asyncio.to_thread(self._stop.wait, self._resync_ms / 1000)
+            log.error("%s; trying again in %g s", error, self.resync)
+            await asyncio.to_thread(self._stop.wait, self.resync)
             return False
         return True
+
+    def _watch_started(self) -> None:
+        self._watching = True
+        self.ready.set()
 
     async def _watch(self) -> AsyncGenerator[object, None]:
         watch = awatch(
@@ -345,5 +376,15 @@ class OperationsWatcher:
             ignore_permission_denied=True,
         )
         async with contextlib.aclosing(watch) as batches:
+            # Runs at the first suspension of the first __anext__, which comes after awatch
+            # has set up its watches (synchronously, before it waits for the first batch).
+            asyncio.get_running_loop().call_soon(self._watch_started)
             async for batch in batches:
                 yield batch
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The first leaf of an exception group (anyio wraps watchfiles' errors in one)."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
