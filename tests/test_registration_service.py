@@ -276,6 +276,23 @@ async def test_polling_where_notifications_are_not_available(tmp_path: Path, bro
         await reg.stop()
 
 
+async def test_an_unusable_operations_directory_is_reported_once_and_survived(
+    reg: Registration, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    (reg.config_dir / "operations").write_text("a file where the directory belongs")
+    reg.options = RegistrationOptions(resync=0.2)
+    async with observer(broker.port, TOPICS) as obs:
+        await reg.start()
+        await obs.publish(declaration("child1", "firmware_update"), "{}", retain=True)
+        await obs.silence(1.0)  # several retries of the directory meanwhile
+        assert reg.task is not None and not reg.task.done()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert sum("cannot create" in line and "trying again" in line for line in errors) == 1
+    assert any("declaring c8y_Firmware for child=child1 failed" in line for line in errors)
+    assert sum("cannot read" in r.getMessage() for r in caplog.records) <= 1
+
+
 # --- the network API -----------------------------------------------------------------------------
 
 

@@ -169,9 +169,16 @@ def test_declare_for_the_main_device(root: Path) -> None:
 
 
 def test_declare_creates_a_missing_root(tmp_path: Path) -> None:
-    root = tmp_path / "etc" / "operations" / "c8y"
+    root = tmp_path / "operations" / "c8y"
     assert OperationsDirectory(root).declare("child1", "c8y_Firmware")
     assert (root / "child1" / "c8y_Firmware").is_file()
+
+
+def test_a_missing_config_directory_is_not_created(tmp_path: Path) -> None:
+    root = tmp_path / "no-such-etc" / "operations" / "c8y"
+    with pytest.raises(StoreError, match="no-such-etc/operations"):
+        OperationsDirectory(root).declare("child1", "c8y_Firmware")
+    assert not (tmp_path / "no-such-etc").exists()
 
 
 def test_a_symlinked_child_directory_is_never_written_through(root: Path, tmp_path: Path) -> None:

@@ -240,17 +240,18 @@ async def serve_registration(
         options.declaration_delay,
     )
     log.info("child registration started: watching %s", directory.root)
-    tasks = [
-        asyncio.create_task(session.run(), name="registration-mqtt-session"),
-        asyncio.create_task(service.run(), name="registration-loop"),
-    ]
+    loop = asyncio.create_task(service.run(), name="registration-loop")
+    tasks = [asyncio.create_task(session.run(), name="registration-mqtt-session"), loop]
     try:
         await _until_stopped(stop, tasks)
     finally:
         watcher.close()  # before cancelling: the watching thread checks this flag
-        await session.close(timeout=_CLOSE_TIMEOUT)
-        await _cancel(tasks)
-        log.info("child registration stopped")
+        try:
+            await _cancel([loop])  # nothing more to send, then deliver what was sent
+            await session.close(timeout=_CLOSE_TIMEOUT)
+        finally:  # even when cancelled meanwhile (the all-in-one's bounded shutdown)
+            await _cancel(tasks)
+            log.info("child registration stopped")
 
 
 async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:

@@ -57,13 +57,19 @@ class OperationsDirectory:
         self._checked: dict[str, tuple[_StatKey, str | None]] = {}
         self._refused: set[str] = set()  # directory names already logged as refused
         self._ignored: set[str] = set()  # file paths already logged as ignored
+        self._unreadable: set[str] = set()  # directory problems already logged
 
     def ensure_exists(self) -> None:
-        """Create the directory (and its parents) when missing; StoreError when impossible."""
-        try:
-            self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-        except OSError as error:
-            raise StoreError(f"cannot create {self.root}: {error.strerror}") from error
+        """Create the directory and its parent (`operations/`) when missing.
+
+        Not further up: a config directory that does not exist is a mistake to report, not
+        to paper over. StoreError when impossible.
+        """
+        for directory in (self.root.parent, self.root):
+            try:
+                directory.mkdir(mode=_DIR_MODE, exist_ok=True)
+            except OSError as error:
+                raise StoreError(f"cannot create {directory}: {error.strerror}") from error
 
     # --- scanning ---------------------------------------------------------------------------
 
@@ -74,7 +80,7 @@ class OperationsDirectory:
         ignored: set[str] = set()
         main: set[FileFingerprint] = set()
         children: dict[str, DeviceOperations] = {}
-        for entry in _entries(self.root):
+        for entry in _entries(self.root, self._unreadable):
             if _is_dir(entry):
                 problem = child_dir_problem(entry.name, self.main_device_id)
                 if problem is None:
@@ -97,7 +103,7 @@ class OperationsDirectory:
         ignored: set[str],
     ) -> DeviceOperations:
         files = set()
-        for entry in _entries(directory):
+        for entry in _entries(directory, self._unreadable):
             counted = self._operation(entry, checked, ignored)
             if counted is not None:
                 files.add(counted)
@@ -213,14 +219,18 @@ class OperationsDirectory:
 
 
 
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
+def _entries(directory: Path, unreadable: set[str]) -> list[os.DirEntry[str]]:
+    """The entries of `directory`; none when it is missing or unreadable (logged once)."""
     try:
         with os.scandir(directory) as entries:
             return list(entries)
     except FileNotFoundError:
         return []
     except OSError as error:
-        log.warning("cannot read %s: %s", directory, error.strerror)
+        text = f"cannot read {_shown(str(directory))}: {error.strerror}"
+        if text not in unreadable:
+            log.warning("%s", text)
+        unreadable.add(text)
         return []
 
 
@@ -352,7 +362,10 @@ class OperationsWatcher:
         try:
             self.directory.ensure_exists()
         except StoreError as error:
-            log.error("%s; trying again in %g s", error, self.resync)
+            text = str(error)
+            level = logging.DEBUG if text in self._failures else logging.ERROR
+            self._failures.add(text)
+            log.log(level, "%s; trying again every %g s", text, self.resync)
             await asyncio.to_thread(self._stop.wait, self.resync)
             return False
         return True
