@@ -94,7 +94,7 @@ class ChildRegistration:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def run(self) -> None:
-        """Register, then follow changes until cancelled (or the watcher cannot go on)."""
+        """Register, then follow changes until cancelled."""
         self._tasks = [
             asyncio.create_task(self._pump(), name="registration-mqtt-pump"),
             asyncio.create_task(self._watch(), name="registration-watcher"),
