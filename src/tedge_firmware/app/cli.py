@@ -19,6 +19,7 @@ from tedge_firmware.app.config_cli import config_group
 from tedge_firmware.app.connector_cli import connector_command
 from tedge_firmware.app.lifecycle import run_until_signal
 from tedge_firmware.app.logs import configure_logging
+from tedge_firmware.app.sim_cli import c8y_sim_group
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig
 from tedge_firmware.errors import BrokerAuthError, ConfigError, TedgeFirmwareError
 from tedge_firmware.shell.config_file import load_config
@@ -174,6 +175,7 @@ def registration_command(ctx: click.Context, config_dir: Path | None, debug: boo
 
 main_group.add_command(config_group)
 main_group.add_command(connector_command)
+main_group.add_command(c8y_sim_group)
 
 
 def plugin_main() -> None:

@@ -1,0 +1,69 @@
+"""A Cumulocity simulator for tests, demos and manual trials; never imported by daemon code.
+
+It plays the tenant's side of the cloud bridge on the local broker and serves firmware
+binaries over HTTP:
+
+    async with C8ySimulator(mqtt_port=1883, gateway_id="my-gateway") as sim:
+        url = sim.add_file("image.bin", data, faults=FileFaults(cut_after=1000))
+        await sim.wait_for_device("child1")            # its 101 and 114 came from the gateway
+        op = sim.create_firmware_operation("child1", "image", "1.0", url)   # 515 on c8y/s/ds
+        await sim.wait_for(op.id, OperationStatus.SUCCESSFUL)
+        assert sim.inventory["child1"].firmware == Firmware("image", "1.0", url)
+        assert sim.errors == []                        # nothing Cumulocity would refuse
+
+The rules it enforces are described in `tedge_firmware.sim._model`; the HTTP faults in
+`tedge_firmware.sim._files`.
+"""
+
+from __future__ import annotations
+
+from tedge_firmware.sim._cloud import DEFAULT_CLIENT_ID, SUBSCRIPTIONS
+from tedge_firmware.sim._control import CONTROL_PREFIX
+from tedge_firmware.sim._files import BINARIES_PATH, FileFaults, FileStats
+from tedge_firmware.sim._model import (
+    FIRMWARE,
+    BulkOperation,
+    BulkProgress,
+    BulkStatus,
+    Device,
+    Downstream,
+    Firmware,
+    Operation,
+    OperationStatus,
+    SimulatorError,
+    StatusChange,
+    Tenant,
+    Violation,
+)
+from tedge_firmware.sim._simulator import (
+    DEFAULT_GATEWAY_ID,
+    C8ySimulator,
+    SimStats,
+    make_token,
+)
+
+__all__ = [
+    "BINARIES_PATH",
+    "CONTROL_PREFIX",
+    "DEFAULT_CLIENT_ID",
+    "DEFAULT_GATEWAY_ID",
+    "FIRMWARE",
+    "SUBSCRIPTIONS",
+    "BulkOperation",
+    "BulkProgress",
+    "BulkStatus",
+    "C8ySimulator",
+    "Device",
+    "Downstream",
+    "FileFaults",
+    "FileStats",
+    "Firmware",
+    "Operation",
+    "OperationStatus",
+    "SimStats",
+    "SimulatorError",
+    "StatusChange",
+    "Tenant",
+    "Violation",
+    "make_token",
+]
