@@ -16,7 +16,8 @@ boundary where they are raised; code above the shells only ever sees these class
     ├── StoreError             an operation file cannot be read or written
     ├── BrokerError            the MQTT broker cannot be used
     │   └── BrokerAuthError    the broker refused our credentials (fatal: restart will not help)
-    └── InvalidTransition      the state machine was asked for a move it does not allow (a bug)
+    ├── InvalidTransition      the state machine was asked for a move it does not allow (a bug)
+    └── SimulatorError         the Cumulocity simulator refused a request (tests and demo only)
 """
 
 from __future__ import annotations
@@ -92,3 +93,7 @@ class BrokerAuthError(BrokerError):
 
 class InvalidTransition(TedgeFirmwareError):
     """An operation state change that the state machine does not allow."""
+
+
+class SimulatorError(TedgeFirmwareError):
+    """The simulator refused a request (e.g. an operation for a device that cannot take it)."""

@@ -17,6 +17,7 @@ The rules it enforces are described in `tedge_firmware.sim._model`; the HTTP fau
 
 from __future__ import annotations
 
+from tedge_firmware.errors import SimulatorError
 from tedge_firmware.sim._cloud import DEFAULT_CLIENT_ID, SUBSCRIPTIONS
 from tedge_firmware.sim._control import CONTROL_PREFIX
 from tedge_firmware.sim._files import BINARIES_PATH, FileFaults, FileStats
@@ -30,7 +31,6 @@ from tedge_firmware.sim._model import (
     Firmware,
     Operation,
     OperationStatus,
-    SimulatorError,
     StatusChange,
     Tenant,
     Violation,

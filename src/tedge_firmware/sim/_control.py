@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tedge_firmware.sim._model import SimulatorError
+from tedge_firmware.errors import SimulatorError
 
 if TYPE_CHECKING:
     from tedge_firmware.sim._simulator import C8ySimulator

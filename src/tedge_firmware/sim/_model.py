@@ -53,14 +53,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from tedge_firmware.core import smartrest, topics
-from tedge_firmware.errors import SmartRestError, TedgeFirmwareError
+from tedge_firmware.errors import SimulatorError, SmartRestError
 
 FIRMWARE = smartrest.FIRMWARE_OPERATION
 DEFAULT_CHILD_TYPE = "c8y_Device"
-
-
-class SimulatorError(TedgeFirmwareError):
-    """The simulator refused a request (e.g. an operation for a device that cannot take it)."""
 
 
 class OperationStatus(enum.Enum):

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import MqttAuth
+from tedge_firmware.errors import SimulatorError
 from tedge_firmware.shell.mqtt import Message, MqttSettings
 from tedge_firmware.sim._cloud import DEFAULT_CLIENT_ID, CloudLink
 from tedge_firmware.sim._control import control_routes
@@ -32,7 +33,6 @@ from tedge_firmware.sim._model import (
     Device,
     Operation,
     OperationStatus,
-    SimulatorError,
     Tenant,
     Violation,
 )
