@@ -17,6 +17,7 @@ import click
 from tedge_firmware import __version__
 from tedge_firmware.app.config_cli import config_group
 from tedge_firmware.app.connector_cli import connector_command
+from tedge_firmware.app.demo_cli import demo_command
 from tedge_firmware.app.lifecycle import run_until_signal
 from tedge_firmware.app.logs import configure_logging
 from tedge_firmware.app.sim_cli import c8y_sim_group
@@ -176,6 +177,7 @@ def registration_command(ctx: click.Context, config_dir: Path | None, debug: boo
 main_group.add_command(config_group)
 main_group.add_command(connector_command)
 main_group.add_command(c8y_sim_group)
+main_group.add_command(demo_command)
 
 
 def plugin_main() -> None:

@@ -1,0 +1,125 @@
+"""`tedge-firmware demo`: broker, simulator, gateway and N children on this machine, and a
+firmware rollout with a live view and a summary (see `tedge_firmware.app.demo`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tedge_firmware.app.demo import DemoOptions, main, parse_size
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@click.command("demo")
+@click.option(
+    "--children",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Simulated child devices (one connector process serves them all).",
+)
+@click.option(
+    "--size",
+    default="64MiB",
+    show_default=True,
+    callback=_size,
+    help="Firmware size (e.g. 1MiB, 64MiB, 500MB).",
+)
+@click.option(
+    "--fail",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Children whose apply step always fails (with a reason).",
+)
+@click.option(
+    "--flaky",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Children whose first apply fails; the demo retries them once.",
+)
+@click.option(
+    "--cuts",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Cloud downloads cut halfway on purpose (the gateway resumes).",
+)
+@click.option(
+    "--ramp",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Seconds between two operations of the bulk operation.",
+)
+@click.option(
+    "--apply-seconds",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="How long each child's demo apply step takes.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds the whole rollout may take.",
+)
+@click.option(
+    "--live/--plain",
+    default=None,
+    help="Live table, or one line per change (default: live on a terminal).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where the temporary directory goes (default: the system's).",
+)
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (logs) afterwards.")
+def demo_command(
+    children: int,
+    size: int,
+    fail: int,
+    flaky: int,
+    cuts: int,
+    ramp: float,
+    apply_seconds: float,
+    timeout: float,
+    live: bool | None,
+    workdir: Path | None,
+    keep: bool,
+) -> None:
+    """Roll a firmware out to N simulated children through the real gateway, and watch it.
+
+    Exit code 0 when every child that should succeed did, the --fail ones failed with their
+    reason, the firmware was downloaded from the cloud once and no protocol error was seen;
+    1 otherwise; 2 when the stack could not be set up (e.g. mosquitto missing).
+    """
+    try:
+        options = DemoOptions(
+            children=children,
+            size=size,
+            fail=fail,
+            flaky=flaky,
+            cloud_cuts=cuts,
+            ramp=ramp,
+            apply_seconds=apply_seconds,
+            timeout=timeout,
+            live=live,
+            workdir=workdir,
+            keep=keep,
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    sys.exit(main(options))
