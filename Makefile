@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG_DIR ?= run/etc-tedge
 
-.PHONY: venv test lint run bench mosquitto clean
+.PHONY: venv test lint run demo bench mosquitto clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ test: venv mosquitto
 lint: venv
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy --strict src
+
+# The whole stack on this machine and a firmware rollout to simulated children, with a live view
+# (README "Demo"). Options: make demo DEMO_ARGS="--children 50 --size 256MiB --fail 2"
+demo: venv mosquitto
+	$(BIN)/tedge-firmware demo $(DEMO_ARGS)
 
 # The all-in-one service with a sample config against a local mosquitto (see README).
 run: venv mosquitto

@@ -1,0 +1,128 @@
+"""`tedge-firmware demo` as a user runs it (a subprocess), in a small configuration.
+
+Checks the exit code and the summary (who succeeded, who failed with which reason, one cloud
+download, no protocol error), that SIGTERM stops every process the demo started and removes its
+directory, and the pure pieces (sizes, roles, what counts as expected).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tedge_firmware.app.demo import FAIL_REASON, ChildResult, DemoOptions, child_roles, parse_size
+
+DEMO = [sys.executable, "-m", "tedge_firmware", "demo"]
+
+
+def run_demo(*args: str, limit_s: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=limit_s)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that mention `text` (e.g. the demo's directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path) -> None:
+    result = run_demo(
+        "--children", "5", "--size", "1MiB", "--fail", "1", "--flaky", "1",
+        "--apply-seconds", "0.2", "--ramp", "0.05", "--plain", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "successful: 4 of 4 that should succeed; failed on purpose: 1 of 1" in out
+    assert "firmware installed (Cumulocity inventory): 4 children" in out
+    assert re.search(r"cloud downloads: 1 \(2 requests", out)  # cut once, resumed: one download
+    assert "protocol errors (what Cumulocity would refuse): 0" in out
+    assert FAIL_REASON in out
+    # the summary row of the flaky child: successful at its second operation
+    assert re.search(r"c04\s+│\s+flaky\s+│\s+SUCCESSFUL\s+│[^│]+│\s+2\s+│", out), out
+    assert "demo OK" in out
+    assert list(tmp_path.iterdir()) == []  # its directory is removed
+
+
+def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [*DEMO, "--children", "3", "--size", "1MiB", "--apply-seconds", "60", "--plain",
+         "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        lines = []
+        for line in process.stdout:  # ends when the demo applies (60 s each): stopped there
+            lines.append(line)
+            if "EXECUTING" in line:
+                break
+        directory = next(line.split(": ", 1)[1].strip() for line in lines if line.startswith("demo directory"))
+        assert len(processes_mentioning(directory)) >= 2  # mosquitto and the gateway run
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    deadline = time.monotonic() + 5  # killed process groups are reaped by the kernel right away
+    while processes_mentioning(directory) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_mentioning(directory) == []
+    assert not os.path.exists(directory)
+
+
+def test_impossible_options_are_a_usage_error() -> None:
+    result = run_demo("--children", "2", "--fail", "2", "--flaky", "1", limit_s=20)
+    assert result.returncode == 2
+    assert "add up to at most --children" in result.stderr
+    assert run_demo("--size", "lots", limit_s=20).returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("64MiB", 64 * 2**20), ("1MB", 10**6), ("500KiB", 500 * 1024), ("1.5GiB", 3 * 2**29), ("10", 10)],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "MiB", "-1MiB", "1 PiB", "1e9"])
+def test_sizes_that_are_not(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_roles_put_the_failing_children_last() -> None:
+    roles = child_roles(DemoOptions(children=12, fail=2, flaky=3))
+    assert list(roles)[:2] == ["c01", "c02"] and len(roles) == 12
+    assert [roles[c] for c in ("c07", "c08", "c10", "c11", "c12")] == ["ok", "flaky", "flaky", "fail", "fail"]
+
+
+def test_a_failing_child_is_expected_only_with_its_reason() -> None:
+    def result(role: str, status: str, reason: str | None = None) -> ChildResult:
+        return ChildResult("c1", role, status, 1.0, 1, 0, reason)
+
+    assert result("fail", "FAILED", FAIL_REASON).as_expected
+    assert not result("fail", "FAILED", "something else").as_expected
+    assert not result("fail", "SUCCESSFUL").as_expected
+    assert result("flaky", "SUCCESSFUL").as_expected
+    assert not result("ok", "EXECUTING").as_expected
