@@ -500,11 +500,21 @@ def live_table(rollout: Rollout, size: int, started: float) -> Table:
             view.phase,
             percent,
             str(result.attempts),
-            f"{result.seconds:.1f} s" if result.seconds is not None else "",
+            _elapsed(rollout, view.child_id, result),
         )
     if len(views) > MAX_LIVE_ROWS:
         table.caption = f"(+{len(views) - MAX_LIVE_ROWS} more children)"
     return table
+
+
+def _elapsed(rollout: Rollout, child: str, result: ChildResult) -> str:
+    """The time an ended child took; for a running one, the time so far (dimmed)."""
+    if result.seconds is not None:
+        return f"{result.seconds:.1f} s"
+    operations = rollout.sim.operations_of(child)
+    if not operations:
+        return ""
+    return f"[dim]{time.time() - operations[0].created:.1f} s[/]"  # the simulator's clock
 
 
 def _colour(status: str) -> str:
