@@ -48,7 +48,7 @@ from tedge_firmware.connector import (
     Phase,
     Progress,
 )
-from tedge_firmware.errors import TedgeFirmwareError
+from tedge_firmware.errors import ConfigError, TedgeFirmwareError
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, FileFaults, Operation, OperationStatus
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,6 @@ _REFRESH_S = 0.25
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
-
-
-class DemoError(TedgeFirmwareError):
-    """The demo could not set up or run its stack (mosquitto missing, gateway died, ...)."""
 
 
 def parse_size(text: str) -> int:
@@ -190,10 +186,10 @@ def free_port() -> int:
 
 
 def find_mosquitto() -> str:
-    """The mosquitto binary; DemoError saying how to install it when there is none."""
+    """The mosquitto binary; ConfigError saying how to install it when there is none."""
     found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not os.access(found, os.X_OK):
-        raise DemoError(
+        raise ConfigError(
             "mosquitto is required and was not found: `make demo` installs it when run as "
             "root; otherwise: sudo apt-get install mosquitto"
         )
@@ -279,7 +275,7 @@ async def wait_listening(port: int, process: ChildProcess, limit_s: float = 15.0
     async with asyncio.timeout(limit_s):
         while True:
             if not process.running:
-                raise DemoError(f"{process.name} exited at start:\n{process.tail()}")
+                raise TedgeFirmwareError(f"{process.name} exited at start:\n{process.tail()}")
             try:
                 _, writer = await asyncio.open_connection(HOST, port)
             except OSError:
@@ -562,7 +558,7 @@ async def follow(
             async with asyncio.timeout(limit_s):
                 while True:
                     if not gateway.running:
-                        raise DemoError(f"the gateway exited:\n{gateway.tail()}")
+                        raise TedgeFirmwareError(f"the gateway exited:\n{gateway.tail()}")
                     if refresh is not None:
                         refresh.update(live_table(rollout, size, started))
                     else:
@@ -754,7 +750,8 @@ async def _rollout(
     try:
         await sim.wait_until(registered, timeout=60)
     except TimeoutError:
-        raise DemoError(f"the children were not registered in time:\n{gateway.tail()}") from None
+        message = f"the children were not registered in time:\n{gateway.tail()}"
+        raise TedgeFirmwareError(message) from None
     console.print(
         f"{len(children)} children registered with c8y_Firmware; bulk operation: "
         f"{FIRMWARE_NAME} {FIRMWARE_VERSION} ({format_size(options.size)}), "
@@ -781,7 +778,7 @@ def main(options: DemoOptions, console: Console | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted: every process the demo started is stopped")
         return 130
-    except DemoError as error:
+    except TedgeFirmwareError as error:  # the stack could not start or went away
         console.print(f"demo error: {error}", highlight=False, markup=False)
         return 2
     finally:
