@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -722,9 +723,11 @@ class WritebackCalls:
 
     answer: int | None = None
     calls: list[tuple[int, int, int]] = field(default_factory=list)
+    threads: set[tuple[int, str]] = field(default_factory=set)  # (ident, name) of callers
 
     def __call__(self, descriptor: int, offset: int, count: int, flags: int) -> int:
         self.calls.append((offset, count, flags))
+        self.threads.add((threading.get_ident(), threading.current_thread().name))
         if self.answer is not None or SYNC_FILE_RANGE is None:
             return self.answer or 0
         return SYNC_FILE_RANGE(descriptor, offset, count, flags)
@@ -766,6 +769,10 @@ async def test_writeback_starts_every_step_while_the_body_arrives(tmp_path: Path
     assert_adjacent_steps(run)
     # Everything but the last, unfinished step was handed over before the final fsync.
     assert run[-1][1] > len(body) - WRITEBACK_STEP - (1 << 20)
+    # Every write of the transfer ran in the same thread of its own, never the event loop's.
+    [(ident, name)] = calls.threads
+    assert name.startswith("download")
+    assert ident != threading.get_ident()
 
 
 async def test_writeback_counts_from_zero_again_after_a_restart(tmp_path: Path) -> None:
