@@ -773,6 +773,10 @@ async def test_writeback_starts_every_step_while_the_body_arrives(tmp_path: Path
     [(ident, name)] = calls.threads
     assert name.startswith("download")
     assert ident != threading.get_ident()
+    # ... and that thread ends once the transfer is done.
+    for writer in [thread for thread in threading.enumerate() if thread.ident == ident]:
+        writer.join(WAIT)
+        assert not writer.is_alive()
 
 
 async def test_writeback_counts_from_zero_again_after_a_restart(tmp_path: Path) -> None:
