@@ -7,14 +7,12 @@ stops a service) is one line on stderr and exit code 1, never a traceback.
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
 from tedge_firmware import __version__
+from tedge_firmware.app.cli_support import load_or_exit, run_service
 from tedge_firmware.app.config_cli import config_group
 from tedge_firmware.app.connector_cli import connector_command
 from tedge_firmware.app.demo_cli import demo_command
@@ -22,8 +20,6 @@ from tedge_firmware.app.lifecycle import run_until_signal
 from tedge_firmware.app.logs import configure_logging
 from tedge_firmware.app.sim_cli import c8y_sim_group
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig
-from tedge_firmware.errors import BrokerAuthError, ConfigError, TedgeFirmwareError
-from tedge_firmware.shell.config_file import load_config
 
 log = logging.getLogger("tedge_firmware")
 
@@ -44,32 +40,6 @@ config_dir_option = click.option(
     help="Directory of tedge.toml.",
 )
 debug_option = click.option("--debug", is_flag=True, help="Log debug messages.")
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def load_or_exit(config_dir: Path) -> TedgeConfig:
-    try:
-        return load_config(config_dir)
-    except ConfigError as error:
-        fail(str(error))
-
-
-def run_service(action: Callable[[], None]) -> None:
-    """Run a service; turn what stopped it into one line and an exit code."""
-    try:
-        action()
-    except ConfigError as error:
-        fail(str(error))
-    except BrokerAuthError as error:
-        fail(f"the MQTT broker refused the connection: {error}")
-    except TedgeFirmwareError as error:
-        fail(str(error))
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 def _serve_plugin(config: TedgeConfig, with_file_transfer: bool) -> None:

@@ -17,19 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import click
 
+from tedge_firmware.app.cli_support import config_for_broker, fail, run_service
 from tedge_firmware.app.lifecycle import run_until_signal
 from tedge_firmware.app.logs import configure_logging
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig
-from tedge_firmware.errors import BrokerAuthError, TedgeFirmwareError
-from tedge_firmware.shell.config_file import load_config
 
 if TYPE_CHECKING:
     from tedge_firmware.connector import BrokerSettings
@@ -39,10 +37,6 @@ log = logging.getLogger("tedge_firmware.connector")
 DEFAULT_WORK_DIR = Path("/var/lib/tedge-firmware-connector")
 FIRMWARE_OPERATION_FILE = "c8y_Firmware"
 
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
 
 
 def _check_child_ids(
@@ -167,7 +161,7 @@ def connector_command(
     from tedge_firmware.connector import Command, Connector, DownloadSettings
 
     configure_logging(debug)
-    config = _load_config(ctx, config_dir, mqtt_host, mqtt_port)
+    config = config_for_broker(ctx, config_dir, mqtt_host, mqtt_port)
     broker = _broker_settings(config, mqtt_host, mqtt_port, client_id)
     use_network_api = False
     if register:
@@ -188,7 +182,7 @@ def connector_command(
             register=use_network_api,
         )
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
 
     async def serve(stop: asyncio.Event) -> None:
         task = asyncio.create_task(connector.run())
@@ -198,33 +192,7 @@ def connector_command(
         connector.stop()
         await task
 
-    try:
-        run_until_signal(serve)
-    except BrokerAuthError as error:
-        _fail(f"the MQTT broker refused the connection: {error}")
-    except TedgeFirmwareError as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def _load_config(
-    ctx: click.Context, config_dir: Path | None, mqtt_host: str | None, mqtt_port: int | None
-) -> TedgeConfig | None:
-    """tedge.toml, unless only --mqtt-host/--mqtt-port say where the broker is."""
-    if config_dir is None and (mqtt_host is not None or mqtt_port is not None):
-        return None
-    if config_dir is None:
-        parent = ctx.find_root().obj
-        config_dir = (
-            Path(parent["config_dir"])
-            if isinstance(parent, dict) and "config_dir" in parent
-            else DEFAULT_CONFIG_DIR
-        )
-    try:
-        return load_config(config_dir)
-    except TedgeFirmwareError as error:
-        _fail(str(error))
+    run_service(lambda: run_until_signal(serve))
 
 
 def _broker_settings(

@@ -33,12 +33,11 @@ from urllib.parse import urlsplit
 
 import click
 
+from tedge_firmware.app.cli_support import config_for_broker, fail, run_service
 from tedge_firmware.app.lifecycle import run_until_signal
 from tedge_firmware.app.logs import configure_logging
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, MqttAuth, TedgeConfig
-from tedge_firmware.errors import BrokerAuthError, TedgeFirmwareError
-from tedge_firmware.shell.config_file import load_config
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -66,10 +65,6 @@ control_option = click.option(
     help=f"URL of the running simulator (or ${CONTROL_ENV}).",
 )
 
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
 
 
 @click.group("c8y-sim")
@@ -132,7 +127,7 @@ def serve_command(
     from tedge_firmware.sim import DEFAULT_GATEWAY_ID, C8ySimulator
 
     configure_logging(debug)
-    config = _load_config(ctx, config_dir, mqtt_host, mqtt_port)
+    config = config_for_broker(ctx, config_dir, mqtt_host, mqtt_port)
     host, port, auth = _broker(config, mqtt_host, mqtt_port)
     gateway = gateway_id or (config.device_id if config is not None else None)
     try:
@@ -148,7 +143,7 @@ def serve_command(
             require_token=require_token,
         )
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
 
     async def serve(stop: asyncio.Event) -> None:
         await sim.start(connect_timeout=None)  # the broker may come later: we keep trying
@@ -162,33 +157,7 @@ def serve_command(
         finally:
             await sim.stop()
 
-    try:
-        run_until_signal(serve)
-    except BrokerAuthError as error:
-        _fail(f"the MQTT broker refused the connection: {error}")
-    except TedgeFirmwareError as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def _load_config(
-    ctx: click.Context, config_dir: Path | None, mqtt_host: str | None, mqtt_port: int | None
-) -> TedgeConfig | None:
-    """tedge.toml, unless only --mqtt-host/--mqtt-port say where the broker is."""
-    if config_dir is None and (mqtt_host is not None or mqtt_port is not None):
-        return None
-    if config_dir is None:
-        root = ctx.find_root().obj
-        config_dir = (
-            Path(root["config_dir"])
-            if isinstance(root, dict) and "config_dir" in root
-            else DEFAULT_CONFIG_DIR
-        )
-    try:
-        return load_config(config_dir)
-    except TedgeFirmwareError as error:
-        _fail(str(error))
+    run_service(lambda: run_until_signal(serve))
 
 
 def _broker(
@@ -377,7 +346,7 @@ def update_command(
         body["version"] = version
     status, answer = _call(control, "POST", "/sim/operations", body)
     if status not in (201, 202):
-        _fail(str(answer.get("error", answer)))
+        fail(str(answer.get("error", answer)))
     if "bulk" in answer:
         bulk = answer["bulk"]
         click.echo(f"{bulk['id']}: {bulk['total']} device(s), {body['name']} {body['version']}")
@@ -391,7 +360,7 @@ def update_command(
 def _wait_and_exit(control: str, op_id: str, wait: float) -> NoReturn:
     status, operation = _call(control, "GET", f"/sim/operations/{op_id}?wait={wait:g}", None, wait)
     if status != 200:
-        _fail(str(operation.get("error", operation)))
+        fail(str(operation.get("error", operation)))
     click.echo(_operation_line(operation))
     sys.exit({"SUCCESSFUL": 0, "FAILED": 1}.get(operation["status"], 2))
 
@@ -403,7 +372,7 @@ def status_command(as_json: bool, control: str) -> None:
     """Show the running simulator's inventory, operations and errors."""
     status, answer = _call(control, "GET", "/sim/status", None)
     if status != 200:
-        _fail(str(answer.get("error", answer)))
+        fail(str(answer.get("error", answer)))
     if as_json:
         click.echo(json.dumps(answer, indent=2, sort_keys=True))
         return
@@ -458,7 +427,7 @@ def _call(
         return error.code, _json(error.read())
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        _fail(
+        fail(
             f"no simulator answers at {control} ({reason}); "
             "start one with `tedge-firmware c8y-sim serve`"
         )

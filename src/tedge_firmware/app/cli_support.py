@@ -1,0 +1,55 @@
+"""What every command shares: one-line errors with exit codes, running a service until a
+signal, and finding the broker (from tedge.toml, or from --mqtt-host/--mqtt-port alone)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig
+from tedge_firmware.errors import BrokerAuthError, TedgeFirmwareError
+from tedge_firmware.shell.config_file import load_config
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def load_or_exit(config_dir: Path) -> TedgeConfig:
+    try:
+        return load_config(config_dir)
+    except TedgeFirmwareError as error:
+        fail(str(error))
+
+
+def run_service(action: Callable[[], None]) -> None:
+    """Run a service; turn what stopped it into one line and an exit code."""
+    try:
+        action()
+    except BrokerAuthError as error:
+        fail(f"the MQTT broker refused the connection: {error}")
+    except TedgeFirmwareError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def config_for_broker(
+    ctx: click.Context, config_dir: Path | None, mqtt_host: str | None, mqtt_port: int | None
+) -> TedgeConfig | None:
+    """tedge.toml, unless only --mqtt-host/--mqtt-port say where the broker is."""
+    if config_dir is None and (mqtt_host is not None or mqtt_port is not None):
+        return None
+    if config_dir is None:
+        root = ctx.find_root().obj
+        config_dir = (
+            Path(root["config_dir"])
+            if isinstance(root, dict) and "config_dir" in root
+            else DEFAULT_CONFIG_DIR
+        )
+    return load_or_exit(config_dir)
