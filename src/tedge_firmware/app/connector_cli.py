@@ -38,7 +38,6 @@ DEFAULT_WORK_DIR = Path("/var/lib/tedge-firmware-connector")
 FIRMWARE_OPERATION_FILE = "c8y_Firmware"
 
 
-
 def _check_child_ids(
     ctx: click.Context, param: click.Parameter, values: Sequence[str]
 ) -> tuple[str, ...]:

@@ -20,8 +20,8 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from tedge_firmware.app.lifecycle import cancel_tasks, until_stopped
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import TedgeConfig
 from tedge_firmware.core.registration import (
@@ -111,7 +111,7 @@ class ChildRegistration:
             await self._loop()
         finally:
             self.watcher.close()
-            await _cancel([*self._tasks, *([self._rescan_soon] if self._rescan_soon else [])])
+            await cancel_tasks([*self._tasks, *([self._rescan_soon] if self._rescan_soon else [])])
 
     async def _loop(self) -> None:
         while True:
@@ -243,29 +243,12 @@ async def serve_registration(
     loop = asyncio.create_task(service.run(), name="registration-loop")
     tasks = [asyncio.create_task(session.run(), name="registration-mqtt-session"), loop]
     try:
-        await _until_stopped(stop, tasks)
+        await until_stopped(stop, tasks)
     finally:
         watcher.close()  # before cancelling: the watching thread checks this flag
         try:
-            await _cancel([loop])  # nothing more to send, then deliver what was sent
+            await cancel_tasks([loop])  # nothing more to send, then deliver what was sent
             await session.close(timeout=_CLOSE_TIMEOUT)
         finally:  # even when cancelled meanwhile (the all-in-one's bounded shutdown)
-            await _cancel(tasks)
+            await cancel_tasks(tasks)
             log.info("child registration stopped")
-
-
-async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
-    stopper = asyncio.create_task(stop.wait(), name="registration-stop")
-    try:
-        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await _cancel([stopper])
-    for task in done:
-        if task is not stopper and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-
-
-async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)

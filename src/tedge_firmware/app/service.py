@@ -13,10 +13,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from tedge_firmware.app.lifecycle import cancel_tasks, until_stopped
 from tedge_firmware.app.plugin import (
     PLUGIN_SUBSCRIPTIONS,
     FirmwarePlugin,
@@ -137,34 +136,16 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
         if options.with_file_transfer:  # it stops by itself on `stop`
             registration = serve_registration(config, stop, options.registration)
             tasks.append(asyncio.create_task(registration, name="registration"))
-        await _until_stopped(stop, tasks)
+        await until_stopped(stop, tasks)
     finally:
         await _shutdown(session, plugin, downloader, file_transfer)
-        await _cancel(tasks)
+        await cancel_tasks(tasks)
 
 
 async def _pump(session: MqttSession, plugin: FirmwarePlugin) -> None:
     while True:
         message: Message = await session.messages.get()
         plugin.submit(Incoming(message.topic, message.payload))
-
-
-async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
-    """Wait for the stop request; a task that ends first (e.g. broker auth refused) re-raises."""
-    stopper = asyncio.create_task(stop.wait(), name="stop")
-    try:
-        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await _cancel([stopper])
-    for task in done:
-        if task is not stopper and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-
-
-async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _shutdown(

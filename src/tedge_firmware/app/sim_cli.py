@@ -66,7 +66,6 @@ control_option = click.option(
 )
 
 
-
 @click.group("c8y-sim")
 def c8y_sim_group() -> None:
     """A Cumulocity simulator on the local broker: sends 515s, answers JWT requests, serves

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tedge_firmware.connector._state import OperationRecord, decode_record, encode_record, file_key
+from tedge_firmware.shell.durable import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Store:
         except OSError:
             temp.unlink(missing_ok=True)
             raise
-        _fsync_directory(directory)
+        fsync_directory(directory)
 
     def load(self, child_id: str) -> list[OperationRecord]:
         """Every readable record of the child; unreadable ones are moved to `.corrupt/`."""
@@ -155,17 +156,3 @@ def hash_file(path: Path) -> str:
 
 def _temp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename durable; best effort, some filesystems refuse fsync on a directory.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -41,6 +41,7 @@ from tedge_firmware.core.config import (
     validate_value,
 )
 from tedge_firmware.errors import ConfigError
+from tedge_firmware.shell.durable import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
         raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 def _copy_metadata(fd: int, previous: os.stat_result | None) -> None:
@@ -372,13 +373,3 @@ def _copy_metadata(fd: int, previous: os.stat_result | None) -> None:
     # Only root may give the file away; others keep their own ownership.
     with contextlib.suppress(PermissionError):
         os.fchown(fd, previous.st_uid, previous.st_gid)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable; best effort (some file systems refuse)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -86,6 +86,7 @@ from tedge_firmware.core.retry import (
     single_line,
 )
 from tedge_firmware.errors import DownloadError
+from tedge_firmware.shell.durable import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -891,7 +892,7 @@ class _PartFile:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(self.record_temp, self.record_path)
-            _fsync_directory(self.target.parent)
+            fsync_directory(self.target.parent)
             self._recorded = state
 
     def ensure_space(self, needed: int) -> None:
@@ -923,7 +924,7 @@ class _PartFile:
             self.committed = True
             # Only now: a record without its partial file is dropped by the next run.
             self._remove_record(quietly=True)
-            _fsync_directory(self.target.parent)
+            fsync_directory(self.target.parent)
         return DownloadResult(self.target, digest, self.size)
 
     def release(self, *, keep: bool) -> None:
@@ -1025,18 +1026,3 @@ def _open_file(path: Path, flags: int) -> BinaryIO:
     descriptor = os.open(path, flags | os.O_NOFOLLOW, 0o644)
     modes = {os.O_RDONLY: "rb", os.O_WRONLY: "wb", os.O_RDWR: "r+b"}
     return os.fdopen(descriptor, modes[flags & os.O_ACCMODE])  # type: ignore[return-value]
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes a rename itself durable. Best effort: the file is already in place, and some
-    # filesystems refuse fsync on a directory.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

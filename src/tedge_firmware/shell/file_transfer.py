@@ -51,6 +51,7 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
 from tedge_firmware.errors import ConfigError
+from tedge_firmware.shell.durable import fsync_directory
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -349,7 +350,7 @@ class _Upload:
             os.fsync(self._open_fd())
             self._close()
             os.replace(self.temp, self.target)
-        _fsync_directory(self.target.parent)
+        fsync_directory(self.target.parent)
 
     def discard(self) -> None:
         """Remove the temporary file (called on any failure, also on cancellation)."""
@@ -366,14 +367,6 @@ class _Upload:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _delete_entry(places: _Places, segments: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from typing import Generic, Protocol, TypeVar
 
 from tedge_firmware.core.operation import FetchRecord, OperationRecord
 from tedge_firmware.errors import StoreError
+from tedge_firmware.shell.durable import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class RecordStore(Generic[R]):
             finally:
                 os.close(fd)
             os.replace(temp, target)
+            fsync_directory(self.directory)
         except OSError as error:
             temp.unlink(missing_ok=True)
             raise StoreError(
