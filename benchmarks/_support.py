@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import signal
@@ -33,6 +32,9 @@ from typing import TypeVar
 import aiohttp
 import aiomqtt
 
+from tedge_firmware.app import demo
+from tedge_firmware.app.demo import free_port as free_port
+
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,32 +48,12 @@ _STOP_GRACE_S = 10.0
 
 # --- sizes, numbers, reports -----------------------------------------------------------------
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 10**3,
-    "KB": 10**3,
-    "M": 10**6,
-    "MB": 10**6,
-    "G": 10**9,
-    "GB": 10**9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
-
-
 def parse_size(text: str) -> int:
-    """'100MB' → 100_000_000, '1GiB' → 2**30 (K/M/G are decimal, KiB/MiB/GiB binary)."""
-    match = _SIZE_RE.fullmatch(text)
-    unit = match.group(2).upper() if match else ""
-    if match is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 100MB, 1GiB)")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"size must be at least 1 byte: {text!r}")
-    return size
+    """'100MB' → 100_000_000, '1GiB' → 2**30 (the demo's parser, as an argparse type)."""
+    try:
+        return demo.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -177,12 +159,6 @@ def work_directory(base: Path | None) -> Iterator[Path]:
 
 
 # --- ports and processes ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 async def wait_listening(port: int, process: Process, limit_s: float = 15.0) -> None:
