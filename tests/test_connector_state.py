@@ -47,8 +47,9 @@ from tedge_firmware.connector._state import (
     on_request,
     on_restart,
 )
-from tedge_firmware.connector._store import Store, hash_file
+from tedge_firmware.connector._store import Store
 from tedge_firmware.errors import InvalidTransition
+from tedge_firmware.shell.durable import sha256_of_file
 
 SHA = "a" * 64
 GOOD = {"id": "op1", "attempt": 2, "name": "image", "version": "1.0", "sha256": SHA, "url": "http://127.0.0.1:8000/tedge/file-transfer/c/firmware_update/x"}
@@ -328,7 +329,7 @@ def test_hash_file(tmp_path: Path) -> None:
     path.write_bytes(b"abc" * 1_000_000)
     import hashlib
 
-    assert hash_file(path) == hashlib.sha256(b"abc" * 1_000_000).hexdigest()
+    assert sha256_of_file(path) == hashlib.sha256(b"abc" * 1_000_000).hexdigest()
 
 
 # ---- command helpers --------------------------------------------------------------------------

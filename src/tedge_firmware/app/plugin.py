@@ -45,7 +45,8 @@ from tedge_firmware.errors import (
     SmartRestError,
     StoreError,
 )
-from tedge_firmware.shell.cache import FirmwareCache, sha256_of_file
+from tedge_firmware.shell.cache import FirmwareCache
+from tedge_firmware.shell.durable import sha256_of_file
 from tedge_firmware.shell.store import fetch_store, operation_store
 from tedge_firmware.shell.timers import Timers
 

@@ -76,10 +76,11 @@ from tedge_firmware.connector._state import (
     on_restart,
     sha256_mismatch,
 )
-from tedge_firmware.connector._store import StepFiles, Store, hash_file
+from tedge_firmware.connector._store import StepFiles, Store
 from tedge_firmware.core import topics
 from tedge_firmware.errors import ConfigError, OperationFailed, TedgeFirmwareError
 from tedge_firmware.shell.downloader import PART_SUFFIX, Downloader
+from tedge_firmware.shell.durable import sha256_of_file
 from tedge_firmware.shell.mqtt import MqttSession
 
 _log = logging.getLogger("tedge_firmware.connector")
@@ -701,7 +702,7 @@ async def _call(step: ApplyStep | VerifyStep, firmware: Firmware) -> object:
 
 async def _digest_or_none(path: Path) -> str | None:
     try:
-        return await asyncio.to_thread(hash_file, path)
+        return await asyncio.to_thread(sha256_of_file, path)
     except OSError:
         return None
 

@@ -11,7 +11,6 @@ OSError; the caller decides what a failure means for the operation.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -19,14 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tedge_firmware.connector._state import OperationRecord, decode_record, encode_record, file_key
-from tedge_firmware.shell.durable import fsync_directory
+from tedge_firmware.shell.durable import fsync_directory, quarantine
 
 log = logging.getLogger(__name__)
 
-CORRUPT_DIR = ".corrupt"
 _RECORD_SUFFIX = ".json"
 _MAX_RECORD_BYTES = 1 << 20
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,10 +75,10 @@ class Store:
             try:
                 record = self._read(path)
             except (OSError, ValueError) as error:
-                self._quarantine(path, str(error))
+                quarantine(path, f"operation record: {error}")
                 continue
             if record.child_id != child_id or path.stem != file_key(record.operation_id):
-                self._quarantine(path, "the record belongs to another child or operation")
+                quarantine(path, "operation record of another child or operation")
                 continue
             records.append(record)
         return records
@@ -126,15 +123,6 @@ class Store:
             raise ValueError("larger than any record")
         return decode_record(data)
 
-    def _quarantine(self, path: Path, why: str) -> None:
-        corrupt = path.parent / CORRUPT_DIR
-        try:
-            corrupt.mkdir(exist_ok=True)
-            os.replace(path, corrupt / path.name)
-            log.error("unusable operation record %s (%s): moved to %s", path, why, corrupt)
-        except OSError as error:
-            log.error("unusable operation record %s (%s), cannot move it: %s", path, why, error)
-
     def _records(self, child_id: str) -> Path:
         return self.work_dir / child_id / "operations"
 
@@ -143,15 +131,6 @@ class Store:
 
     def _steps(self, child_id: str) -> Path:
         return self.work_dir / child_id / "steps"
-
-
-def hash_file(path: Path) -> str:
-    """Lowercase hex SHA-256 of a file, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        while chunk := source.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _temp(path: Path) -> Path:

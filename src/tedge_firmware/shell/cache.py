@@ -3,24 +3,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-_HASH_CHUNK = 1 << 20
-
-
-def sha256_of_file(path: Path) -> str:
-    """Hex SHA-256 of a file's contents, read in chunks (blocking: run it in a thread)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 class FirmwareCache:
     def __init__(self, cache_dir: Path, file_transfer_dir: Path) -> None:

@@ -16,11 +16,10 @@ from typing import Generic, Protocol, TypeVar
 
 from tedge_firmware.core.operation import FetchRecord, OperationRecord
 from tedge_firmware.errors import StoreError
-from tedge_firmware.shell.durable import fsync_directory
+from tedge_firmware.shell.durable import fsync_directory, quarantine
 
 log = logging.getLogger(__name__)
 
-CORRUPT_DIR = ".corrupt"
 FETCHING_DIR = ".fetching"
 
 
@@ -90,13 +89,7 @@ class RecordStore(Generic[R]):
         return records
 
     def quarantine(self, entry: Path, why: str) -> None:
-        corrupt = self.directory / CORRUPT_DIR
-        try:
-            corrupt.mkdir(exist_ok=True)
-            os.replace(entry, corrupt / entry.name)
-            log.error("corrupt operation file %s moved to %s: %s", entry, corrupt, why)
-        except OSError as error:
-            log.error("corrupt operation file %s (%s) cannot be moved aside: %s", entry, why, error)
+        quarantine(entry, f"operation file: {why}")
 
 
 def operation_store(firmware_dir: Path) -> RecordStore[OperationRecord]:
