@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG_DIR ?= run/etc-tedge
 
-.PHONY: venv test lint run demo bench mosquitto clean
+.PHONY: venv test lint run demo demo-broker bench mosquitto clean
 
 venv: $(STAMP)
 
@@ -35,8 +35,17 @@ lint: venv
 
 # The whole stack on this machine and a firmware rollout to simulated children, with a live view
 # (README "Demo"). Options: make demo DEMO_ARGS="--children 50 --size 256MiB --fail 2"
-demo: venv mosquitto
+# Mosquitto when it is installed or can be (root); otherwise the embedded broker, a demo-only
+# fallback (README "Demo": its limits), which `demo --broker auto` then picks.
+demo: venv
+	@$(MAKE) --no-print-directory mosquitto || { \
+	  echo "make demo: going on without mosquitto, with the demo's embedded broker (amqtt)"; \
+	  $(MAKE) --no-print-directory demo-broker; }
 	$(BIN)/tedge-firmware demo $(DEMO_ARGS)
+
+# The demo's embedded broker (amqtt) in the venv: the `demo-broker` extra.
+demo-broker: venv
+	$(BIN)/pip install --quiet -e '.[demo-broker]'
 
 # The all-in-one service with a sample config against a local mosquitto (see README).
 run: venv mosquitto

@@ -1,8 +1,10 @@
 """`tedge-firmware demo` as a user runs it (a subprocess), in a small configuration.
 
 Checks the exit code and the summary (who succeeded, who failed with which reason, one cloud
-download, no protocol error), that SIGTERM stops every process the demo started and removes its
-directory, and the pure pieces (sizes, roles, what counts as expected).
+download, no protocol error), with Mosquitto and with the embedded broker (amqtt, the fallback
+for machines without Mosquitto), that SIGTERM stops every process the demo started and removes
+its directory, which broker `--broker` picks and what it says when there is none, and the pure
+pieces (sizes, roles, what counts as expected).
 """
 
 from __future__ import annotations
@@ -16,8 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from tedge_firmware.app.demo import FAIL_REASON, ChildResult, DemoOptions, child_roles, parse_size
+from tedge_firmware.app import demo
+from tedge_firmware.app.demo import (
+    FAIL_REASON,
+    ChildResult,
+    DemoOptions,
+    child_roles,
+    choose_broker,
+    parse_size,
+)
+from tedge_firmware.errors import ConfigError
 
 DEMO = [sys.executable, "-m", "tedge_firmware", "demo"]
 
@@ -41,13 +53,19 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path) -> None:
+BROKER_LINES = {"mosquitto": "mosquitto on 127.0.0.1:", "embedded": "embedded broker (amqtt) on 127.0.0.1:"}
+
+
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
+def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path, broker: str) -> None:
     result = run_demo(
         "--children", "5", "--size", "1MiB", "--fail", "1", "--flaky", "1",
         "--apply-seconds", "0.2", "--ramp", "0.05", "--plain", "--workdir", str(tmp_path),
+        "--broker", broker,
     )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
+    assert BROKER_LINES[broker] in out
     assert "successful: 4 of 4 that should succeed; failed on purpose: 1 of 1" in out
     assert "firmware installed (Cumulocity inventory): 4 children" in out
     assert re.search(r"cloud downloads: 1 \(2 requests", out)  # cut once, resumed: one download
@@ -59,10 +77,11 @@ def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # its directory is removed
 
 
-def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("broker", "broker_argv"), [("mosquitto", "mosquitto.conf"), ("embedded", "tedge_firmware.app.embedded_broker")])
+def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path, broker: str, broker_argv: str) -> None:
     process = subprocess.Popen(
         [*DEMO, "--children", "3", "--size", "1MiB", "--apply-seconds", "60", "--plain",
-         "--workdir", str(tmp_path)],
+         "--workdir", str(tmp_path), "--broker", broker],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -75,7 +94,9 @@ def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path) -> None:
             if "EXECUTING" in line:
                 break
         directory = next(line.split(": ", 1)[1].strip() for line in lines if line.startswith("demo directory"))
-        assert len(processes_mentioning(directory)) >= 2  # mosquitto and the gateway run
+        running = processes_mentioning(directory)
+        assert len(running) >= 2  # the broker and the gateway run
+        assert any(broker_argv in cmdline for cmdline in running), running
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 143
     finally:
@@ -126,3 +147,92 @@ def test_a_failing_child_is_expected_only_with_its_reason() -> None:
     assert not result("fail", "SUCCESSFUL").as_expected
     assert result("flaky", "SUCCESSFUL").as_expected
     assert not result("ok", "EXECUTING").as_expected
+
+
+# --- which broker ---------------------------------------------------------------------------
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+@pytest.mark.parametrize(
+    ("choice", "mosquitto", "embedded", "kind"),
+    [
+        ("auto", MOSQUITTO, True, "mosquitto"),  # Mosquitto first: the embedded one is a fallback
+        ("auto", MOSQUITTO, False, "mosquitto"),
+        ("auto", None, True, "embedded"),
+        ("mosquitto", MOSQUITTO, True, "mosquitto"),
+        ("mosquitto", MOSQUITTO, False, "mosquitto"),
+        ("embedded", MOSQUITTO, True, "embedded"),
+        ("embedded", None, True, "embedded"),
+    ],
+)
+def test_the_broker_choice(choice, mosquitto, embedded, kind) -> None:
+    chosen = choose_broker(choice, mosquitto, embedded)
+    assert chosen.kind == kind
+    assert chosen.mosquitto == (MOSQUITTO if kind == "mosquitto" else None)
+
+
+@pytest.mark.parametrize(
+    ("choice", "mosquitto", "embedded", "says"),
+    [
+        ("auto", None, False, ["apt-get install mosquitto", "pip install 'tedge-firmware[demo-broker]'", "make demo"]),
+        ("mosquitto", None, True, ["--broker mosquitto", "mosquitto was not found", "apt-get install mosquitto"]),
+        ("embedded", MOSQUITTO, False, ["--broker embedded", "not installed", "pip install 'tedge-firmware[demo-broker]'"]),
+    ],
+)
+def test_no_usable_broker_is_a_one_line_config_error(choice, mosquitto, embedded, says) -> None:
+    with pytest.raises(ConfigError) as raised:
+        choose_broker(choice, mosquitto, embedded)
+    message = str(raised.value)
+    assert "\n" not in message
+    for text in says:
+        assert text in message
+
+
+def test_mosquitto_is_looked_up_on_path_and_in_sbin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty, sbin = tmp_path / "empty", tmp_path / "sbin"
+    empty.mkdir()
+    sbin.mkdir()
+    binary = sbin / "mosquitto"
+    binary.write_text("#!/bin/sh\n")
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(demo, "MOSQUITTO_DIRS", (str(sbin),))
+    binary.chmod(0o644)  # not executable: not a mosquitto
+    assert demo.find_mosquitto() is None
+    binary.chmod(0o755)
+    assert demo.find_mosquitto() == str(binary)  # not on PATH, found in the sbin directory
+    assert demo.find_mosquitto(path=str(empty)) is None
+
+
+def test_the_embedded_broker_is_found_without_importing_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "amqtt", None)  # what the import system says of a missing module
+    assert not demo.embedded_broker_installed()
+    monkeypatch.delitem(sys.modules, "amqtt")
+    package = tmp_path / "amqtt"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('the demo must not import amqtt')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert demo.embedded_broker_installed()
+    assert "amqtt" not in sys.modules
+
+
+def test_without_any_broker_the_demo_says_how_to_get_one_and_starts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(demo, "MOSQUITTO_DIRS", ())
+    monkeypatch.setitem(sys.modules, "amqtt", None)
+    console = Console(record=True, width=80)  # the message is longer: still one line
+    assert demo.main(DemoOptions(workdir=tmp_path), console) == 2
+    lines = console.export_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("demo error: no MQTT broker: "), lines
+    assert "apt-get install mosquitto" in lines[0] and "tedge-firmware[demo-broker]" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no demo directory: nothing was started
+
+
+def test_an_unknown_broker_is_a_usage_error() -> None:
+    result = run_demo("--broker", "nanomq", limit_s=20)
+    assert result.returncode == 2
+    assert "'nanomq' is not one of" in result.stderr
+    with pytest.raises(ValueError, match="--broker"):
+        DemoOptions(broker="nanomq")  # type: ignore[arg-type]

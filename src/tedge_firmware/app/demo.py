@@ -2,7 +2,8 @@
 
 What runs, all on 127.0.0.1 and in one temporary directory:
 
-- a private Mosquitto on a free port (its own process group);
+- a private MQTT broker on a free port (its own process group): Mosquitto, or where it is
+  missing the embedded broker (amqtt in a subprocess, `embedded_broker`), a demo-only fallback;
 - the Cumulocity simulator (`C8ySimulator`, in this process) serving the firmware binary, with
   the first cloud download cut on purpose so that the gateway has to resume;
 - `tedge-firmware run` (a subprocess): the firmware plugin, file-transfer and registration;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -35,6 +37,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 from rich.live import Live
@@ -62,6 +65,10 @@ FLAKY_REASON = "demo: flash verify error (flaky child, retried)"
 MAX_LIVE_ROWS = 24
 STOP_GRACE_S = 10.0
 _REFRESH_S = 0.25
+
+BrokerChoice = Literal["auto", "mosquitto", "embedded"]
+BrokerKind = Literal["mosquitto", "embedded"]
+BROKER_CHOICES: tuple[BrokerChoice, ...] = ("auto", "mosquitto", "embedded")
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
@@ -100,8 +107,11 @@ class DemoOptions:
     live: bool | None = None  # rich live table; None: when the output is a terminal
     workdir: Path | None = None  # where the temporary directory goes
     keep: bool = False  # keep the temporary directory (logs) afterwards
+    broker: BrokerChoice = "auto"  # auto: mosquitto when installed, else the embedded one
 
     def __post_init__(self) -> None:
+        if self.broker not in BROKER_CHOICES:
+            raise ValueError(f"--broker must be one of {', '.join(BROKER_CHOICES)}")
         if self.children < 1:
             raise ValueError("--children must be at least 1")
         if self.fail < 0 or self.flaky < 0 or self.fail + self.flaky > self.children:
@@ -185,15 +195,66 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def find_mosquitto() -> str:
-    """The mosquitto binary; ConfigError saying how to install it when there is none."""
-    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.access(found, os.X_OK):
-        raise ConfigError(
-            "mosquitto is required and was not found: `make demo` installs it when run as "
-            "root; otherwise: sudo apt-get install mosquitto"
-        )
-    return found
+# --- the broker ---------------------------------------------------------------------------
+
+# where Debian puts mosquitto, often not on a user's PATH
+MOSQUITTO_DIRS: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin")
+EMBEDDED_BROKER = "amqtt"  # the `demo-broker` extra
+_GET_MOSQUITTO = "sudo apt-get install mosquitto; `make demo` does it when run as root"
+_GET_EMBEDDED = (
+    "pip install 'tedge-firmware[demo-broker]'; `make demo` does it when mosquitto cannot be "
+    "installed"
+)
+_NO_BROKER: dict[BrokerChoice, str] = {
+    "auto": "no MQTT broker: mosquitto was not found and the embedded broker is not "
+    f"installed: install mosquitto ({_GET_MOSQUITTO}) or the embedded broker ({_GET_EMBEDDED})",
+    "mosquitto": f"--broker mosquitto: mosquitto was not found: install it ({_GET_MOSQUITTO})",
+    "embedded": "--broker embedded: the embedded broker is not installed: "
+    f"install it ({_GET_EMBEDDED})",
+}
+
+
+def find_mosquitto(path: str | None = None) -> str | None:
+    """The mosquitto binary on `path` (default: PATH, then MOSQUITTO_DIRS); None when none."""
+    if path is None:
+        path = os.pathsep.join([os.environ.get("PATH", os.defpath), *MOSQUITTO_DIRS])
+    return shutil.which("mosquitto", path=path)
+
+
+def embedded_broker_installed() -> bool:
+    """Whether amqtt can be imported; not imported here: it runs in a process of its own."""
+    return importlib.util.find_spec(EMBEDDED_BROKER) is not None
+
+
+@dataclass(frozen=True)
+class DemoBroker:
+    """The broker the demo runs: Mosquitto (its binary), or the embedded one (amqtt)."""
+
+    kind: BrokerKind
+    mosquitto: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "mosquitto" if self.kind == "mosquitto" else "embedded broker (amqtt)"
+
+    def process(self, home: Path) -> tuple[ChildProcess, int]:
+        if self.kind == "embedded":
+            return embedded_broker_process(home)
+        assert self.mosquitto is not None
+        return mosquitto_process(self.mosquitto, home)
+
+
+def choose_broker(choice: BrokerChoice, mosquitto: str | None, embedded: bool) -> DemoBroker:
+    """`auto` prefers Mosquitto; ConfigError (one line, saying how to get one) when none fits."""
+    if choice != "embedded" and mosquitto is not None:
+        return DemoBroker("mosquitto", mosquitto)
+    if choice != "mosquitto" and embedded:
+        return DemoBroker("embedded")
+    raise ConfigError(_NO_BROKER[choice])
+
+
+def find_broker(choice: BrokerChoice) -> DemoBroker:
+    return choose_broker(choice, find_mosquitto(), embedded_broker_installed())
 
 
 class ChildProcess:
@@ -298,8 +359,7 @@ async def running(process: ChildProcess, port: int | None = None) -> AsyncIterat
         await asyncio.shield(process.stop())
 
 
-def mosquitto_process(home: Path) -> tuple[ChildProcess, int]:
-    binary = find_mosquitto()
+def mosquitto_process(binary: str, home: Path) -> tuple[ChildProcess, int]:
     port = free_port()
     conf = home / "mosquitto.conf"
     # as root mosquitto would switch to the `mosquitto` user, who cannot write our temp dir
@@ -315,6 +375,15 @@ def mosquitto_process(home: Path) -> tuple[ChildProcess, int]:
         "log_type error\nlog_type warning\n"
     )
     return ChildProcess("mosquitto", [binary, "-c", str(conf)], home / "mosquitto.out"), port
+
+
+def embedded_broker_process(home: Path) -> tuple[ChildProcess, int]:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "tedge_firmware.app.embedded_broker",
+        "--host", HOST, "--port", str(port), "--log-file", str(home / "embedded-broker.log"),
+    ]  # fmt: skip
+    return ChildProcess("embedded broker", argv, home / "embedded-broker.out"), port
 
 
 def write_gateway_config(config_dir: Path, data: Path, mqtt_port: int, http_port: int) -> None:
@@ -676,10 +745,11 @@ def logging_to(path: Path) -> Iterator[None]:
 async def run_demo(options: DemoOptions, console: Console) -> DemoResult:
     """Set up the stack, roll the firmware out, return what happened; everything is stopped."""
     live = console.is_terminal if options.live is None else options.live
+    broker = find_broker(options.broker)  # before anything is created: no broker, no demo
     with demo_directory(options) as home, logging_to(home / "demo.log"):
         console.print(f"demo directory: {home}", highlight=False, markup=False)
         try:
-            return await _run_stack(options, console, live, home)
+            return await _run_stack(options, console, live, home, broker)
         except BaseException:
             if options.keep:
                 console.print(f"logs kept in {home}", highlight=False, markup=False)
@@ -688,8 +758,10 @@ async def run_demo(options: DemoOptions, console: Console) -> DemoResult:
             kill_leftovers()
 
 
-async def _run_stack(options: DemoOptions, console: Console, live: bool, home: Path) -> DemoResult:
-    broker, mqtt_port = mosquitto_process(home)
+async def _run_stack(
+    options: DemoOptions, console: Console, live: bool, home: Path, demo_broker: DemoBroker
+) -> DemoResult:
+    broker, mqtt_port = demo_broker.process(home)
     config_dir, data = home / "etc-tedge", home / "data"
     write_gateway_config(config_dir, data, mqtt_port, free_port())
     gateway = gateway_process(config_dir, home / "gateway.log")
@@ -698,7 +770,8 @@ async def _run_stack(options: DemoOptions, console: Console, live: bool, home: P
     await asyncio.to_thread(make_firmware, firmware_file, options.size)
     name = f"{FIRMWARE_NAME}-{FIRMWARE_VERSION}.bin"
     async with running(broker, mqtt_port):
-        console.print(f"mosquitto on {HOST}:{mqtt_port}", highlight=False, markup=False)
+        label = f"{demo_broker.label} on {HOST}:{mqtt_port}"
+        console.print(label, highlight=False, markup=False)
         simulator = C8ySimulator(
             mqtt_port=mqtt_port, gateway_id=GATEWAY_ID, require_token=True, control_api=False
         )
@@ -779,7 +852,8 @@ def main(options: DemoOptions, console: Console | None = None) -> int:
         console.print("interrupted: every process the demo started is stopped")
         return 130
     except TedgeFirmwareError as error:  # the stack could not start or went away
-        console.print(f"demo error: {error}", highlight=False, markup=False)
+        # one line, however long: a terminal wraps it, a log keeps it whole
+        console.print(f"demo error: {error}", highlight=False, markup=False, soft_wrap=True)
         return 2
     finally:
         kill_leftovers()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 import click
 
-from tedge_firmware.app.demo import DemoOptions, main, parse_size
+from tedge_firmware.app.demo import BROKER_CHOICES, BrokerChoice, DemoOptions, main, parse_size
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -87,6 +88,15 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     help="Where the temporary directory goes (default: the system's).",
 )
 @click.option("--keep", is_flag=True, help="Keep the temporary directory (logs) afterwards.")
+@click.option(
+    "--broker",
+    type=click.Choice(BROKER_CHOICES),
+    default="auto",
+    show_default=True,
+    help="MQTT broker: mosquitto, the embedded one (amqtt, a demo-only fallback: "
+    "pip install 'tedge-firmware[demo-broker]'), or auto: mosquitto when installed, "
+    "else the embedded one.",
+)
 def demo_command(
     children: int,
     size: int,
@@ -99,12 +109,13 @@ def demo_command(
     live: bool | None,
     workdir: Path | None,
     keep: bool,
+    broker: str,
 ) -> None:
     """Roll a firmware out to N simulated children through the real gateway, and watch it.
 
     Exit code 0 when every child that should succeed did, the --fail ones failed with their
     reason, the firmware was downloaded from the cloud once and no protocol error was seen;
-    1 otherwise; 2 when the stack could not be set up (e.g. mosquitto missing).
+    1 otherwise; 2 when the stack could not be set up (e.g. no MQTT broker).
     """
     try:
         options = DemoOptions(
@@ -119,6 +130,7 @@ def demo_command(
             live=live,
             workdir=workdir,
             keep=keep,
+            broker=cast(BrokerChoice, broker),  # click.Choice checked it
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None
