@@ -9,6 +9,7 @@ subscribe to) is real, so the README's limits stay true. amqtt comes with the `t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 from brokers import free_port
 from tedge_firmware.app.demo import HOST
+from tedge_firmware.shell.mqtt import MqttSession, MqttSettings
 
 MODULE = [sys.executable, "-m", "tedge_firmware.app.embedded_broker"]
 
@@ -103,6 +105,30 @@ async def test_a_client_receives_retained_messages_it_did_not_subscribe_to(embed
             leaked = await first_message(simulator)
     assert leaked.topic.value == "te/device/c1///cmd/firmware_update"  # not c8y/s/us/+
     assert leaked.retain
+
+
+async def test_our_sessions_pass_on_only_what_they_subscribed_to(embedded: EmbeddedBroker) -> None:
+    """The leak above reaches MqttSession too; it hands its consumers only their own topics."""
+    async with aiomqtt.Client(HOST, embedded.port, identifier="declarer") as declarer:
+        await declarer.subscribe("te/device/+///cmd/+", qos=1)
+        await declarer.publish("te/device/c1///cmd/firmware_update", b"{}", qos=1, retain=True)
+        settings = MqttSettings(host=HOST, port=embedded.port, client_id="cloud-side")
+        session = MqttSession(settings, ["c8y/s/us/+"])
+        runner = asyncio.create_task(session.run())
+        try:
+            async with asyncio.timeout(10):
+                await session.wait_connected()
+            await declarer.publish("c8y/s/us/c1", b"114,c8y_Firmware", qos=1)
+            async with asyncio.timeout(5):
+                first = await session.messages.get()
+        finally:
+            await session.close(timeout=5)
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+    # without the filter the retained declaration, sent at subscribe time, would come first
+    assert (first.topic, first.payload) == ("c8y/s/us/c1", b"114,c8y_Firmware")
+    assert session.messages.empty()
 
 
 def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:

@@ -556,6 +556,11 @@ class MqttSession:
 
     def _deliver(self, incoming: aiomqtt.Message) -> None:
         """Runs inside paho's read callback, before paho acknowledges the message."""
+        if not any(incoming.topic.matches(topic_filter) for topic_filter in self._filters):
+            # Only a faulty broker does this (amqtt, the demo's fallback, hands a new client
+            # retained messages of other clients' subscriptions); no consumer expects them.
+            log.debug("ignored a message on %r: none of our subscriptions", incoming.topic.value)
+            return
         try:
             message = Message(
                 topic=incoming.topic.value,
