@@ -33,7 +33,11 @@ import aiohttp
 import aiomqtt
 
 from tedge_firmware.app import demo
-from tedge_firmware.app.demo import free_port as free_port
+from tedge_firmware.app.processes import ChildProcess as Process
+from tedge_firmware.app.processes import free_port as free_port
+from tedge_firmware.app.processes import kill_leftovers as kill_leftovers
+from tedge_firmware.app.processes import mosquitto_process
+from tedge_firmware.app.processes import running as running
 
 T = TypeVar("T")
 
@@ -43,7 +47,6 @@ CHILD = "bench-child"
 REQUEST_TOPIC = f"tedge/{CHILD}/commands/req/firmware_update"
 CLOUD_TOPIC = "c8y/s/us"
 
-_STOP_GRACE_S = 10.0
 
 
 # --- sizes, numbers, reports -----------------------------------------------------------------
@@ -159,112 +162,6 @@ def work_directory(base: Path | None) -> Iterator[Path]:
 
 
 # --- ports and processes ---------------------------------------------------------------------
-
-
-async def wait_listening(port: int, process: Process, limit_s: float = 15.0) -> None:
-    """Poll until something accepts on the port (there is no event to await for that)."""
-    async with asyncio.timeout(limit_s):
-        while True:
-            if process.returncode is not None:
-                raise RuntimeError(
-                    f"{process.name} exited ({process.returncode}): {process.tail()}"
-                )
-            try:
-                _, writer = await asyncio.open_connection(HOST, port)
-            except OSError:
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
-
-
-@dataclass(eq=False)
-class Process:
-    """A subprocess whose output goes to a log file; stopped (then killed) on the way out."""
-
-    name: str
-    argv: list[str]
-    log: Path
-    stop_signal: int = signal.SIGTERM
-    process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            # a session of its own: Ctrl-C reaches only us, and we stop everything in order
-            self.process = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        _LIVE.add(self)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.process is None else self.process.returncode
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    async def stop(self, grace: float = _STOP_GRACE_S) -> int | None:
-        """Ask it to stop; kill it when it does not within `grace` seconds."""
-        process = self.process
-        if process is None:
-            return None
-        try:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(self.stop_signal)
-                try:
-                    async with asyncio.timeout(grace):
-                        await process.wait()
-                except TimeoutError:
-                    print(f"  !! {self.name} did not stop within {grace:.0f} s: killed", flush=True)
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()
-                    await process.wait()
-        finally:
-            self.kill_now()
-        return process.returncode
-
-    def kill_now(self) -> None:
-        """Synchronous last resort (also used at interpreter exit)."""
-        process = self.process
-        _LIVE.discard(self)
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-
-
-_LIVE: set[Process] = set()
-
-
-def kill_leftovers() -> None:
-    for process in list(_LIVE):
-        process.kill_now()
-
-
-@contextlib.asynccontextmanager
-async def running(process: Process, port: int | None = None) -> AsyncIterator[Process]:
-    await process.start()
-    try:
-        if port is not None:
-            await wait_listening(port, process)
-        yield process
-    finally:
-        await asyncio.shield(process.stop())
 
 
 def proc_status_kib(pid: int, key: str) -> int:
@@ -391,29 +288,18 @@ async def nginx(root: Path, workdir: Path, *, workers: int = 1) -> AsyncIterator
 
 
 @contextlib.asynccontextmanager
-async def mosquitto(workdir: Path, *, nodelay: bool = True) -> AsyncIterator[int]:
-    """A private broker on a free loopback port (yielded).
+async def mosquitto(
+    workdir: Path, *, nodelay: bool = True, max_queued: int | None = None
+) -> AsyncIterator[int]:
+    """A private broker on a free loopback port (yielded); its files in a directory of its own.
 
-    `nodelay` sets mosquitto's `set_tcp_nodelay` (off by default in mosquitto): without it a
-    message to the gateway may wait ~40 ms behind an unacknowledged small packet (Nagle and
-    delayed ACK), a broker latency that would be counted as download time.
+    `nodelay` (mosquitto's `set_tcp_nodelay`): without it a message to the gateway may wait
+    ~40 ms behind an unacknowledged small packet, a broker latency that would be counted as
+    download time. `max_queued`: see `mosquitto_process`.
     """
     home = workdir / f"mosquitto-{free_port()}"
     home.mkdir()
-    port = free_port()
-    conf = home / "mosquitto.conf"
-    # as root mosquitto would switch to the `mosquitto` user, who cannot write our temp dir
-    run_as = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(
-        f"listener {port} {HOST}\n"
-        "allow_anonymous true\n"
-        f"{run_as}"
-        "persistence false\n"
-        f"set_tcp_nodelay {'true' if nodelay else 'false'}\n"
-        f"log_dest file {home}/mosquitto.log\n"
-        "log_type error\nlog_type warning\n"
-    )
-    process = Process("mosquitto", [MOSQUITTO, "-c", str(conf)], home / "stderr.log")
+    process, port = mosquitto_process(MOSQUITTO, home, nodelay=nodelay, max_queued=max_queued)
     async with running(process, port):
         yield port
 

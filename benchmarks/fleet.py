@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import socket
 import statistics
 import sys
@@ -98,20 +97,7 @@ async def fleet_mosquitto(workdir: Path) -> AsyncIterator[int]:
     """
     home = workdir / f"mosquitto-{s.free_port()}"
     home.mkdir()
-    port = s.free_port()
-    conf = home / "mosquitto.conf"
-    run_as = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(
-        f"listener {port} {s.HOST}\n"
-        "allow_anonymous true\n"
-        f"{run_as}"
-        "persistence false\n"
-        "set_tcp_nodelay true\n"
-        "max_queued_messages 1000000\n"
-        f"log_dest file {home}/mosquitto.log\n"
-        "log_type error\nlog_type warning\n"
-    )
-    process = s.Process("mosquitto", [s.MOSQUITTO, "-c", str(conf)], home / "stderr.log")
+    process, port = s.mosquitto_process(s.MOSQUITTO, home, max_queued=1_000_000)
     async with s.running(process, port):
         yield port
     dropped = (home / "mosquitto.log").read_text(errors="replace").count("dropped")

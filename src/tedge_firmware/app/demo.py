@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -43,6 +42,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tedge_firmware.app.processes import (
+    HOST,
+    ChildProcess,
+    free_port,
+    kill_leftovers,
+    mosquitto_process,
+    running,
+)
 from tedge_firmware.connector import (
     BrokerSettings,
     Connector,
@@ -56,14 +63,12 @@ from tedge_firmware.sim import FIRMWARE, C8ySimulator, FileFaults, Operation, Op
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
 GATEWAY_ID = "demo-gateway"
 FIRMWARE_NAME = "demo-firmware"
 FIRMWARE_VERSION = "1.0"
 FAIL_REASON = "demo: flash write error (this child fails on purpose)"
 FLAKY_REASON = "demo: flash verify error (flaky child, retried)"
 MAX_LIVE_ROWS = 24
-STOP_GRACE_S = 10.0
 _REFRESH_S = 0.25
 
 BrokerChoice = Literal["auto", "mosquitto", "embedded"]
@@ -186,15 +191,6 @@ class Fleet:
         return sum(view.bytes_total for view in self.views.values())
 
 
-# --- processes ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 # --- the broker ---------------------------------------------------------------------------
 
 # where Debian puts mosquitto, often not on a user's PATH
@@ -241,7 +237,7 @@ class DemoBroker:
         if self.kind == "embedded":
             return embedded_broker_process(home)
         assert self.mosquitto is not None
-        return mosquitto_process(self.mosquitto, home)
+        return mosquitto_process(self.mosquitto, home, max_queued=100_000)
 
 
 def choose_broker(choice: BrokerChoice, mosquitto: str | None, embedded: bool) -> DemoBroker:
@@ -255,126 +251,6 @@ def choose_broker(choice: BrokerChoice, mosquitto: str | None, embedded: bool) -
 
 def find_broker(choice: BrokerChoice) -> DemoBroker:
     return choose_broker(choice, find_mosquitto(), embedded_broker_installed())
-
-
-class ChildProcess:
-    """A subprocess in a process group of its own (Ctrl-C reaches only us: we stop it)."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log_path.open("ab") as output:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-                start_new_session=True,
-            )
-        _STARTED.add(self)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    async def stop(self) -> None:
-        """SIGTERM to its group, SIGKILL after STOP_GRACE_S."""
-        process = self.process
-        if process is None:
-            return
-        try:
-            if process.returncode is None:
-                self._signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(STOP_GRACE_S):
-                        await process.wait()
-                except TimeoutError:
-                    log.warning("%s did not stop within %.0f s: killed", self.name, STOP_GRACE_S)
-                    self._signal(signal.SIGKILL)
-                    await process.wait()
-        finally:
-            self.kill_now()
-
-    def kill_now(self) -> None:
-        """Synchronous last resort: SIGKILL the group if it still runs."""
-        _STARTED.discard(self)
-        if self.running:
-            self._signal(signal.SIGKILL)
-
-    def _signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signum)
-
-
-_STARTED: set[ChildProcess] = set()
-
-
-def kill_leftovers() -> None:
-    """Kill every process the demo started and did not stop (e.g. the loop was torn down)."""
-    for process in list(_STARTED):
-        process.kill_now()
-
-
-async def wait_listening(port: int, process: ChildProcess, limit_s: float = 15.0) -> None:
-    """Poll until something accepts on `port` (a TCP listener has no event to await)."""
-    async with asyncio.timeout(limit_s):
-        while True:
-            if not process.running:
-                raise TedgeFirmwareError(f"{process.name} exited at start:\n{process.tail()}")
-            try:
-                _, writer = await asyncio.open_connection(HOST, port)
-            except OSError:
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
-
-
-@contextlib.asynccontextmanager
-async def running(process: ChildProcess, port: int | None = None) -> AsyncIterator[ChildProcess]:
-    await process.start()
-    try:
-        if port is not None:
-            await wait_listening(port, process)
-        yield process
-    finally:
-        await asyncio.shield(process.stop())
-
-
-def mosquitto_process(binary: str, home: Path) -> tuple[ChildProcess, int]:
-    port = free_port()
-    conf = home / "mosquitto.conf"
-    # as root mosquitto would switch to the `mosquitto` user, who cannot write our temp dir
-    run_as = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(
-        f"listener {port} {HOST}\n"
-        "allow_anonymous true\n"
-        f"{run_as}"
-        "persistence false\n"
-        "set_tcp_nodelay true\n"
-        "max_queued_messages 100000\n"
-        f"log_dest file {home}/mosquitto.log\n"
-        "log_type error\nlog_type warning\n"
-    )
-    return ChildProcess("mosquitto", [binary, "-c", str(conf)], home / "mosquitto.out"), port
 
 
 def embedded_broker_process(home: Path) -> tuple[ChildProcess, int]:
