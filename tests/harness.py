@@ -126,7 +126,14 @@ async def observer(port: int, topics: Iterable[str] = WATCHED) -> AsyncIterator[
 
 
 def write_config(
-    config_dir: Path, data_path: Path, mqtt_port: int, http_port: int, *, timeout: int = 3600, extra: str = ""
+    config_dir: Path,
+    data_path: Path,
+    mqtt_port: int,
+    http_port: int,
+    *,
+    timeout: int = 3600,
+    extra: str = "",
+    tenant: str = "c8y.tenant.io",
 ) -> None:
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "tedge.toml").write_text(
@@ -135,7 +142,7 @@ version = "2"
 [device]
 id = "parent-device"
 [c8y]
-url = "c8y.tenant.io"
+url = "{tenant}"
 [mqtt.client]
 host = "127.0.0.1"
 port = {mqtt_port}
@@ -148,6 +155,18 @@ path = "{data_path}"
 timeout = {timeout}
 {extra}"""
     )
+
+
+def write_simulated_tenant_config(
+    config_dir: Path, data_path: Path, mqtt_port: int, http_port: int, children: Iterable[str]
+) -> None:
+    """A gateway whose tenant is the simulator on 127.0.0.1 (so its binaries get the JWT),
+    with `children` declaring c8y_Firmware in operation files."""
+    write_config(config_dir, data_path, mqtt_port, http_port, tenant="127.0.0.1")
+    for child in children:
+        operations = config_dir / "operations" / "c8y" / child
+        operations.mkdir(parents=True)
+        (operations / "c8y_Firmware").touch()
 
 
 def load(config_dir: Path):  # type: ignore[no-untyped-def]

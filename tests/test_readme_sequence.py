@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from brokers import Broker
-from harness import Gateway, Observer, observer, req_topic, res_topic, write_config
+from harness import Gateway, Observer, observer, req_topic, res_topic, write_simulated_tenant_config
 from tedge_firmware.sim import C8ySimulator, OperationStatus
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -98,13 +98,8 @@ def child_says(lines: list[Line], status: str) -> Line:
 async def test_the_readme_sequence_is_what_happens(broker: Broker, tmp_path: Path, unused_port: int) -> None:
     lines = readme_sequence()
     config_dir, data = tmp_path / "etc", tmp_path / "data"
-    write_config(config_dir, data, broker.port, unused_port)
-    toml = config_dir / "tedge.toml"
-    # the binaries are the tenant's own, so the gateway asks for a JWT
-    toml.write_text(toml.read_text().replace('url = "c8y.tenant.io"', 'url = "127.0.0.1"'))
-    operations = config_dir / "operations" / "c8y" / CHILD
-    operations.mkdir(parents=True)
-    (operations / "c8y_Firmware").touch()
+    # the binaries are the tenant's own, so the gateway asks for a JWT and sends it
+    write_simulated_tenant_config(config_dir, data, broker.port, unused_port, [CHILD])
     async with observer(broker.port, ["#"]) as watch, C8ySimulator(
         mqtt_port=broker.port, gateway_id="parent-device", require_token=True
     ) as sim:

@@ -16,7 +16,15 @@ import aiohttp
 import pytest
 
 from brokers import Broker
-from harness import Gateway, Observer, observer, req_topic, res_topic, sha256, write_config
+from harness import (
+    Gateway,
+    Observer,
+    observer,
+    req_topic,
+    res_topic,
+    sha256,
+    write_simulated_tenant_config,
+)
 from tedge_firmware.sim import C8ySimulator, FileFaults, Firmware, OperationStatus
 
 CHILD = "child1"
@@ -33,13 +41,8 @@ class Stack:
 @pytest.fixture
 async def stack(broker: Broker, tmp_path: Path, unused_port: int) -> AsyncIterator[Stack]:
     config_dir, data = tmp_path / "etc", tmp_path / "data"
-    write_config(config_dir, data, broker.port, unused_port)
-    # the binaries are the tenant's own: the gateway may send its JWT to the simulator's host
-    toml = config_dir / "tedge.toml"
-    toml.write_text(toml.read_text().replace('url = "c8y.tenant.io"', 'url = "127.0.0.1"'))
-    operations = config_dir / "operations" / "c8y" / CHILD
-    operations.mkdir(parents=True)
-    (operations / "c8y_Firmware").touch()
+    # the binaries are the tenant's own, so the gateway asks for a JWT and sends it
+    write_simulated_tenant_config(config_dir, data, broker.port, unused_port, [CHILD])
     async with C8ySimulator(mqtt_port=broker.port, gateway_id="parent-device", require_token=True) as sim:
         gateway = Gateway(config_dir, data)
         await gateway.start()
