@@ -32,12 +32,12 @@ from typing import TypeVar
 import aiohttp
 import aiomqtt
 
-from tedge_firmware.app import demo
 from tedge_firmware.app.processes import ChildProcess as Process
 from tedge_firmware.app.processes import free_port as free_port
 from tedge_firmware.app.processes import kill_leftovers as kill_leftovers
 from tedge_firmware.app.processes import mosquitto_process
 from tedge_firmware.app.processes import running as running
+from tedge_firmware.core import units
 
 T = TypeVar("T")
 
@@ -52,9 +52,9 @@ CLOUD_TOPIC = "c8y/s/us"
 # --- sizes, numbers, reports -----------------------------------------------------------------
 
 def parse_size(text: str) -> int:
-    """'100MB' → 100_000_000, '1GiB' → 2**30 (the demo's parser, as an argparse type)."""
+    """'100MB' → 100_000_000, '1GiB' → 2**30 (the project's parser, as an argparse type)."""
     try:
-        return demo.parse_size(text)
+        return units.parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

@@ -98,6 +98,8 @@ VALID: dict[str, tuple[str, object]] = {
     "firmware.download.stall_timeout": ("5", 5),
     "firmware.download.retry_budget": ("86400", 86400),
     "firmware.registration.cloud_list_timeout": ("2", 2),
+    "firmware.cache.max_size": ("2GiB", 2 * 2**30),
+    "firmware.cache.max_age": ("2592000", 2592000),
 }
 
 DEFAULTS: dict[str, object] = {
@@ -126,6 +128,8 @@ DEFAULTS: dict[str, object] = {
     "firmware.download.stall_timeout": 60,
     "firmware.download.retry_budget": 21600,
     "firmware.registration.cloud_list_timeout": 5,
+    "firmware.cache.max_size": None,
+    "firmware.cache.max_age": None,
 }
 
 
@@ -162,6 +166,7 @@ def test_defaults_in_the_config_record() -> None:
     assert config.file_transfer_dir == Path("/var/tedge/file-transfer")
     assert config.tmp_path == Path("/tmp")
     assert (config.child_update_timeout, config.download_parallel) == (3600, 4)
+    assert config.cache_limits.unlimited
 
 
 def test_every_key_reaches_the_config_record() -> None:
@@ -192,6 +197,8 @@ def test_every_key_reaches_the_config_record() -> None:
     assert (config.data_path, config.tmp_path) == (Path("/srv/tedge"), Path("/var/tmp"))
     assert (config.child_update_timeout, config.download_parallel) == (1, 1024)
     assert config.registration_cloud_list_timeout == 2
+    assert (config.cache_max_size, config.cache_max_age) == (2 * 2**30, 2592000)
+    assert (config.cache_limits.max_size, config.cache_limits.max_age) == (2 * 2**30, 2592000)
     assert config.c8y_operations_dir == CONFIG_DIR / "operations" / "c8y"
 
 
@@ -404,6 +411,25 @@ def test_invalid_port_in_file_names_key_and_file(name: str, bad: object) -> None
 def test_invalid_timeout(bad: str) -> None:
     with pytest.raises(ConfigError, match=r"firmware\.child\.update\.timeout"):
         validate_value("firmware.child.update.timeout", bad)
+
+
+@pytest.mark.parametrize(
+    "bad", ["0", "0MB", "-1", "2 GiB of disk", "1e9", "2XB", "", "1,5GB", "\u0662GB", "5\nGB"]
+)
+def test_invalid_cache_max_size(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"firmware\.cache\.max_size"):
+        validate_value("firmware.cache.max_size", bad)
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, [1], {"a": 1}, -3])
+def test_invalid_cache_max_size_in_file(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"firmware\.cache\.max_size.*/x/tedge\.toml"):
+        from_doc(nested("firmware.cache.max_size", bad))
+
+
+@pytest.mark.parametrize(("text", "size"), [("1", 1), ("500MB", 500 * 10**6), ("1.5GiB", 3 * 2**29)])
+def test_cache_max_size_units(text: str, size: int) -> None:
+    assert validate_value("firmware.cache.max_size", text) == size
 
 
 @pytest.mark.parametrize("bad", ["0", "1025", "-1", "many"])

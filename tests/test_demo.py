@@ -27,8 +27,8 @@ from tedge_firmware.app.demo import (
     DemoOptions,
     child_roles,
     choose_broker,
-    parse_size,
 )
+from tedge_firmware.core.units import parse_size
 from tedge_firmware.errors import ConfigError
 
 DEMO = [sys.executable, "-m", "tedge_firmware", "demo"]

@@ -27,7 +27,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -58,6 +57,7 @@ from tedge_firmware.connector import (
     Phase,
     Progress,
 )
+from tedge_firmware.core.units import format_size
 from tedge_firmware.errors import ConfigError, TedgeFirmwareError
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, FileFaults, Operation, OperationStatus
 
@@ -75,28 +75,6 @@ BrokerChoice = Literal["auto", "mosquitto", "embedded"]
 BrokerKind = Literal["mosquitto", "embedded"]
 BROKER_CHOICES: tuple[BrokerChoice, ...] = ("auto", "mosquitto", "embedded")
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
-          "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
-
-
-def parse_size(text: str) -> int:
-    """'64MiB' → 67108864, '1MB' → 1000000 (K/M/G decimal, KiB/MiB/GiB binary); ValueError."""
-    match = _SIZE.fullmatch(text)
-    unit = match.group(2).upper() if match else ""
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (e.g. 64MiB, 1MB, 500KiB)")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise ValueError(f"the size must be at least 1 byte: {text!r}")
-    return size
-
-
-def format_size(size: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size:.0f} B"
 
 
 @dataclass(frozen=True)

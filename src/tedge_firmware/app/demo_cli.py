@@ -9,7 +9,8 @@ from typing import cast
 
 import click
 
-from tedge_firmware.app.demo import BROKER_CHOICES, BrokerChoice, DemoOptions, main, parse_size
+from tedge_firmware.app.demo import BROKER_CHOICES, BrokerChoice, DemoOptions, main
+from tedge_firmware.core.units import parse_size
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:

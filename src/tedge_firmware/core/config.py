@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tedge_firmware.core.cache_policy import CacheLimits
+from tedge_firmware.core.units import parse_size
 from tedge_firmware.errors import ConfigError
 
 DEFAULT_CONFIG_DIR = Path("/etc/tedge")
@@ -87,6 +89,16 @@ def _is_ipv6(text: str) -> bool:
 _port = _int_in(1, 65535, "a port number (1-65535)")
 _seconds = _int_in(1, 10 * 365 * 24 * 3600, "a positive whole number of seconds")
 _count = _int_in(1, 1024, "a whole number from 1 to 1024")
+
+
+def _size(key: str, value: object) -> int:
+    """Bytes: a whole number, or with a unit (`500MB`, `2GiB`)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ConfigError(f"invalid value for '{key}': {value!r} is not a size (e.g. 2GiB)")
+    try:
+        return parse_size(_text(key, value) if isinstance(value, str) else str(value))
+    except ValueError as error:
+        raise ConfigError(f"invalid value for '{key}': {error}") from None
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,16 @@ KEYS: tuple[KeySpec, ...] = (
         _seconds,
         "Seconds a download may keep failing without progress before its operations fail",
         "21600",
+    ),
+    KeySpec(
+        "firmware.cache.max_size",
+        _size,
+        "Cached firmware kept at most, in bytes (2GiB, 500MB); least recently used goes first",
+    ),
+    KeySpec(
+        "firmware.cache.max_age",
+        _seconds,
+        "Seconds a cached firmware is kept after its last use",
     ),
     KeySpec(
         "firmware.registration.cloud_list_timeout",
@@ -369,6 +391,12 @@ class TedgeConfig:
     download_stall_timeout: int
     download_retry_budget: int
     registration_cloud_list_timeout: int
+    cache_max_size: int | None = None
+    cache_max_age: int | None = None
+
+    @property
+    def cache_limits(self) -> CacheLimits:
+        return CacheLimits(max_size=self.cache_max_size, max_age=self.cache_max_age)
 
     @property
     def cache_dir(self) -> Path:
@@ -486,4 +514,6 @@ def config_from_document(
         download_stall_timeout=get("firmware.download.stall_timeout"),
         download_retry_budget=get("firmware.download.retry_budget"),
         registration_cloud_list_timeout=get("firmware.registration.cloud_list_timeout"),
+        cache_max_size=get("firmware.cache.max_size"),
+        cache_max_age=get("firmware.cache.max_age"),
     )
