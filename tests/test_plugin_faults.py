@@ -188,6 +188,10 @@ async def test_hostile_input_is_skipped_and_the_next_operation_works(
         assert await obs.next("c8y/s/us") == b"500"
         for payload in HOSTILE_DS:
             await obs.publish("c8y/s/ds", payload)
+        # the one well-formed operation among them fails on its URL, with a reason, at once
+        executing, failed = await obs.sequence(us("child-x"), 2)
+        assert executing == E501
+        assert failed.startswith(b'502,c8y_Firmware,"Download from ') and b"invalid url" in failed
         for topic, payload in HOSTILE_RESPONSES:
             await obs.publish(topic, payload)
         await obs.silence(1.0)

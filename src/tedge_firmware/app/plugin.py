@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from tedge_firmware.app.cache_keeper import CacheKeeper
 from tedge_firmware.core import smartrest, topics
 from tedge_firmware.core.config import TedgeConfig
 from tedge_firmware.core.messages import (
@@ -218,11 +219,14 @@ class FirmwarePlugin:
         self.store = operation_store(config.firmware_dir)
         self.fetching = fetch_store(config.firmware_dir)
         self.cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
+        self.fetches: dict[str, _Fetch] = {}
+        self.cache_keeper = CacheKeeper(
+            self.cache, config.cache_limits, pinned=lambda: self.fetches.keys()
+        )
         self.jwt = JwtBroker(publisher, self.options)
         self.timers = Timers()
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
         self.operations: dict[str, LiveOperation] = {}
-        self.fetches: dict[str, _Fetch] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -247,6 +251,7 @@ class FirmwarePlugin:
                 log.info("resuming the firmware download after restart %s", operation.context())
                 self._join_fetch(operation)
         self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
+        self.cache_keeper.start()
 
     def _usable_child(self, child_id: str, path: Path) -> bool:
         problem = topics.child_id_problem(child_id)
@@ -283,6 +288,7 @@ class FirmwarePlugin:
 
     async def close(self) -> None:
         self.timers.cancel_all()
+        await self.cache_keeper.close()
         tasks = [fetch.task for fetch in self.fetches.values() if fetch.task is not None]
         for task in tasks:
             task.cancel()
@@ -425,12 +431,24 @@ class FirmwarePlugin:
     async def _obtain(self, file_id: str, url: str) -> str:
         entry = self.cache.entry(file_id)
         await asyncio.to_thread(self.config.cache_dir.mkdir, parents=True, exist_ok=True)
-        if self.cache.is_cached(file_id):
+        cached = await asyncio.to_thread(self._cached_sha256, file_id)
+        if cached is not None:
             log.info("firmware found in cache %s for %s", entry, url)
-            return await asyncio.to_thread(sha256_of_file, entry)
+            return cached
         token = await self.jwt.token() if self._is_tenant_url(url) else None
         result = await self.fetcher.download(url, entry, token=token)
         return result.sha256
+
+    def _cached_sha256(self, file_id: str) -> str | None:
+        """The digest of the cached entry, counted as a use; None when it is not (or no
+        longer: evicted meanwhile) in the cache."""
+        if not self.cache.is_cached(file_id):
+            return None
+        try:
+            self.cache.touch(file_id)
+            return sha256_of_file(self.cache.entry(file_id))
+        except FileNotFoundError:
+            return None
 
     def _is_tenant_url(self, url: str) -> bool:
         """JWT only for the tenant's own host (port ignored), never for anyone else."""
@@ -453,6 +471,8 @@ class FirmwarePlugin:
                 self._abort(operation, done.reason or f"Download from {operation.url} failed")
             else:
                 self._send_first_request(operation, done.sha256)
+        if done.sha256 is not None:
+            self.cache_keeper.request()  # the cache grew; the new entry is published by now
 
     # ---- requests to the child ----------------------------------------------------------
 
@@ -474,6 +494,14 @@ class FirmwarePlugin:
             self.fetching.delete(operation.op_id)
         except StoreError as error:
             self._abort(operation, str(error))
+            return
+        except FileNotFoundError:
+            # evicted between the download (or cache hit) and now, e.g. by `cache prune`
+            log.info(
+                "cached firmware gone before it was published: downloading it again %s",
+                operation.context(),
+            )
+            self._join_fetch(operation)
             return
         except OSError as error:
             self._abort(operation, f"Cannot publish the firmware to the child: {error}")
@@ -585,6 +613,7 @@ class FirmwarePlugin:
         )
         if not still_used:
             self.cache.unpublish(operation.child_id, operation.file_id)
+            self.cache_keeper.request()  # the entry may be free to go now
         log.info("operation %s %s", operation.state.value, operation.context())
 
 

@@ -15,7 +15,7 @@ for an operation (the caller records it as the entry's modification time).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -65,16 +65,22 @@ class Eviction:
 
 
 def plan_eviction(
-    entries: Iterable[CacheEntry], limits: CacheLimits, now: float
+    entries: Iterable[CacheEntry],
+    limits: CacheLimits,
+    now: float,
+    keep: Collection[str] = frozenset(),
 ) -> list[Eviction]:
     """The entries to drop, oldest use first: too old ones, then the least recently used until
-    the rest fits in `max_size`. Entries in use are never part of the plan."""
+    the rest fits in `max_size`. Entries in use, and those named in `keep` (e.g. just
+    downloaded and about to be published), are never part of the plan; they still count
+    towards the size."""
     ordered = sorted(entries, key=lambda entry: (entry.last_used, entry.file_id))
     plan: list[Eviction] = []
     kept: list[CacheEntry] = []
     for entry in ordered:
+        evictable = not entry.in_use and entry.file_id not in keep
         too_old = limits.max_age is not None and now - entry.last_used > limits.max_age
-        if too_old and not entry.in_use:
+        if too_old and evictable:
             plan.append(Eviction(entry, EvictionReason.AGE))
         else:
             kept.append(entry)
@@ -83,7 +89,7 @@ def plan_eviction(
         for entry in kept:
             if excess <= 0:
                 break
-            if not entry.in_use:
+            if not entry.in_use and entry.file_id not in keep:
                 plan.append(Eviction(entry, EvictionReason.SIZE))
                 excess -= entry.size
     return plan

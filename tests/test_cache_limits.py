@@ -1,0 +1,270 @@
+"""The firmware cache keeps within `firmware.cache.max_size` / `max_age` (DESIGN "Our behaviour"
+item 13): the pure policy, the cache on real files, and the gateway end to end over a real
+broker, where an entry published to a child is never removed while its operation runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from brokers import Broker, free_port
+from harness import FirmwareServer, Gateway, Observer, observer, req_topic, res_topic, write_config
+from tedge_firmware.core.cache_policy import (
+    CacheEntry,
+    CacheLimits,
+    EvictionReason,
+    plan_clear,
+    plan_eviction,
+)
+from tedge_firmware.core.operation import file_id_for_url
+from tedge_firmware.shell.cache import FirmwareCache
+
+HOUR = 3600.0
+NOW = 1_800_000_000.0
+
+
+def entry(name: str, size: int, age: float, *children: str) -> CacheEntry:
+    return CacheEntry(name, size, NOW - age, tuple(children))
+
+
+def planned(entries: list[CacheEntry], limits: CacheLimits, keep: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    return [(e.entry.file_id, e.reason.name) for e in plan_eviction(entries, limits, NOW, keep)]
+
+
+# --- the policy ------------------------------------------------------------------------------
+
+
+def test_no_limits_keep_everything() -> None:
+    entries = [entry("a", 10**9, 100 * HOUR), entry("b", 10**9, 0)]
+    assert planned(entries, CacheLimits()) == []
+
+
+def test_size_limit_drops_least_recently_used_first_until_it_fits() -> None:
+    entries = [entry("new", 40, 1), entry("old", 40, 3 * HOUR), entry("mid", 40, 2 * HOUR)]
+    assert planned(entries, CacheLimits(max_size=100)) == [("old", "SIZE")]
+    assert planned(entries, CacheLimits(max_size=40)) == [("old", "SIZE"), ("mid", "SIZE")]
+    assert planned(entries, CacheLimits(max_size=120)) == []
+
+
+def test_age_limit_drops_entries_not_used_for_longer() -> None:
+    entries = [entry("stale", 1, 2 * HOUR), entry("fresh", 1, 0.5 * HOUR), entry("edge", 1, HOUR)]
+    assert planned(entries, CacheLimits(max_age=HOUR)) == [("stale", "AGE")]
+
+
+def test_entries_in_use_or_kept_are_never_planned_but_count_towards_the_size() -> None:
+    entries = [entry("busy", 100, 5 * HOUR, "child1"), entry("a", 30, 2 * HOUR), entry("b", 30, 1)]
+    # the busy one alone is above the limit: everything else goes, the busy one stays
+    assert planned(entries, CacheLimits(max_size=50, max_age=HOUR)) == [("a", "AGE"), ("b", "SIZE")]
+    assert planned(entries, CacheLimits(max_size=50), keep=frozenset({"b"})) == [("a", "SIZE")]
+    cleared = plan_clear(entries)
+    assert [(e.entry.file_id, e.reason) for e in cleared] == [
+        ("a", EvictionReason.REQUESTED),
+        ("b", EvictionReason.REQUESTED),
+    ]
+
+
+def test_limits_refuse_negative_values() -> None:
+    with pytest.raises(ValueError):
+        CacheLimits(max_size=-1)
+    with pytest.raises(ValueError):
+        CacheLimits(max_age=-1)
+
+
+# --- the cache on real files -----------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> FirmwareCache:
+    (tmp_path / "cache").mkdir()
+    return FirmwareCache(tmp_path / "cache", tmp_path / "file-transfer")
+
+
+def test_touch_records_a_use_and_keeps_the_etag_inputs(cache: FirmwareCache) -> None:
+    path = cache.entry("a")
+    path.write_bytes(b"x" * 10)
+    os.utime(path, (NOW - 10 * HOUR, NOW - 20 * HOUR))
+    before = os.stat(path)
+    cache.touch("a")
+    after = os.stat(path)
+    assert after.st_mtime_ns == before.st_mtime_ns and after.st_ino == before.st_ino  # same ETag
+    assert after.st_atime > time.time() - 60
+    assert [e.last_used for e in cache.entries()] == [after.st_atime]
+
+
+def test_entries_are_complete_files_with_the_children_they_are_published_to(cache: FirmwareCache) -> None:
+    for name in ("a", "b", "c.part", "c.part.json", "c.part.json.tmp", ".hidden"):
+        cache.entry(name).write_bytes(b"12345")
+    (cache.cache_dir / "subdir").mkdir()
+    os.symlink(cache.entry("a"), cache.entry("alias"))
+    cache.publish("child1", "a")
+    cache.publish("child2", "a")
+    found = {e.file_id: (e.size, e.children) for e in cache.entries()}
+    assert found == {"a": (5, ("child1", "child2")), "b": (5, ())}
+
+
+def test_evict_removes_only_what_no_child_is_linked_to(cache: FirmwareCache) -> None:
+    cache.entry("a").write_bytes(b"1")
+    cache.entry("b").write_bytes(b"2")
+    cache.publish("child1", "a")
+    assert not cache.evict("a") and cache.entry("a").exists()
+    assert cache.evict("b") and not cache.entry("b").exists()
+    assert not cache.evict("b")  # already gone
+    cache.unpublish("child1", "a")
+    assert cache.evict("a") and not cache.entry("a").exists()
+
+
+def test_publishing_an_evicted_entry_fails_without_leaving_a_link(cache: FirmwareCache) -> None:
+    with pytest.raises(FileNotFoundError):
+        cache.publish("child1", "gone")
+    assert not cache.link_path("child1", "gone").is_symlink()
+
+
+# --- the gateway -----------------------------------------------------------------------------
+
+
+class KeeperLog(logging.Handler):
+    """The keeper's log lines, awaitable: a removal is logged once it is done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(logging.INFO)
+        self.loop = loop
+        self.lines: list[str] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:  # called in the keeper's worker thread
+        self.loop.call_soon_threadsafe(self._add, record.getMessage())
+
+    def _add(self, line: str) -> None:
+        self.lines.append(line)
+        self.changed.set()
+
+    async def wait_for(self, text: str, limit_s: float = 10.0) -> str:
+        async with asyncio.timeout(limit_s):
+            while True:
+                found = [line for line in self.lines if text in line]
+                if found:
+                    return found[0]
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+def keeper_log() -> Iterator[KeeperLog]:
+    handler = KeeperLog(asyncio.get_event_loop())
+    logger = logging.getLogger("tedge_firmware.app.cache_keeper")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class Stack:
+    def __init__(self, tmp_path: Path, broker: Broker, cloud: FirmwareServer) -> None:
+        self.data = tmp_path / "data"
+        self.config_dir = tmp_path / "etc"
+        self.broker = broker
+        self.cloud = cloud
+        self.http_port = free_port()
+        self.gateway = Gateway(self.config_dir, self.data)
+
+    def configure(self, limits: str) -> None:
+        write_config(self.config_dir, self.data, self.broker.port, self.http_port, extra=limits)
+
+    async def start(self, obs: Observer) -> None:
+        """Start the gateway and wait for its 500: it is subscribed by then."""
+        await self.gateway.start()
+        assert await obs.next("c8y/s/us", timeout=15) == b"500"
+
+    def cached(self, name: str) -> Path:
+        return self.data / "cache" / file_id_for_url(self.cloud.url(name))
+
+    async def operation(self, obs: Observer, child: str, name: str) -> dict[str, object]:
+        await obs.publish("c8y/s/ds", f"515,{child},{name},1.0,{self.cloud.url(name)}")
+        return json.loads(await obs.next(req_topic(child), timeout=15))  # type: ignore[no-any-return]
+
+    async def succeed(self, obs: Observer, child: str, op_id: object) -> None:
+        await obs.publish(res_topic(child), json.dumps({"id": op_id, "status": "successful"}))
+        await obs.next(f"c8y/s/us/{child}", timeout=10)  # 501
+        await obs.next(f"c8y/s/us/{child}", timeout=10)  # 115
+        assert await obs.next(f"c8y/s/us/{child}", timeout=10) == b"503,c8y_Firmware,\n"
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, broker: Broker) -> AsyncIterator[Stack]:
+    cloud = FirmwareServer()
+    cloud.files.update({"a.bin": b"A" * 100_000, "b.bin": b"B" * 100_000})
+    await cloud.start()
+    instance = Stack(tmp_path, broker, cloud)
+    try:
+        yield instance
+    finally:
+        await instance.gateway.stop()
+        await cloud.stop()
+
+
+async def test_above_max_size_the_least_recently_used_free_firmware_goes(stack: Stack, keeper_log: KeeperLog) -> None:
+    stack.configure("[firmware.cache]\nmax_size = 150000\n")
+    async with observer(stack.broker.port, [req_topic("c1"), req_topic("c2"), "c8y/s/us/+", "c8y/s/us"]) as obs:
+        await stack.start(obs)
+        first = await stack.operation(obs, "c1", "a.bin")
+        await stack.succeed(obs, "c1", first["id"])
+        await stack.operation(obs, "c2", "b.bin")  # 200 kB cached now, a.bin is free
+        line = await keeper_log.wait_for(f"removed {stack.cached('a.bin').name}")
+        assert "least recently used" in line
+        assert not stack.cached("a.bin").exists()
+        assert stack.cached("b.bin").stat().st_size == 100_000  # in use by c2: kept
+
+
+async def test_firmware_in_use_stays_even_above_the_limit_and_goes_when_its_operation_ends(
+    stack: Stack, keeper_log: KeeperLog
+) -> None:
+    stack.configure("[firmware.cache]\nmax_size = 1000\n")  # smaller than one firmware
+    async with observer(stack.broker.port, [req_topic("c1"), "c8y/s/us/+", "c8y/s/us"]) as obs:
+        await stack.start(obs)
+        request = await stack.operation(obs, "c1", "a.bin")
+        async with aiohttp.ClientSession() as client, client.get(str(request["url"])) as response:
+            assert response.status == 200
+            assert await response.read() == b"A" * 100_000  # still there for the child
+        assert stack.cached("a.bin").exists()
+        assert not any("removed" in line for line in keeper_log.lines)
+        await stack.succeed(obs, "c1", request["id"])
+        await keeper_log.wait_for(f"removed {stack.cached('a.bin').name}")
+        assert not stack.cached("a.bin").exists()
+
+
+async def test_at_start_firmware_unused_for_longer_than_max_age_goes(stack: Stack, keeper_log: KeeperLog) -> None:
+    stack.configure("[firmware.cache]\nmax_age = 3600\n")
+    cache = stack.data / "cache"
+    cache.mkdir(parents=True)
+    stale, fresh = cache / ("1" * 64), cache / ("2" * 64)
+    for path in (stale, fresh):
+        path.write_bytes(b"firmware")
+    os.utime(stale, (time.time() - 2 * HOUR, time.time() - 2 * HOUR))
+    async with observer(stack.broker.port, ["c8y/s/us"]) as obs:
+        await stack.start(obs)
+        line = await keeper_log.wait_for(f"removed {stale.name}")
+        assert "max age" in line
+        assert not stale.exists() and fresh.exists()
+
+
+async def test_without_limits_the_cache_keeps_everything(stack: Stack, keeper_log: KeeperLog) -> None:
+    stack.configure("")
+    async with observer(stack.broker.port, [req_topic("c1"), "c8y/s/us/+", "c8y/s/us"]) as obs:
+        await stack.start(obs)
+        for name in ("a.bin", "b.bin"):
+            request = await stack.operation(obs, "c1", name)
+            await stack.succeed(obs, "c1", request["id"])
+        assert stack.cached("a.bin").exists() and stack.cached("b.bin").exists()
+        assert keeper_log.lines == []
