@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +17,7 @@ import pytest
 
 from brokers import Broker, free_port
 from harness import FirmwareServer, Gateway, Observer, observer, req_topic, res_topic, write_config
+from tedge_firmware.app.cache_keeper import CacheKeeper
 from tedge_firmware.core.cache_policy import (
     CacheEntry,
     CacheLimits,
@@ -157,8 +158,8 @@ class KeeperLog(logging.Handler):
 
 
 @pytest.fixture
-def keeper_log() -> Iterator[KeeperLog]:
-    handler = KeeperLog(asyncio.get_event_loop())
+async def keeper_log() -> AsyncIterator[KeeperLog]:
+    handler = KeeperLog(asyncio.get_running_loop())
     logger = logging.getLogger("tedge_firmware.app.cache_keeper")
     logger.addHandler(handler)
     level = logger.level
@@ -268,3 +269,20 @@ async def test_without_limits_the_cache_keeps_everything(stack: Stack, keeper_lo
             await stack.succeed(obs, "c1", request["id"])
         assert stack.cached("a.bin").exists() and stack.cached("b.bin").exists()
         assert keeper_log.lines == []
+
+
+async def test_the_age_limit_is_applied_now_and_then_without_other_reasons(
+    cache: FirmwareCache, keeper_log: KeeperLog
+) -> None:
+    clock = [time.time()]
+    keeper = CacheKeeper(cache, CacheLimits(max_age=HOUR), clock=lambda: clock[0], age_check_interval=0.05)
+    cache.entry("a").write_bytes(b"firmware")
+    keeper.start()
+    try:
+        await keeper.idle()
+        assert cache.entry("a").exists()  # used just now
+        clock[0] += 2 * HOUR  # two hours later, with no download and no operation ending
+        await keeper_log.wait_for("removed a")
+        assert not cache.entry("a").exists()
+    finally:
+        await keeper.close()
