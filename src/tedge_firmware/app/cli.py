@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from tedge_firmware import __version__
+from tedge_firmware.app.admin_cli import cache_group, ops_group
 from tedge_firmware.app.cli_support import load_or_exit, run_service
 from tedge_firmware.app.config_cli import config_group
 from tedge_firmware.app.connector_cli import connector_command
@@ -145,6 +146,8 @@ def registration_command(ctx: click.Context, config_dir: Path | None, debug: boo
 
 
 main_group.add_command(config_group)
+main_group.add_command(cache_group)
+main_group.add_command(ops_group)
 main_group.add_command(connector_command)
 main_group.add_command(c8y_sim_group)
 main_group.add_command(demo_command)

@@ -4,6 +4,7 @@
 `data.path/firmware/.fetching/<op_id>` holds an operation still waiting for its download, so a
 restart resumes the download instead of losing the operation. A corrupt file never stops the
 service: it is moved aside to `.corrupt/` and logged, so an operator can look at it.
+`scan()` reads the same files without changing anything, for `tedge-firmware ops list`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -31,6 +33,16 @@ class _Record(Protocol):
 
 
 R = TypeVar("R", bound=_Record)
+
+
+@dataclass(frozen=True)
+class StoredFile(Generic[R]):
+    """One file of a store as found on disk: its record, or why it cannot be used."""
+
+    path: Path
+    record: R | None
+    problem: str | None  # None exactly when `record` is set
+    modified: float | None  # mtime, seconds since the epoch; None when it cannot be read
 
 
 class RecordStore(Generic[R]):
@@ -70,23 +82,43 @@ class RecordStore(Generic[R]):
 
     def load_all(self) -> list[R]:
         """Every valid record; corrupt ones are quarantined. Sorted by name for a stable order."""
+        records = []
+        for found in self.scan():
+            if found.record is None:
+                self.quarantine(found.path, found.problem or "unreadable")
+            else:
+                records.append(found.record)
+        return records
+
+    def scan(self) -> list[StoredFile[R]]:
+        """Every operation file, read but left as it is (corrupt ones too), sorted by name.
+
+        A file removed between listing and reading (its operation ended meanwhile) is left out.
+        OSError when the directory itself cannot be listed."""
         if not self.directory.is_dir():
             return []
-        records = []
+        found: list[StoredFile[R]] = []
         for entry in sorted(self.directory.iterdir()):
             if entry.name.startswith(".") or not entry.is_file() or entry.is_symlink():
                 continue
-            try:
-                record = self._parse(entry.read_bytes())
-                if record.operation_id != entry.name:
-                    raise StoreError(
-                        f"operation_id {record.operation_id!r} differs from the file name"
-                    )
-            except (StoreError, OSError) as error:
-                self.quarantine(entry, str(error))
-                continue
-            records.append(record)
-        return records
+            stored = self._read(entry)
+            if stored is not None:
+                found.append(stored)
+        return found
+
+    def _read(self, entry: Path) -> StoredFile[R] | None:
+        """The file's record, or why it is unusable; None when the file is gone."""
+        modified = None
+        try:
+            modified = entry.stat().st_mtime
+            record = self._parse(entry.read_bytes())
+            if record.operation_id != entry.name:
+                raise StoreError(f"operation_id {record.operation_id!r} differs from the file name")
+        except FileNotFoundError:
+            return None
+        except (StoreError, OSError) as error:
+            return StoredFile(entry, None, str(error), modified)
+        return StoredFile(entry, record, None, modified)
 
     def quarantine(self, entry: Path, why: str) -> None:
         quarantine(entry, f"operation file: {why}")
