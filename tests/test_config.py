@@ -421,6 +421,15 @@ def test_invalid_cache_max_size(bad: str) -> None:
         validate_value("firmware.cache.max_size", bad)
 
 
+@pytest.mark.parametrize("name", ["firmware.cache.max_size", "firmware.cache.max_age", "http.bind.port"])
+@pytest.mark.parametrize("bad", ["9" * 400, "9" * 5000, "9" * 400 + "GiB", "1" * 21])
+def test_huge_numbers_are_a_config_error_not_a_crash(name: str, bad: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"'{name}'")):
+        validate_value(name, bad)
+    with pytest.raises(ConfigError, match=re.escape(f"'{name}'")):
+        from_doc(nested(name, bad))
+
+
 @pytest.mark.parametrize("bad", [True, 1.5, [1], {"a": 1}, -3])
 def test_invalid_cache_max_size_in_file(bad: object) -> None:
     with pytest.raises(ConfigError, match=r"firmware\.cache\.max_size.*/x/tedge\.toml"):

@@ -36,6 +36,9 @@ def _text(key: str, value: object) -> str:
     return text
 
 
+_MAX_DIGITS = 20  # more than any value we accept has
+
+
 def _int_in(low: int, high: int, what: str) -> Parser:
     def parse(key: str, value: object) -> int:
         if isinstance(value, bool):
@@ -44,9 +47,12 @@ def _int_in(low: int, high: int, what: str) -> Parser:
             number = value
         else:
             text = str(value).strip()
-            # Plain ASCII digits only: int() would also take "1_000", "+5" and non-ASCII digits.
+            # Plain ASCII digits only: int() would also take "1_000", "+5" and non-ASCII digits;
+            # and not thousands of them, which int() refuses with a ValueError of its own.
             if not (isinstance(value, str) and text.isascii() and text.isdigit()):
                 raise ConfigError(f"invalid value for '{key}': {value!r} is not {what}")
+            if len(text) > _MAX_DIGITS:
+                raise ConfigError(f"invalid value for '{key}': {text[:20]}… is not {what}")
             number = int(text, 10)
         if not low <= number <= high:
             raise ConfigError(f"invalid value for '{key}': {number} is not {what}")
