@@ -26,7 +26,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from tedge_firmware.app.cli_support import fail, load_or_exit
+from tedge_firmware.app.cli_support import fail, load_for
 from tedge_firmware.core import topics
 from tedge_firmware.core.cache_policy import (
     CacheEntry,
@@ -36,7 +36,7 @@ from tedge_firmware.core.cache_policy import (
     plan_clear,
     plan_eviction,
 )
-from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig, find_key
+from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, find_key
 from tedge_firmware.core.operation import file_id_for_url
 from tedge_firmware.core.units import format_size, parse_size
 from tedge_firmware.errors import TedgeFirmwareError
@@ -59,15 +59,6 @@ config_dir_option = click.option(
 
 
 # --- shared ----------------------------------------------------------------------------------
-
-
-def _load(ctx: click.Context, config_dir: Path | None) -> TedgeConfig:
-    """tedge.toml from --config-dir, else from `tedge-firmware --config-dir`, else the default."""
-    if config_dir is None:
-        root = ctx.find_root().obj
-        found = root.get("config_dir") if isinstance(root, dict) else None
-        config_dir = DEFAULT_CONFIG_DIR if found is None else Path(found)
-    return load_or_exit(config_dir)
 
 
 @contextmanager
@@ -217,7 +208,7 @@ def cache_group() -> None:
 @click.pass_context
 def cache_list_command(ctx: click.Context, config_dir: Path | None) -> None:
     """Cached firmware, least recently used first, with the children it is published to."""
-    config = _load(ctx, config_dir)
+    config = load_for(ctx, config_dir)
     cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
     with _one_line_errors():
         entries = sorted(cache.entries(), key=lambda entry: (entry.last_used, entry.file_id))
@@ -303,7 +294,7 @@ def cache_prune_command(
     size_limit, age_limit = _max_size(max_size), _max_age(max_age)
     if remove_all and (max_size is not None or max_age is not None):
         fail("--all removes every entry not in use: give no --max-size/--max-age", USAGE_ERROR)
-    config = _load(ctx, config_dir)
+    config = load_for(ctx, config_dir)
     configured = config.cache_limits
     limits = CacheLimits(
         max_size=configured.max_size if size_limit is None else size_limit,
@@ -400,7 +391,7 @@ def ops_group() -> None:
 @click.pass_context
 def ops_list_command(ctx: click.Context, config_dir: Path | None) -> None:
     """Operations in progress, oldest first, read from their files (which stay as they are)."""
-    config = _load(ctx, config_dir)
+    config = load_for(ctx, config_dir)
     with _one_line_errors():
         operations, unusable = stored_operations(config.firmware_dir)
         set_aside = _set_aside(config.firmware_dir)

@@ -13,7 +13,7 @@ import click
 
 from tedge_firmware import __version__
 from tedge_firmware.app.admin_cli import cache_group, ops_group
-from tedge_firmware.app.cli_support import load_or_exit, run_service
+from tedge_firmware.app.cli_support import load_for, load_or_exit, run_service
 from tedge_firmware.app.config_cli import config_group
 from tedge_firmware.app.connector_cli import connector_command
 from tedge_firmware.app.demo_cli import demo_command
@@ -85,10 +85,6 @@ def main_group(ctx: click.Context, config_dir: Path) -> None:
     ctx.obj.setdefault("config_dir", config_dir)
 
 
-def _config_dir(ctx: click.Context, config_dir: Path | None) -> Path:
-    return config_dir if config_dir is not None else Path(ctx.obj["config_dir"])
-
-
 sub_config_dir_option = click.option(
     "--config-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -104,7 +100,7 @@ sub_config_dir_option = click.option(
 def run_command(ctx: click.Context, config_dir: Path | None, debug: bool) -> None:
     """The all-in-one service: firmware plugin, file-transfer and child registration."""
     configure_logging(debug)
-    _serve_plugin(load_or_exit(_config_dir(ctx, config_dir)), with_file_transfer=True)
+    _serve_plugin(load_for(ctx, config_dir), with_file_transfer=True)
 
 
 @main_group.command("file-transfer")
@@ -118,7 +114,7 @@ def file_transfer_command(ctx: click.Context, config_dir: Path | None, debug: bo
     from tedge_firmware.app.service import serve_file_transfer
 
     configure_logging(debug)
-    config = load_or_exit(_config_dir(ctx, config_dir))
+    config = load_for(ctx, config_dir)
 
     async def serve(stop: asyncio.Event) -> None:
         await serve_file_transfer(config, stop)
@@ -137,7 +133,7 @@ def registration_command(ctx: click.Context, config_dir: Path | None, debug: boo
     from tedge_firmware.app.registration import RegistrationOptions, serve_registration
 
     configure_logging(debug)
-    config = load_or_exit(_config_dir(ctx, config_dir))
+    config = load_for(ctx, config_dir)
 
     async def serve(stop: asyncio.Event) -> None:
         await serve_registration(config, stop, RegistrationOptions())

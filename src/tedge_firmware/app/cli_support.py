@@ -45,11 +45,18 @@ def config_for_broker(
     """tedge.toml, unless only --mqtt-host/--mqtt-port say where the broker is."""
     if config_dir is None and (mqtt_host is not None or mqtt_port is not None):
         return None
-    if config_dir is None:
-        root = ctx.find_root().obj
-        config_dir = (
-            Path(root["config_dir"])
-            if isinstance(root, dict) and "config_dir" in root
-            else DEFAULT_CONFIG_DIR
-        )
-    return load_or_exit(config_dir)
+    return load_for(ctx, config_dir)
+
+
+def config_dir_for(ctx: click.Context, config_dir: Path | None) -> Path:
+    """A subcommand's --config-dir, else `tedge-firmware --config-dir`, else /etc/tedge."""
+    if config_dir is not None:
+        return config_dir
+    root = ctx.find_root().obj
+    found = root.get("config_dir") if isinstance(root, dict) else None
+    return DEFAULT_CONFIG_DIR if found is None else Path(found)
+
+
+def load_for(ctx: click.Context, config_dir: Path | None) -> TedgeConfig:
+    """The configuration a subcommand works with (see config_dir_for); exit 1 when invalid."""
+    return load_or_exit(config_dir_for(ctx, config_dir))
