@@ -38,6 +38,7 @@ from tedge_firmware.app.processes import kill_leftovers as kill_leftovers
 from tedge_firmware.app.processes import mosquitto_process
 from tedge_firmware.app.processes import running as running
 from tedge_firmware.core import units
+from tedge_firmware.shell.config_file import write_local_config
 
 T = TypeVar("T")
 
@@ -307,25 +308,14 @@ async def mosquitto(
 def write_tedge_config(
     config_dir: Path, data_path: Path, *, mqtt_port: int, http_port: int
 ) -> None:
-    config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / "tedge.toml").write_text(
-        f"""[config]
-version = "2"
-[device]
-id = "bench-gateway"
-[c8y]
-url = "c8y.tenant.invalid"
-[mqtt.client]
-host = "{HOST}"
-port = {mqtt_port}
-[http.bind]
-address = "{HOST}"
-port = {http_port}
-[data]
-path = "{data_path}"
-[firmware.child.update]
-timeout = 3600
-"""
+    # a tenant that resolves nowhere: the benchmark's binaries never get a JWT
+    write_local_config(
+        config_dir,
+        device_id="bench-gateway",
+        tenant="c8y.tenant.invalid",
+        mqtt_port=mqtt_port,
+        http_port=http_port,
+        data_path=data_path,
     )
 
 

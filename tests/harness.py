@@ -25,6 +25,7 @@ from aiohttp import web
 from tedge_firmware.app.plugin import PluginOptions
 from tedge_firmware.app.service import ServiceOptions, serve_plugin
 from tedge_firmware.core.config import config_from_document
+from tedge_firmware.shell.config_file import write_local_config
 
 CHILD = "child-device"
 U = "http://test.domain.com"
@@ -135,25 +136,15 @@ def write_config(
     extra: str = "",
     tenant: str = "c8y.tenant.io",
 ) -> None:
-    config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / "tedge.toml").write_text(
-        f"""[config]
-version = "2"
-[device]
-id = "parent-device"
-[c8y]
-url = "{tenant}"
-[mqtt.client]
-host = "127.0.0.1"
-port = {mqtt_port}
-[http.bind]
-address = "127.0.0.1"
-port = {http_port}
-[data]
-path = "{data_path}"
-[firmware.child.update]
-timeout = {timeout}
-{extra}"""
+    write_local_config(
+        config_dir,
+        device_id="parent-device",
+        tenant=tenant,
+        mqtt_port=mqtt_port,
+        http_port=http_port,
+        data_path=data_path,
+        child_timeout=timeout,
+        extra=extra,
     )
 
 

@@ -51,9 +51,9 @@ class Setup:
         self.cloud = FirmwareServer()
 
     def configure(self, *, timeout: int = 3600, c8y_url: str = "c8y.tenant.io", extra: str = "") -> None:
-        write_config(self.config_dir, self.data, self.broker.port, self.http_port, timeout=timeout, extra=extra)
-        text = (self.config_dir / "tedge.toml").read_text().replace("c8y.tenant.io", c8y_url)
-        (self.config_dir / "tedge.toml").write_text(text)
+        write_config(
+            self.config_dir, self.data, self.broker.port, self.http_port, timeout=timeout, extra=extra, tenant=c8y_url
+        )
 
     def cache_hit(self, url: str = U, content: bytes = b"") -> None:
         (self.data / "cache").mkdir(parents=True, exist_ok=True)

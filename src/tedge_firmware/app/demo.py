@@ -59,6 +59,7 @@ from tedge_firmware.connector import (
 )
 from tedge_firmware.core.units import format_size
 from tedge_firmware.errors import ConfigError, TedgeFirmwareError
+from tedge_firmware.shell.config_file import write_local_config
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, FileFaults, Operation, OperationStatus
 
 log = logging.getLogger(__name__)
@@ -243,24 +244,14 @@ def embedded_broker_process(home: Path) -> tuple[ChildProcess, int]:
 def write_gateway_config(config_dir: Path, data: Path, mqtt_port: int, http_port: int) -> None:
     """The gateway's tedge.toml: the simulator is the tenant (JWT for its host only)."""
     (config_dir / "operations" / "c8y").mkdir(parents=True, exist_ok=True)
-    (config_dir / "tedge.toml").write_text(
-        f"""[config]
-version = "2"
-[device]
-id = "{GATEWAY_ID}"
-[c8y]
-url = "{HOST}"
-[mqtt.client]
-host = "{HOST}"
-port = {mqtt_port}
-[http.bind]
-address = "{HOST}"
-port = {http_port}
-[data]
-path = "{data}"
-[firmware.child.update]
-timeout = 600
-"""
+    write_local_config(
+        config_dir,
+        device_id=GATEWAY_ID,
+        tenant=HOST,
+        mqtt_port=mqtt_port,
+        http_port=http_port,
+        data_path=data,
+        child_timeout=600,
     )
 
 

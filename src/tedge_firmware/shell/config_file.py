@@ -373,3 +373,32 @@ def _copy_metadata(fd: int, previous: os.stat_result | None) -> None:
     # Only root may give the file away; others keep their own ownership.
     with contextlib.suppress(PermissionError):
         os.fchown(fd, previous.st_uid, previous.st_gid)
+
+
+def write_local_config(
+    config_dir: Path,
+    *,
+    device_id: str,
+    tenant: str,
+    mqtt_port: int,
+    http_port: int,
+    data_path: Path,
+    child_timeout: int = 3600,
+    extra: str = "",
+) -> Path:
+    """A tedge.toml for a gateway whose broker and file transfer are on 127.0.0.1 (the demo,
+    the benchmarks, the tests). `extra`: more TOML appended as it is. Values are quoted by
+    tomlkit, so any data path works."""
+    document = {
+        "config": {"version": "2"},
+        "device": {"id": device_id},
+        "c8y": {"url": tenant},
+        "mqtt": {"client": {"host": "127.0.0.1", "port": mqtt_port}},
+        "http": {"bind": {"address": "127.0.0.1", "port": http_port}},
+        "data": {"path": str(data_path)},
+        "firmware": {"child": {"update": {"timeout": child_timeout}}},
+    }
+    config_dir.mkdir(parents=True, exist_ok=True)
+    path = config_dir / CONFIG_FILE_NAME
+    path.write_text(tomlkit.dumps(document) + extra)
+    return path
