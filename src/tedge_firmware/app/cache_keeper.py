@@ -48,7 +48,6 @@ class CacheKeeper:
         self._pass: asyncio.Task[None] | None = None
         self._again = False
         self._ticker: asyncio.Task[None] | None = None
-        self.passes = 0  # completed passes (for tests and logs)
 
     def start(self) -> None:
         """A first pass, and passes now and then when there is an age limit."""
@@ -66,7 +65,7 @@ class CacheKeeper:
             self._again = True
 
     async def idle(self) -> None:
-        """Wait until no pass is running or asked for (tests, shutdown)."""
+        """Wait until no pass is running or asked for (for tests)."""
         while self._pass is not None and not self._pass.done():
             await asyncio.shield(self._pass)
 
@@ -102,7 +101,6 @@ class CacheKeeper:
                 await asyncio.to_thread(self.prune_once, frozenset(self._pinned()))
             except OSError as error:  # the next pass tries again; the service goes on
                 log.warning("cache: cannot apply the limits: %s", error)
-            self.passes += 1
             if not self._again:
                 return
 
