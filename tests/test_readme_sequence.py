@@ -88,6 +88,12 @@ def check(lines: list[Line], log: list[tuple[str, str]]) -> None:
     assert not extra, f"messages on the broker that the README does not show: {extra}"
 
 
+async def health_down(watch: Observer) -> None:
+    """Wait until the gateway's health "down" has reached the observer."""
+    while b'"status":"down"' not in await watch.next("tedge/health/c8y-firmware-plugin", timeout=10):
+        pass
+
+
 def child_says(lines: list[Line], status: str) -> Line:
     """The README's line for what the child sends with this status (there is one of each)."""
     said = [line for line in lines if line.sender == CHILD and f'"status":"{status}"' in line.payload]
@@ -124,6 +130,8 @@ async def test_the_readme_sequence_is_what_happens(broker: Broker, tmp_path: Pat
             message = child_says(lines, "failed").filled(op_id=request["id"])
             await watch.publish(res_topic(CHILD), message)
             await sim.wait_for(second.id, OperationStatus.FAILED)
+            await gateway.stop()
+            await health_down(watch)  # recorded before the observer goes
         finally:
             await gateway.stop()
         assert not sim.errors
