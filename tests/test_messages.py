@@ -94,13 +94,17 @@ def test_bad_response_topics(topic: str) -> None:
         topics.child_id_from_response_topic(topic)
 
 
-@pytest.mark.parametrize("child", ["", " ", "+", "#", "a/b", "..", ".", "a\x00b", "tab\there", "a\\b"])
+@pytest.mark.parametrize(
+    "child",
+    ["", " ", "+", "#", "a/b", "..", ".", "a\x00b", "tab\there", "a\\b", "\x85x", "a\x80", "a\x9f",
+     "a\x7f", "\ufdd0", "\ufdef", "\ufffe", "\uffff", "\U0001ffff", "\U0010fffe", "\ud800"],
+)
 def test_invalid_child_ids(child: str) -> None:
     assert topics.child_id_problem(child) is not None
     with pytest.raises(TopicError):
         topics.validate_child_id(child)
 
 
-@pytest.mark.parametrize("child", ["child-device", "child_1", "a.b", "..a", "ÜML"])
+@pytest.mark.parametrize("child", ["child-device", "child_1", "a.b", "..a", "ÜML", "\xa0nbsp", "\ufdcf", "\ufff0", "😀"])
 def test_valid_child_ids(child: str) -> None:
     assert topics.child_id_problem(child) is None

@@ -16,9 +16,19 @@ HEALTH_CHECK = "tedge/health-check"
 FIRMWARE_RESPONSES = "tedge/+/commands/res/firmware_update"
 
 _MAX_CHILD_ID_BYTES = 200
-# MQTT wildcards, the topic separator, NUL and control characters can never be part of a child
-# id: the id is used verbatim in topics and as a directory name on the gateway.
-_FORBIDDEN = re.compile(r"[+#/\\\x00-\x1f\x7f]")
+MAX_TOPIC_BYTES = 65_535
+# What Mosquitto refuses in a topic (its UTF-8 check, stricter than MQTT 3.1.1 §1.5.3 asks):
+# the C0 controls with NUL, DEL and the C1 controls, UTF-16 surrogates, and the Unicode
+# non-characters (U+FDD0-U+FDEF and the last two code points of every plane). A PUBLISH with
+# any of them makes Mosquitto drop the connection, so none may reach a topic we publish to.
+_REFUSED_BY_BROKERS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
+# MQTT wildcards, the topic separator and the path separators can never be part of a child
+# id either: the id is used verbatim in topics and as a directory name on the gateway.
+_FORBIDDEN_IN_CHILD_ID = re.compile(r"[+#/\\]")
 
 
 def health_topic(service: str = PLUGIN_NAME) -> str:
@@ -42,14 +52,30 @@ def firmware_response_topic(child_id: str) -> str:
     return f"tedge/{child_id}/commands/res/firmware_update"
 
 
+def mqtt_text_problem(text: str) -> str | None:
+    """Why a broker would refuse `text` in a topic, or None when it is fine.
+
+    Mosquitto answers such a PUBLISH by dropping the connection: checked before anything
+    built from outside data is queued.
+    """
+    refused = _REFUSED_BY_BROKERS.search(text)
+    if refused is not None:
+        return f"{text[:100]!r} contains U+{ord(refused[0]):04X}, which MQTT brokers refuse"
+    if len(text.encode("utf-8")) > MAX_TOPIC_BYTES:
+        return f"{text[:100]!r}... is longer than {MAX_TOPIC_BYTES} bytes"
+    return None
+
+
 def child_id_problem(child_id: str) -> str | None:
     """Why `child_id` is not usable as a child id, or None when it is fine."""
     if not child_id.strip():
         return "the child id is empty"
     if child_id in (".", ".."):
         return f"the child id {child_id!r} is a path component"
-    if _FORBIDDEN.search(child_id):
-        return f"the child id {child_id!r} contains '/', '+', '#', '\\\\' or a control character"
+    if _FORBIDDEN_IN_CHILD_ID.search(child_id):
+        return f"the child id {child_id!r} contains '/', '+', '#' or '\\\\'"
+    if _REFUSED_BY_BROKERS.search(child_id):
+        return f"the child id {child_id!r} contains a control character or a non-character"
     if len(child_id.encode()) > _MAX_CHILD_ID_BYTES:
         return f"the child id is longer than {_MAX_CHILD_ID_BYTES} bytes"
     return None

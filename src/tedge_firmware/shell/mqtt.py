@@ -45,6 +45,7 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
+from tedge_firmware.core import topics
 from tedge_firmware.core.config import MqttAuth, TedgeConfig, format_host
 from tedge_firmware.errors import BrokerAuthError, BrokerError, ConfigError
 
@@ -54,7 +55,6 @@ T = TypeVar("T")
 # CONNACK refusals that a retry will not fix: MQTT 3.1.1 return codes 4 (bad user name or
 # password) and 5 (not authorised), and the reason codes paho 2.x reports them as (134, 135).
 _AUTH_REFUSALS = frozenset({4, 5, 134, 135})
-_MAX_TOPIC_BYTES = 65_535
 # MQTT's largest packet; topic length, topic and packet id take part of it.
 _MAX_PACKET_BODY = 268_435_455
 # close(): time left for a clean DISCONNECT even when flushing used the whole budget.
@@ -744,14 +744,9 @@ def _check_topic_text(topic: object) -> None:
         raise TypeError(f"MQTT topic must be a str, not {type(topic).__name__}")
     if not topic:
         raise ValueError("MQTT topic must not be empty")
-    if "\0" in topic:
-        raise ValueError(f"MQTT topic {topic!r} contains a NUL character")
-    try:
-        size = len(topic.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError(f"MQTT topic {topic!r} is not valid UTF-8") from None
-    if size > _MAX_TOPIC_BYTES:
-        raise ValueError(f"MQTT topic of {size} bytes is longer than {_MAX_TOPIC_BYTES}")
+    problem = topics.mqtt_text_problem(topic)
+    if problem is not None:
+        raise ValueError(f"MQTT topic {problem}")
 
 
 def _check_text(value: object, name: str) -> None:
