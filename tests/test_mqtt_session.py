@@ -216,6 +216,8 @@ class CuttingProxy:
         self.target_port = target_port
         self.cut_after = cut_after
         self.cuts = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._sent = 0
         self._writers: list[asyncio.StreamWriter] = []
         self._handlers: set[asyncio.Task[None]] = set()
@@ -240,6 +242,13 @@ class CuttingProxy:
     def cut(self) -> None:
         self.cuts += 1
         self._abort_all()
+
+    def freeze(self) -> None:
+        """Forward nothing more in either direction (connections stay open) until thaw()."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def _abort_all(self) -> None:
         for writer in self._writers:
@@ -270,6 +279,7 @@ class CuttingProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
     ) -> None:
         while data := await reader.read(65536):
+            await self._flowing.wait()
             writer.write(data)
             if upstream and self.cut_after is not None:
                 self._sent += len(data)
@@ -776,3 +786,161 @@ async def test_unusable_tls_files_are_a_config_error(tmp_path, tls_files, unused
     with pytest.raises(ConfigError):
         await bounded(session.run(), 5.0)
 
+
+
+# --- delivery receipts, refused messages, lost broker state (issue 12) ---------------------
+
+
+class Receipts:
+    """`when_done` callbacks, recorded in call order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self._changed = asyncio.Event()
+
+    def for_(self, name: str) -> Callable[[bool], None]:
+        def done(acknowledged: bool) -> None:
+            self.calls.append((name, acknowledged))
+            self._changed.set()
+
+        return done
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(WAIT):
+            while len(self.calls) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def test_when_done_reports_each_acknowledgement_in_order(broker):
+    topic = unique("receipts")
+    receipts = Receipts()
+    session = MqttSession(settings(broker.port), [])
+    for index in range(100):
+        session.publish(topic, str(index), when_done=receipts.for_(str(index)))
+    assert receipts.calls == []  # nothing is acknowledged before the broker saw it
+    async with running(session):
+        await receipts.wait_for(100)
+    assert receipts.calls == [(str(index), True) for index in range(100)]
+
+
+async def test_when_done_is_not_called_for_a_message_still_waiting_at_close(broker):
+    await asyncio.to_thread(broker.kill)
+    receipts = Receipts()
+    session = MqttSession(settings(broker.port), [])
+    session.publish(unique("never"), b"x", when_done=receipts.for_("x"))
+    async with running(session):
+        await bounded(session.close(timeout=0.2))
+    assert receipts.calls == []  # the owner keeps what it still owes, for its next start
+
+
+async def test_a_message_the_broker_refuses_is_set_aside_and_the_others_flow(tmp_path, caplog):
+    # Mosquitto drops the connection of a client whose packet is over max_packet_size; our
+    # checks cannot know a broker's setting, so the session must find out by itself.
+    topic = unique("refused")
+    receipts = Receipts()
+    options = "allow_anonymous true\nmax_packet_size 2000\n"
+    async with private_mosquitto(tmp_path, options) as port, peer(port, topic) as observer:
+        session = MqttSession(settings(port, refusal_strikes=3), [])
+        session.publish(topic, b"before", when_done=receipts.for_("before"))
+        session.publish(topic, b"x" * 5000, when_done=receipts.for_("too big"))
+        session.publish(topic, b"after", when_done=receipts.for_("after"))
+        with caplog.at_level("ERROR", logger="tedge_firmware.shell.mqtt"):
+            async with running(session):
+                await receipts.wait_for(3)
+                assert await session.flush(WAIT)
+        payloads = await receive_distinct(observer, 2)
+    assert ("too big", False) in receipts.calls
+    assert [call for call in receipts.calls if call[1]] == [("before", True), ("after", True)]
+    assert first_occurrences(payloads) == [b"before", b"after"]
+    refusals = [r for r in caplog.records if "set aside" in r.getMessage()]
+    assert len(refusals) == 1 and "5000 bytes" in refusals[0].getMessage()
+
+
+async def test_a_message_in_flight_during_broker_restarts_is_not_set_aside(broker):
+    # Lost connections while a message waits for its acknowledgement are bad luck, not a
+    # refusal, when the broker did not answer (a frozen link): the message must get through.
+    topic = unique("unlucky")
+    receipts = Receipts()
+    async with CuttingProxy(broker.port) as proxy, peer(broker.port, topic) as observer:
+        session = MqttSession(settings(proxy.port, timeout=0.3, refusal_strikes=2), [])
+        async with running(session):
+            await bounded(session.wait_connected())
+            for _ in range(3):
+                proxy.freeze()
+                session.publish(topic, b"m", when_done=receipts.for_("m"))
+                await asyncio.sleep(0.5)  # longer than the acknowledgement timeout, frozen
+                proxy.cut()
+                proxy.thaw()
+                await receipts.wait_for(len(receipts.calls) + 1)
+        payloads = await receive(observer, 1)
+    assert receipts.calls == [("m", True)] * 3
+    assert payloads[0].payload == b"m"
+
+
+async def test_session_present_tells_a_broker_that_lost_our_session(broker):
+    broker = await persisting(broker)
+    connects = Connects()
+    session = MqttSession(settings(broker.port, unique("present")), [unique("t")], on_connect=connects)
+    seen: list[tuple[int, bool]] = []
+
+    async def note() -> None:
+        seen.append((session.connections, session.session_present))
+
+    connects.also = note
+    async with running(session):
+        await connects.wait_for(1)
+        await asyncio.to_thread(broker.kill)  # SIGKILL before any save: the session is gone
+        await asyncio.to_thread(broker.start)
+        await connects.wait_for(2)
+        await asyncio.to_thread(broker.stop)  # graceful: mosquitto saves the session
+        await asyncio.to_thread(broker.start)
+        await connects.wait_for(3)
+    assert seen == [(1, False), (2, False), (3, True)]
+
+
+async def test_reconnects_quickly_after_each_of_many_short_outages(broker):
+    # The backoff starts again after every successful connect: a run of short outages must
+    # not add up to long ones (before, a link that held less than backoff_max kept the count).
+    connects = Connects()
+    session = MqttSession(settings(broker.port, backoff_initial=0.2, backoff_max=10.0), [], on_connect=connects)
+    loop = asyncio.get_running_loop()
+    gaps = []
+    async with running(session):
+        await connects.wait_for(1)
+        for outage in range(2, 7):
+            await asyncio.to_thread(broker.kill)
+            await asyncio.sleep(0.6)  # an outage: several attempts fail meanwhile
+            await asyncio.to_thread(broker.start)
+            back = loop.time()
+            await connects.wait_for(outage)
+            gaps.append(loop.time() - back)
+    # the ceiling after 0.6 s of failures is 0.8-1.6 s; without the reset it grows to 10 s
+    assert max(gaps) < 2.5, gaps
+
+
+async def test_timeouts_in_flight_leave_no_task_exception_unretrieved(broker):
+    import gc
+
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        topic = unique("frozen")
+        async with CuttingProxy(broker.port) as proxy:
+            session = MqttSession(settings(proxy.port, timeout=0.3), [])
+            async with running(session):
+                await bounded(session.wait_connected())
+                proxy.freeze()  # every publish in flight times out
+                for index in range(50):
+                    session.publish(topic, str(index))
+                await asyncio.sleep(0.6)
+                proxy.cut()
+                proxy.thaw()
+                assert await session.flush(WAIT)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert [c.get("message") for c in reported] == []

@@ -9,7 +9,16 @@ Built on aiomqtt 2.5 (paho-mqtt 2.x), which has no reconnect of its own. This mo
 - an outbox: `publish()` only enqueues and never fails because the broker is away. A sender
   delivers the outbox in order while connected; a message leaves it only when the broker
   acknowledged it (PUBACK for QoS 1), so a message cut off mid-way is sent again after the
-  reconnect: at least once, in order;
+  reconnect: at least once, in order. Whoever needs to know (an operation that must not end
+  before its last status is safe with the broker) passes `when_done` and is told;
+- a message the broker refuses never blocks the ones behind it. Topics are checked before
+  they are queued, but a broker may still drop the connection on a message (Mosquitto does
+  for a packet over its `max_packet_size`). So the messages in flight when a connection is
+  lost are sent one at a time on the next connections; one that loses the connection within
+  a second, alone, `refusal_strikes` times in a row, is set aside (logged; `when_done(False)`);
+- the broker's memory of us: `session_present` says whether the last CONNACK found our
+  session; `connections > 1` without it means the broker restarted and lost what it held
+  for us (subscriptions are made again anyway; the owner re-sends what it needs);
 - one queue of incoming messages (`MqttSession.messages`) for the whole life of the session.
 
 Theory of operation. `run()` loops over connections. Each connection is a fresh
@@ -18,7 +27,8 @@ CONNACK (its connected future is still done; measured with aiomqtt 2.5.1), so a 
 would go unnoticed. On every connection: CONNECT (clean_session=False, will) → SUBSCRIBE →
 the `on_connect` hook (which may `publish_now()` ahead of the outbox) → state CONNECTED →
 the sender drains the outbox, up to `max_inflight` publishes in flight. A watcher ends the
-connection as soon as aiomqtt reports the link lost, so no await hangs on a dead link.
+connection as soon as aiomqtt reports the link lost, so no await hangs on a dead link. A
+successful CONNACK resets the backoff, so a short outage costs about its own length.
 
 States: IDLE → CONNECTING → CONNECTED → (link lost) BACKOFF → CONNECTING → ...;
 `close()` → CLOSED.
@@ -42,12 +52,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import MqttAuth, TedgeConfig, format_host
 from tedge_firmware.errors import BrokerAuthError, BrokerError, ConfigError
+from tedge_firmware.shell.log_limits import LogLimiter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +76,9 @@ _STOP_GRACE = 1.0
 _CANCEL_RETRY = 1.0
 _OUTBOX_WARNING_START = 1_000
 _DROP_LOG_EVERY = 1_000
+# A broker that refuses a message drops the connection at once: a loss later than this after
+# the message went out is not counted against it.
+_REFUSAL_WINDOW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ class MqttSettings:
     timeout: float = 10.0  # longest wait for a CONNACK, SUBACK or PUBACK
     outbox_limit: int = 100_000  # messages beyond it are dropped (and logged)
     max_inflight: int = 64  # QoS 1/2 publishes awaiting their acknowledgement at once
+    refusal_strikes: int = 3  # lost connections, alone in flight, before a message is set aside
 
     def __post_init__(self) -> None:
         _check_text(self.host, "host")
@@ -113,6 +130,7 @@ class MqttSettings:
         _require(self.timeout > 0, "timeout must be positive")
         _require(self.outbox_limit >= 1, "outbox_limit must be at least 1")
         _require(1 <= self.max_inflight <= 65_535, "max_inflight is not in 1-65535")
+        _require(self.refusal_strikes >= 1, "refusal_strikes must be at least 1")
         _require(
             self.password is None or self.username is not None,
             "MQTT 3.1.1 allows a password only with a user name",
@@ -150,12 +168,16 @@ class SessionState(enum.Enum):
     CLOSED = "closed"  # close() was called; run() will not connect again
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Outgoing:
     topic: str
     payload: bytes
     qos: int
     retain: bool
+    when_done: Callable[[bool], None] | None = None
+    suspect: bool = False  # in flight when a connection was lost: sent alone from then on
+    strikes: int = 0  # connections lost right after it was sent alone
+    sent_at: float = 0.0  # loop time of the last time it went out
 
 
 def backoff_delay(
@@ -244,6 +266,10 @@ class MqttSession:
         self._connected_at: float | None = None
         self._next_outbox_warning = _OUTBOX_WARNING_START
         self._dropped = 0
+        self._in_flight = 0  # outbox entries (from the head) sent and not yet acknowledged
+        self._connections = 0
+        self._session_present = False
+        self._failures_log = LogLimiter(log)
 
     # --- public interface -------------------------------------------------------------------
 
@@ -264,6 +290,20 @@ class MqttSession:
     def outbox_size(self) -> int:
         """Messages published but not yet acknowledged by the broker."""
         return len(self._outbox)
+
+    @property
+    def connections(self) -> int:
+        """Successful connects so far (the current one included)."""
+        return self._connections
+
+    @property
+    def session_present(self) -> bool:
+        """Whether the broker still had our session at the last connect (CONNACK flag).
+
+        Read it in the `on_connect` hook: False with `connections > 1` means the broker lost
+        our session (restarted without saving it) and with it what it held for us.
+        """
+        return self._session_present
 
     async def run(self) -> None:
         """Connect and keep connected until cancelled or `close()`.
@@ -299,14 +339,24 @@ class MqttSession:
             task.result()  # BrokerAuthError, ConfigError, or a bug in the on_connect hook
 
     def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        when_done: Callable[[bool], None] | None = None,
     ) -> None:
         """Queue a message for the broker; it is sent as soon as (and whenever) connected.
 
         Never fails because the broker is away. ValueError/TypeError for a topic, payload or
         QoS that no broker would take (they would block the outbox otherwise).
+        `when_done(True)` is called once the broker acknowledged the message, `when_done(False)`
+        if it was set aside as refused by the broker; never when the message is still waiting
+        as the session closes (or was dropped from a full outbox).
         """
         entry = _outgoing(topic, payload, qos, retain)
+        entry.when_done = when_done
         if self._state is SessionState.CLOSED:
             log.warning("MQTT session is closed: dropped a message to %s", topic)
             return
@@ -409,12 +459,13 @@ class MqttSession:
                 raise
             except BrokerError as error:
                 reason = str(error)
+                self._blame_in_flight(error)
             else:
                 return  # stop requested; disconnected cleanly
             if self._stopping.is_set():
                 return
-            if self._long_lived():
-                failures = 0  # only a link that held resets the backoff: no tight flapping
+            if self._connected_at is not None:
+                failures = 0  # the broker is back: retry at once, whatever the last outage
             delay = backoff_delay(
                 failures, self._settings.backoff_initial, self._settings.backoff_max
             )
@@ -432,6 +483,8 @@ class MqttSession:
             async with contextlib.AsyncExitStack() as stack:
                 await _connect(stack, client)
                 self._connected_at = asyncio.get_running_loop().time()
+                self._connections += 1
+                self._session_present = client.session_present
                 self._client = client
                 log.info(
                     "connected to the MQTT broker at %s as %s%s",
@@ -445,7 +498,7 @@ class MqttSession:
                     self._client = None
                     self._ready.clear()
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: _Client) -> None:
         """Run set-up and sender until stop is requested (return) or the link fails (raise)."""
         watcher = asyncio.create_task(_watch_link(client), name="mqtt-link-watcher")
         worker = asyncio.create_task(self._set_up_and_send(client), name="mqtt-sender")
@@ -492,26 +545,76 @@ class MqttSession:
         try:
             while True:
                 self._fill_window(client, window)
+                self._in_flight = len(window)
                 if not window:
                     self._outbox_changed.clear()
                     await self._outbox_changed.wait()
                     continue
                 await window[0]
                 window.popleft()
-                self._outbox.popleft()
-                if not self._outbox:
-                    self._drained.set()
-                    self._next_outbox_warning = _OUTBOX_WARNING_START
+                self._in_flight = len(window)
+                self._settle(self._outbox.popleft(), acknowledged=True)
         finally:
             await _cancel_all(window)
 
     def _fill_window(self, client: aiomqtt.Client, window: deque[asyncio.Task[None]]) -> None:
-        while len(window) < min(self._settings.max_inflight, len(self._outbox)):
+        # Suspects (in flight when a connection was lost) go out alone, so that a refusal
+        # can be told apart from bad luck.
+        suspect = bool(self._outbox) and self._outbox[0].suspect
+        limit = 1 if suspect else self._settings.max_inflight
+        now = asyncio.get_running_loop().time()
+        while len(window) < min(limit, len(self._outbox)):
             entry = self._outbox[len(window)]
+            entry.sent_at = now
             publish = client.publish(
                 entry.topic, entry.payload, qos=entry.qos, retain=entry.retain, timeout=math.inf
             )
             window.append(asyncio.create_task(self._acknowledged(publish)))
+
+    def _settle(self, entry: _Outgoing, *, acknowledged: bool) -> None:
+        """`entry` has left the outbox: acknowledged, or set aside as refused."""
+        if not self._outbox:
+            self._drained.set()
+            self._next_outbox_warning = _OUTBOX_WARNING_START
+        if entry.when_done is None:
+            return
+        try:
+            entry.when_done(acknowledged)
+        except Exception:  # the owner's bug must not stop the sender
+            log.exception("error in the delivery callback of a message to %s", entry.topic)
+
+    def _blame_in_flight(self, error: BrokerError) -> None:
+        """The connection was lost: count it against a message that was sent alone just
+        before, and send every message that was in flight alone from now on."""
+        count = min(self._in_flight, len(self._outbox))
+        in_flight = [self._outbox[index] for index in range(count)]
+        self._in_flight = 0
+        timed_out = isinstance(error.__cause__, TimeoutError)  # no answer: not a refusal
+        now = asyncio.get_running_loop().time()
+        if len(in_flight) == 1 and in_flight[0].suspect and not timed_out:
+            entry = in_flight[0]
+            if now - entry.sent_at <= _REFUSAL_WINDOW_S:
+                entry.strikes += 1
+                if entry.strikes >= self._settings.refusal_strikes:
+                    self._set_aside(entry)
+                    return
+            else:
+                entry.strikes = 0
+        for entry in in_flight:
+            entry.suspect = True
+
+    def _set_aside(self, entry: _Outgoing) -> None:
+        log.error(
+            "the MQTT broker at %s closed the connection %d times in a row right after a "
+            "message to %s (%d bytes): it refuses that message, which is set aside "
+            "(see the broker's log, e.g. max_packet_size)",
+            self._settings.address,
+            entry.strikes,
+            entry.topic,
+            len(entry.payload),
+        )
+        self._outbox.remove(entry)
+        self._settle(entry, acknowledged=False)
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -525,7 +628,7 @@ class MqttSession:
         async with asyncio.timeout(self._settings.timeout):
             return await call
 
-    def _new_client(self, context: ssl.SSLContext | None) -> aiomqtt.Client:
+    def _new_client(self, context: ssl.SSLContext | None) -> _Client:
         settings = self._settings
         will = None
         if settings.will is not None:
@@ -533,7 +636,7 @@ class MqttSession:
                 settings.will.topic, settings.will.payload, settings.will.qos, settings.will.retain
             )
             will = aiomqtt.Will(topic, payload, qos, retain)
-        client = aiomqtt.Client(
+        client = _Client(
             settings.host,
             settings.port,
             identifier=settings.client_id,
@@ -592,18 +695,16 @@ class MqttSession:
                 await _cancel_all((task,))
                 await self._finished.wait()
 
-    def _long_lived(self) -> bool:
-        if self._connected_at is None:
-            return False
-        uptime = asyncio.get_running_loop().time() - self._connected_at
-        return uptime >= self._settings.backoff_max
-
     def _log_failure(self, reason: str, delay: float, *, first: bool) -> None:
         was_connected = self._connected_at is not None
-        level = logging.WARNING if first or was_connected else logging.DEBUG
         what = "lost the connection to" if was_connected else "cannot connect to"
-        log.log(
-            level,
+        if not (first or was_connected):
+            log.debug("%s the MQTT broker at %s: %s", what, self._settings.address, reason)
+            return
+        # a link that keeps dropping right after each connect is summed up, not repeated
+        self._failures_log.log(
+            logging.WARNING,
+            what,
             "%s the MQTT broker at %s: %s; retrying in %.2f s",
             what,
             self._settings.address,
@@ -631,6 +732,23 @@ class MqttSession:
 
 
 # --- module helpers -----------------------------------------------------------------------------
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, keeping the CONNACK's session-present flag (aiomqtt 2.5 drops it)."""
+
+    session_present = False
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        self.session_present = bool(flags.session_present)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
 
 
 @contextlib.contextmanager
@@ -702,13 +820,19 @@ async def _cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Cancel `tasks` and wait until all are done, cancelling again if one swallowed it.
 
     aiomqtt's CONNACK wait uses asyncio.wait_for, which on Python 3.11 loses a cancellation
-    that arrives together with the result; the task then goes on to its next await.
+    that arrives together with the result; the task then goes on to its next await. The
+    exceptions of tasks that failed are retrieved (the caller reads them if it needs them), so
+    that none is reported as "never retrieved".
     """
+    tasks = list(tasks)
     pending = {task for task in tasks if not task.done()}
     while pending:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=_CANCEL_RETRY)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
 
 
 def _outgoing(topic: str, payload: bytes | str, qos: int, retain: bool) -> _Outgoing:
