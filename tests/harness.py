@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,32 @@ def operation_files(data: Path) -> list[Path]:
     return sorted(
         p for p in [*firmware.glob("*"), *firmware.glob(".fetching/*")] if p.is_file() and not p.name.startswith(".")
     )
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Wait until `condition()` holds (False when `timeout` passes first). For state kept by
+    another task or process, files above all: there is no event to await, so look every 10 ms."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition() and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+async def no_operation_files_left(data: Path, timeout: float = 5.0) -> list[Path]:
+    """Wait until every operation file is gone (an ended operation keeps its file until the
+    broker acknowledged its last status, a moment after a subscriber sees that status);
+    returns what is left when `timeout` passes first."""
+    await eventually(lambda: not operation_files(data), timeout)
+    return operation_files(data)
+
+
+def recorded_state(data: Path, op_id: str) -> str | None:
+    """The `state` an operation file records (None: none recorded, or no file)."""
+    try:
+        return json.loads((data / "firmware" / op_id).read_text()).get("state")  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
 
 
 def req_topic(child: str = CHILD) -> str:

@@ -6,8 +6,9 @@ and shows that it now goes on and loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,21 @@ from harness import (
     E501,
     E503,
     S515,
+    WATCHED,
     Gateway,
+    GatewayProcess,
     K,
     U,
+    eventually,
+    no_operation_files_left,
     observer,
-    operation_files,
+    recorded_state,
     req_topic,
     res_topic,
     us,
     write_config,
 )
+from linkproxy import LinkProxy
 
 INSTALLED = b"115,fw-name,fw-version," + U.encode()
 
@@ -67,4 +73,116 @@ async def test_a_child_id_the_broker_refuses_does_not_silence_the_gateway(
         request = json.loads(await obs.next(req_topic()))
         await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
         assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
-    assert operation_files(tmp_path / "data") == []
+    assert await no_operation_files_left(tmp_path / "data") == []
+
+
+# --- statuses are not lost, nor sent twice, whatever stops ---------------------------------
+
+
+@contextlib.contextmanager
+def gateway_process(tmp_path: Path, mqtt_port: int) -> Iterator[GatewayProcess]:
+    """`tedge-firmware run` as a process, against `mqtt_port` (a proxy in front of the broker)."""
+    config_dir = tmp_path / "etc-proxied"
+    write_config(config_dir, tmp_path / "data", mqtt_port, free_port())
+    cache = tmp_path / "data" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / K).write_bytes(b"\x00\xff binary firmware")
+    process = GatewayProcess(config_dir, tmp_path / "gateway.log")
+    try:
+        yield process
+    finally:
+        if process.process is not None and process.process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])
+async def test_a_status_the_broker_never_acknowledged_is_sent_after_a_restart(
+    tmp_path: Path, broker: Broker, stop: str
+) -> None:
+    data = tmp_path / "data"
+    async with LinkProxy(broker.port) as proxy, observer(broker.port) as obs:
+        with gateway_process(tmp_path, proxy.port) as gateway:
+            gateway.start()
+            assert await obs.next("c8y/s/us", timeout=20) == b"500"
+            await obs.publish("c8y/s/ds", S515)
+            request = json.loads(await obs.next(req_topic()))
+            op_id = str(request["id"])
+            # the gateway's statuses now reach neither the broker nor Cumulocity
+            proxy.freeze(upstream=True, downstream=False)
+            await obs.publish(res_topic(), json.dumps({"id": op_id, "status": "successful"}))
+            # the gateway took the answer: its file says how the operation ended (before the
+            # fix, the file was already gone)
+            assert await eventually(
+                lambda: recorded_state(data, op_id) == "successful" or not (data / "firmware" / op_id).exists()
+            )
+            if stop == "kill -9":
+                gateway.kill()
+            else:
+                assert gateway.terminate() == 0  # waits for the broker, then gives up in time
+            proxy.cut()  # what the frozen link held is lost with the process
+            proxy.thaw()
+            await obs.silence(0.5, [us()])
+            gateway.start()
+            assert await obs.next("c8y/s/us", timeout=20) == b"500"
+            assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
+            await obs.silence(1.0, [us(), req_topic()])  # nothing twice, no request again
+            assert await no_operation_files_left(data) == []
+            assert gateway.terminate() == 0
+    assert "Traceback" not in (tmp_path / "gateway.log").read_text()
+
+
+async def test_a_restart_does_not_announce_an_executing_operation_again(
+    tmp_path: Path, broker: Broker
+) -> None:
+    data = tmp_path / "data"
+    async with observer(broker.port) as obs:
+        with gateway_process(tmp_path, broker.port) as gateway:
+            gateway.start()
+            assert await obs.next("c8y/s/us", timeout=20) == b"500"
+            await obs.publish("c8y/s/ds", S515)
+            request = json.loads(await obs.next(req_topic()))
+            op_id = str(request["id"])
+            await obs.publish(res_topic(), json.dumps({"id": op_id, "status": "executing"}))
+            assert await obs.next(us()) == E501
+            assert await eventually(lambda: recorded_state(data, op_id) == "executing")
+            gateway.kill()
+            gateway.start()
+            again = json.loads(await obs.next(req_topic(), timeout=20))
+            assert (again["id"], again["attempt"]) == (op_id, 2)
+            # a child re-sent its request answers with where it stands
+            await obs.publish(res_topic(), json.dumps({"id": op_id, "status": "executing"}))
+            await obs.publish(res_topic(), json.dumps({"id": op_id, "status": "successful"}))
+            assert await obs.sequence(us(), 2) == [INSTALLED, E503]  # no second 501
+            await obs.silence(0.5, [us()])
+            assert gateway.terminate() == 0
+
+
+async def test_a_broker_that_lost_our_session_gets_pending_requests_again(
+    tmp_path: Path, broker: Broker, config_dir: Path
+) -> None:
+    # Mosquitto's usual configuration saves sessions every 30 minutes: a kill -9 loses ours,
+    # and what children said meanwhile. The gateway must ask again, as after its own restart.
+    data = tmp_path / "data"
+    async with LinkProxy(broker.port) as proxy:
+        write_config(config_dir, data, proxy.port, free_port())
+        gateway = Gateway(config_dir, data)
+        try:
+            async with observer(broker.port) as obs:
+                await gateway.start()
+                assert await obs.next("c8y/s/us") == b"500"
+                await obs.publish("c8y/s/ds", S515)
+                request = json.loads(await obs.next(req_topic()))
+            proxy.block()  # the gateway stays away until the child has spoken
+            broker.kill()
+            broker.start()
+            async with observer(broker.port, [*WATCHED, "tedge/health/c8y-firmware-plugin"]) as obs:
+                # the child finished while the gateway was away: the broker keeps nothing for it
+                await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+                proxy.unblock()
+                again = json.loads(await obs.next(req_topic(), timeout=15))
+                assert (again["id"], again["attempt"]) == (request["id"], 2)
+                assert await obs.next("c8y/s/us") == b"500"
+                await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+                assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
+        finally:
+            await gateway.stop()

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import aiomqtt
 import pytest
 
+from linkproxy import LinkProxy
 from tedge_firmware.core.config import MqttAuth, config_from_document
 from tedge_firmware.errors import BrokerAuthError, BrokerError, ConfigError
 from tedge_firmware.shell.mqtt import (
@@ -205,90 +206,6 @@ async def private_mosquitto(workdir: Path, listener_options: str) -> AsyncIterat
         await process.wait()
         if drain is not None:
             await drain
-
-
-class CuttingProxy:
-    """TCP proxy in front of the broker. `cut()` aborts every connection on both sides, as a
-    network failure would (the broker then publishes our will). With `cut_after`, the first
-    connection is cut once that many bytes went from client to broker."""
-
-    def __init__(self, target_port: int, cut_after: int | None = None) -> None:
-        self.target_port = target_port
-        self.cut_after = cut_after
-        self.cuts = 0
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._sent = 0
-        self._writers: list[asyncio.StreamWriter] = []
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> CuttingProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self._abort_all()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    def cut(self) -> None:
-        self.cuts += 1
-        self._abort_all()
-
-    def freeze(self) -> None:
-        """Forward nothing more in either direction (connections stay open) until thaw()."""
-        self._flowing.clear()
-
-    def thaw(self) -> None:
-        self._flowing.set()
-
-    def _abort_all(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        self._writers.clear()
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(self._relay(reader, writer))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers += [writer, up_writer]
-        await asyncio.gather(
-            self._pipe(reader, up_writer, upstream=True),
-            self._pipe(up_reader, writer, upstream=False),
-            return_exceptions=True,
-        )
-        writer.transport.abort()
-        up_writer.transport.abort()
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
-    ) -> None:
-        while data := await reader.read(65536):
-            await self._flowing.wait()
-            writer.write(data)
-            if upstream and self.cut_after is not None:
-                self._sent += len(data)
-                if self._sent >= self.cut_after:
-                    self.cut_after = None
-                    self.cut()
-                    return
-            await writer.drain()
-        writer.transport.abort()
 
 
 # --- pure parts: backoff, topic checks, settings ---------------------------------------------
@@ -562,7 +479,7 @@ async def test_outbox_is_resent_when_the_link_drops_mid_way(broker):
     connects = Connects()
     expected = [str(i).encode() for i in range(2000)]
     async with (
-        CuttingProxy(broker.port, cut_after=20_000) as proxy,
+        LinkProxy(broker.port, cut_after=20_000) as proxy,
         peer(broker.port, topic) as observer,
     ):
         session = MqttSession(settings(proxy.port), [], on_connect=connects)
@@ -580,7 +497,7 @@ async def test_will_is_published_when_the_link_is_cut(broker):
     base = unique("will")
     connects = Connects()
     will = Will(f"{base}/health", b'{"status":"down"}', qos=1, retain=True)
-    async with CuttingProxy(broker.port) as proxy, peer(broker.port, f"{base}/health") as observer:
+    async with LinkProxy(broker.port) as proxy, peer(broker.port, f"{base}/health") as observer:
         session = MqttSession(settings(proxy.port, will=will), [], on_connect=connects)
         async with running(session):
             await connects.wait_for(1)
@@ -598,7 +515,7 @@ async def test_on_connect_runs_before_the_outbox_on_every_connect(broker):
         await session.publish_now(topic, b"up")
 
     connects = Connects(also=say_up)
-    async with CuttingProxy(broker.port) as proxy, peer(broker.port, topic) as observer:
+    async with LinkProxy(broker.port) as proxy, peer(broker.port, topic) as observer:
         session = MqttSession(settings(proxy.port), [], on_connect=connects)
         async with running(session):
             await connects.wait_for(1)
@@ -862,7 +779,7 @@ async def test_a_message_in_flight_during_broker_restarts_is_not_set_aside(broke
     # refusal, when the broker did not answer (a frozen link): the message must get through.
     topic = unique("unlucky")
     receipts = Receipts()
-    async with CuttingProxy(broker.port) as proxy, peer(broker.port, topic) as observer:
+    async with LinkProxy(broker.port) as proxy, peer(broker.port, topic) as observer:
         session = MqttSession(settings(proxy.port, timeout=0.3, refusal_strikes=2), [])
         async with running(session):
             await bounded(session.wait_connected())
@@ -928,7 +845,7 @@ async def test_timeouts_in_flight_leave_no_task_exception_unretrieved(broker):
     loop.set_exception_handler(lambda _loop, context: reported.append(context))
     try:
         topic = unique("frozen")
-        async with CuttingProxy(broker.port) as proxy:
+        async with LinkProxy(broker.port) as proxy:
             session = MqttSession(settings(proxy.port, timeout=0.3), [])
             async with running(session):
                 await bounded(session.wait_connected())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 
 import pytest
 
 from tedge_firmware.core.operation import (
     NO_REASON,
+    RECORD_FIELDS,
     Event,
     OperationRecord,
     State,
@@ -102,11 +105,42 @@ def test_record_round_trips_with_the_reference_layout() -> None:
         RECORD.to_json().replace('"attempt":1', '"attempt":-1'),
         RECORD.to_json().replace('"name":"fw-name"', '"name":null'),
         b"\xff\xfe",
+        # our own two fields, when they do not make sense
+        RECORD.to_json().replace('"attempt":1', '"attempt":1,"state":"fetching","to_cloud":[]'),
+        RECORD.to_json().replace('"attempt":1', '"attempt":1,"state":"done","to_cloud":[]'),
+        RECORD.to_json().replace('"attempt":1', '"attempt":1,"state":1,"to_cloud":[]'),
+        RECORD.to_json().replace('"attempt":1', '"attempt":1,"state":"executing","to_cloud":["501,c8y_Firmware"]'),
+        RECORD.to_json().replace('"attempt":1', '"attempt":1,"state":"failed","to_cloud":"502"'),
+        RECORD.to_json().replace('"attempt":1', '"attempt":1,"state":"failed","to_cloud":[1]'),
+        RECORD.to_json().replace('"attempt":1', '"attempt":1,"state":"failed","to_cloud":' + json.dumps(["x"] * 9)),
+        RECORD.to_json().replace('"attempt":1', '"attempt":1,"state":"failed","to_cloud":["' + "x" * 5000 + '"]'),
     ],
 )
 def test_corrupt_records_are_store_errors(text: str | bytes) -> None:
     with pytest.raises(StoreError):
         OperationRecord.from_json(text)
+
+
+def test_a_pending_record_stays_byte_for_byte_thin_edges() -> None:
+    # thin-edge reads its operation files with deny_unknown_fields: ours add fields only once
+    # the operation is announced or ended
+    assert set(json.loads(RECORD.to_json())) == set(RECORD_FIELDS)
+
+
+@pytest.mark.parametrize(
+    ("state", "to_cloud"),
+    [
+        (State.EXECUTING, ()),
+        (State.SUCCESSFUL, ("501,c8y_Firmware\n", I115, "503,c8y_Firmware,\n")),
+        (State.FAILED, ('502,c8y_Firmware,"a, \\"quoted\\" reason"\n',)),
+        (State.FAILED, ()),
+    ],
+)
+def test_progress_round_trips(state: State, to_cloud: tuple[str, ...]) -> None:
+    record = dataclasses.replace(RECORD, state=state, to_cloud=to_cloud)
+    text = record.to_json()
+    assert json.loads(text)["state"] == state.value
+    assert OperationRecord.from_json(text) == record
 
 
 def test_file_id_is_the_reference_key() -> None:

@@ -15,8 +15,8 @@ from harness import (
     E501,
     FirmwareServer,
     Gateway,
+    no_operation_files_left,
     observer,
-    operation_files,
     req_topic,
     us,
     write_config,
@@ -55,7 +55,7 @@ async def test_not_enough_disk_space_fails_clearly(tmp_path: Path, broker: Broke
             assert failed.startswith(f'502,c8y_Firmware,"Download from {url} failed with not enough disk space in ')
             assert "need 8388608 bytes" in failed and "available" in failed
             assert sorted(p.name for p in (data / "cache").iterdir()) == []
-            assert operation_files(data) == []
+            assert await no_operation_files_left(data) == []
             assert obs.pending(req_topic()) == 0
     finally:
         await gateway.stop()

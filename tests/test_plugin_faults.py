@@ -23,8 +23,8 @@ from harness import (
     K,
     U,
     f502,
+    no_operation_files_left,
     observer,
-    operation_files,
     req_topic,
     res_topic,
     us,
@@ -195,7 +195,7 @@ async def test_hostile_input_is_skipped_and_the_next_operation_works(
         for topic, payload in HOSTILE_RESPONSES:
             await obs.publish(topic, payload)
         await obs.silence(1.0)
-        assert operation_files(tmp_path / "data") == []
+        assert await no_operation_files_left(tmp_path / "data") == []
         assert sorted(p.name for p in (tmp_path / "data" / "file-transfer").iterdir()) == []
         await obs.publish("c8y/s/ds", S515)
         request = json.loads(await obs.next(req_topic()))

@@ -29,6 +29,7 @@ from harness import (
     Observer,
     U,
     f502,
+    no_operation_files_left,
     observer,
     operation_files,
     req_topic,
@@ -173,7 +174,7 @@ async def test_download_failure_fails_the_operation(setup: Setup) -> None:
         failed = await obs.next(us())
         assert failed.startswith(f'502,c8y_Firmware,"Download from {url} failed with '.encode())
         assert b"404" in failed
-        assert operation_files(setup.data) == []
+        assert await no_operation_files_left(setup.data) == []
         assert not list((setup.data / "cache").glob("*"))
         assert obs.pending(req_topic()) == 0
 
@@ -218,7 +219,7 @@ async def test_successful_response_completes_and_removes_the_link(setup: Setup) 
         request = await setup.request(obs)
         await respond(obs, request["id"], "successful")
         assert await obs.sequence(us(), 3) == [E501, b"115,fw-name,fw-version," + U.encode(), E503]
-        assert not (setup.data / "firmware" / str(request["id"])).exists()
+        assert await no_operation_files_left(setup.data) == []
         link = setup.data / "file-transfer" / CHILD / "firmware_update" / K
         assert not link.exists() and not link.is_symlink()
         assert (setup.data / "cache" / K).is_file()
@@ -245,7 +246,7 @@ async def test_executing_then_failed_forwards_the_reason(setup: Setup, extra: di
         await respond(obs, request["id"], "failed", **extra)
         assert await obs.next(us()) == f502(reason)
         await obs.silence(0.3, [us()])
-        assert not (setup.data / "firmware" / str(request["id"])).exists()
+        assert await no_operation_files_left(setup.data) == []
 
 
 # §7.9, §7.10, §7.23
@@ -278,7 +279,7 @@ async def test_timeout_fails_a_pending_operation(setup: Setup) -> None:
             f"Operation ID={request['id']}"
         )
         assert await obs.next(us()) == f502(reason)
-        assert not (setup.data / "firmware" / str(request["id"])).exists()
+        assert await no_operation_files_left(setup.data) == []
         await respond(obs, request["id"], "successful")
         await obs.silence(0.5, [us()])
 

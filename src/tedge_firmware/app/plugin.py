@@ -1,9 +1,19 @@
 """The firmware plugin: c8y_Firmware operations for child devices, from `515` to `503`/`502`.
 
-One loop consumes one queue of typed inputs (an MQTT message, a finished fetch, a fired timer)
-and decides; the I/O that takes time (downloads, hashing, waiting for a JWT) runs in tasks that
-answer with inputs on the same queue, so a slow download never delays a child's response.
-Decisions about one operation are in `core.operation.step`; this module executes them.
+One loop consumes one queue of typed inputs (an MQTT message, a finished fetch, a fired timer,
+the broker's acknowledgement of a status) and decides; the I/O that takes time (downloads,
+hashing, waiting for a JWT) runs in tasks that answer with inputs on the same queue, so a slow
+download never delays a child's response. Decisions about one operation are in
+`core.operation.step`; this module executes them.
+
+Nothing a peer sends stops the loop: each payload is bounded in size, a `c8y/s/ds` payload is
+split into one input per record, the loop lets other tasks run every few inputs, and errors
+that a peer can repeat are logged once per minute with a count (`LogLimiter`).
+
+An operation is forgotten only when the broker has acknowledged every line it owes Cumulocity
+(`core.operation` says what its file holds meanwhile). A broker that lost our session
+(restarted without saving it) is treated like our own restart: the requests waiting for a
+child go out again with attempt + 1, then `500`.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -48,11 +58,18 @@ from tedge_firmware.errors import (
 )
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.durable import sha256_of_file
+from tedge_firmware.shell.log_limits import LogLimiter
 from tedge_firmware.shell.store import fetch_store, operation_store
 from tedge_firmware.shell.timers import Timers
 
 log = logging.getLogger(__name__)
 
+
+# Cumulocity sends at most 16 KiB per MQTT message; what is much bigger is not from Cumulocity
+# and is not worth parsing. Child responses have their own bound (core.messages).
+MAX_DOWNSTREAM_BYTES = 64 * 1024
+# The loop lets other tasks (the MQTT session, the file-transfer service) run this often.
+_INPUTS_PER_TURN = 32
 
 PLUGIN_SUBSCRIPTIONS = (
     topics.C8Y_DOWNSTREAM,
@@ -64,10 +81,17 @@ PLUGIN_SUBSCRIPTIONS = (
 
 
 class Publisher(Protocol):
-    """Where outgoing MQTT messages go (the MQTT session's outbox)."""
+    """Where outgoing MQTT messages go (the MQTT session's outbox). `when_done(True)` once the
+    broker acknowledged the message, `when_done(False)` if the broker refuses it."""
 
     def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        when_done: Callable[[bool], None] | None = None,
     ) -> None: ...
 
 
@@ -106,7 +130,38 @@ class TimerFired:
     generation: int
 
 
-Input = Incoming | FetchDone | TimerFired
+@dataclass(frozen=True)
+class DownstreamRecord:
+    """One `515` record of a `c8y/s/ds` payload."""
+
+    record: str
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """The broker acknowledged (or refused) a line for Cumulocity that an operation owed."""
+
+    op_id: str
+    line: str
+    acknowledged: bool
+
+
+@dataclass(frozen=True)
+class RequestRefused:
+    """The broker refuses the request to the child (it drops the connection on it)."""
+
+    op_id: str
+
+
+@dataclass(frozen=True)
+class BrokerSessionLost:
+    """The broker came back without our session: what it held for us is gone."""
+
+
+Input = (
+    Incoming | DownstreamRecord | FetchDone | TimerFired | Delivered | RequestRefused
+    | BrokerSessionLost
+)
 
 
 @dataclass
@@ -123,6 +178,7 @@ class LiveOperation:
     state: State = State.FETCHING
     record: OperationRecord | None = None
     timer_generation: int = 0
+    owed: list[str] = field(default_factory=list)  # lines for Cumulocity not yet acknowledged
 
     def matches(self, request: smartrest.FirmwareRequest) -> bool:
         return (self.child_id, self.name, self.version, self.url) == (
@@ -227,6 +283,7 @@ class FirmwarePlugin:
         self.timers = Timers()
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
         self.operations: dict[str, LiveOperation] = {}
+        self.peer_errors = LogLimiter(log)  # what a peer can make us log, once a minute
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -234,15 +291,23 @@ class FirmwarePlugin:
         """Pick up where the last run stopped, then ask Cumulocity for pending operations.
 
         Operations whose request was sent are re-sent with attempt + 1 (timeout re-armed);
-        operations still waiting for their firmware rejoin its (resumed) download. Then `500`.
+        ended operations send the lines the broker may not have acknowledged; operations still
+        waiting for their firmware rejoin its (resumed) download. Then `500`.
         """
         for record in self.store.load_all():
             if self._usable_child(record.child_id, self.store.path(record.operation_id)):
                 operation = self._live(record.operation_id, record, attempt=record.attempt + 1)
-                operation.state = State.PENDING
                 operation.record = record
-                log.info("resuming operation after restart %s", operation.context())
-                self._resend(operation)
+                if record.state.ended:
+                    operation.state = record.state
+                    log.info("delivering the result again after restart %s", operation.context())
+                    self._owe(operation, record.to_cloud)
+                else:
+                    operation.state = record.state
+                    log.info("resuming operation after restart %s", operation.context())
+                    self._resend(operation)
+        for ended in [op for op in self.operations.values() if op.state.ended]:
+            self._unpublish_unless_used(ended)  # the stop may have come before the clean-up
         for fetch in self.fetching.load_all():
             if fetch.operation_id in self.operations:
                 self.fetching.delete(fetch.operation_id)  # its request went out before the stop
@@ -279,12 +344,16 @@ class FirmwarePlugin:
 
     async def run(self) -> None:
         """Handle inputs forever. An error in one input is logged; it never stops the loop."""
+        handled = 0
         while True:
             item = await self.inputs.get()
             try:
                 self.handle(item)
             except Exception:
                 log.exception("unexpected error while handling %s", type(item).__name__)
+            handled += 1
+            if handled % _INPUTS_PER_TURN == 0:
+                await asyncio.sleep(0)  # a queue that is never empty must not starve the rest
 
     async def close(self) -> None:
         self.timers.cancel_all()
@@ -294,22 +363,39 @@ class FirmwarePlugin:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def settle(self) -> None:
+        """Handle the acknowledgements that came in after the loop stopped (at shutdown, while
+        the MQTT session flushed), so that operations whose last line arrived are forgotten."""
+        while not self.inputs.empty():
+            item = self.inputs.get_nowait()
+            if isinstance(item, Delivered):
+                self.handle(item)
+        self.peer_errors.flush()
+
     # ---- dispatch -----------------------------------------------------------------------
 
     def handle(self, item: Input) -> None:
         match item:
             case Incoming(topic=topic, payload=payload):
                 self._on_message(topic, payload)
+            case DownstreamRecord(record=record):
+                self._on_515(record)
             case FetchDone():
                 self._on_fetch_done(item)
             case TimerFired(op_id=op_id, generation=generation):
                 self._on_timeout(op_id, generation)
+            case Delivered():
+                self._on_delivered(item)
+            case RequestRefused(op_id=op_id):
+                self._on_request_refused(op_id)
+            case BrokerSessionLost():
+                self._on_broker_session_lost()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == topics.C8Y_DOWNSTREAM:
             self._on_smartrest(payload)
         elif topic == topics.C8Y_JWT_RESPONSE:
-            self.jwt.on_response(payload)
+            self.jwt.on_response(payload[:MAX_DOWNSTREAM_BYTES])
         elif topic in (topics.HEALTH_CHECK, topics.health_check_topic()):
             self.publish_health()
         elif topic.startswith("tedge/") and topic.endswith("/commands/res/firmware_update"):
@@ -323,24 +409,39 @@ class FirmwarePlugin:
     # ---- 515 ----------------------------------------------------------------------------
 
     def _on_smartrest(self, payload: bytes) -> None:
+        """Queue each `515` record of the payload as an input of its own (fair to the rest)."""
+        if len(payload) > MAX_DOWNSTREAM_BYTES:
+            self.peer_errors.log(
+                logging.ERROR,
+                "c8y/s/ds too large",
+                "payload of %d bytes on %s is over the limit of %d bytes: ignored",
+                len(payload),
+                topics.C8Y_DOWNSTREAM,
+                MAX_DOWNSTREAM_BYTES,
+            )
+            return
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
-            log.warning(
+            self.peer_errors.log(
+                logging.WARNING,
+                "c8y/s/ds not UTF-8",
                 "payload on %s is not UTF-8 (%d bytes): ignored",
                 topics.C8Y_DOWNSTREAM,
                 len(payload),
             )
             return
         for record in smartrest.split_records(text):
-            if smartrest.template_id(record) != "515":
-                continue
-            try:
-                request = smartrest.parse_firmware_request(record)
-            except SmartRestError as error:
-                log.error("%s: %r", error, record[:200])
-                continue
-            self._on_firmware_request(request)
+            if smartrest.template_id(record) == "515":
+                self.submit(DownstreamRecord(record))
+
+    def _on_515(self, record: str) -> None:
+        try:
+            request = smartrest.parse_firmware_request(record)
+        except SmartRestError as error:
+            self.peer_errors.log(logging.ERROR, "bad 515", "%s: %r", error, record[:200])
+            return
+        self._on_firmware_request(request)
 
     def _on_firmware_request(self, request: smartrest.FirmwareRequest) -> None:
         if request.device == self.device_id:
@@ -351,9 +452,14 @@ class FirmwarePlugin:
             return
         problem = topics.child_id_problem(request.device)
         if problem is not None:
-            log.error("c8y_Firmware operation ignored: %s", problem)
+            self.peer_errors.log(
+                logging.ERROR, "bad child id", "c8y_Firmware operation ignored: %s", problem
+            )
             return
-        duplicate = next((op for op in self.operations.values() if op.matches(request)), None)
+        duplicate = next(
+            (op for op in self.operations.values() if not op.state.ended and op.matches(request)),
+            None,
+        )
         if duplicate is not None:
             duplicate.attempt += 1
             log.info(
@@ -375,7 +481,6 @@ class FirmwarePlugin:
             file_id=file_id_for_url(request.url),
         )
         self.operations[operation.op_id] = operation
-        self._save_fetching(operation)
         log.info(
             "new firmware operation name=%s version=%s url=%s %s",
             operation.name,
@@ -383,6 +488,7 @@ class FirmwarePlugin:
             operation.url,
             operation.context(),
         )
+        self._save_fetching(operation)
         self._join_fetch(operation)
 
     # ---- fetching the firmware (single flight per FILE_ID) ------------------------------
@@ -465,7 +571,7 @@ class FirmwarePlugin:
             return
         for op_id in sorted(fetch.waiting):
             operation = self.operations.get(op_id)
-            if operation is None:
+            if operation is None or operation.state.ended:
                 continue
             if done.sha256 is None:
                 self._abort(operation, done.reason or f"Download from {operation.url} failed")
@@ -531,7 +637,15 @@ class FirmwarePlugin:
             sha256=record.sha256,
             url=record.file_transfer_url,
         )
-        self.publisher.publish(topics.firmware_request_topic(operation.child_id), request.to_json())
+        op_id = operation.op_id
+
+        def refused(acknowledged: bool) -> None:
+            if not acknowledged:
+                self.submit(RequestRefused(op_id))
+
+        self.publisher.publish(
+            topics.firmware_request_topic(operation.child_id), request.to_json(), when_done=refused
+        )
         self._arm_timeout(operation)
         log.info("firmware update request sent, attempt %d %s", record.attempt, operation.context())
 
@@ -542,6 +656,32 @@ class FirmwarePlugin:
             operation.op_id, self.config.child_update_timeout, lambda: self.submit(fired)
         )
 
+    def _on_request_refused(self, op_id: str) -> None:
+        operation = self.operations.get(op_id)
+        if operation is None or operation.state.ended:
+            return
+        self._abort(
+            operation,
+            f"The MQTT broker refuses the firmware_update request for child device "
+            f"{operation.child_id} (it closes the connection on it; see the broker's log)",
+        )
+
+    def _on_broker_session_lost(self) -> None:
+        """The broker restarted without our session: children's answers and Cumulocity's
+        operations sent meanwhile are gone. Ask again, as after a restart of our own."""
+        waiting = [
+            op for op in self.operations.values() if op.state in (State.PENDING, State.EXECUTING)
+        ]
+        log.warning(
+            "the MQTT broker lost our session (it restarted without saving it): sending %d "
+            "request(s) to children again and asking Cumulocity for pending operations",
+            len(waiting),
+        )
+        for operation in waiting:
+            operation.attempt += 1
+            self._resend(operation)
+        self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
+
     # ---- responses from the child -------------------------------------------------------
 
     def _on_child_response(self, topic: str, payload: bytes) -> None:
@@ -549,13 +689,26 @@ class FirmwarePlugin:
             child_id = topics.child_id_from_response_topic(topic)
             response = parse_response(payload)
         except InputError as error:
-            log.error("invalid firmware_update response on %r: %s", topic[:200], error)
+            self.peer_errors.log(
+                logging.ERROR,
+                ("bad response", type(error).__name__),
+                "invalid firmware_update response on %r: %s",
+                topic[:200],
+                error,
+            )
             return
         operation = self.operations.get(response.id)
-        if operation is None or operation.child_id != child_id or operation.state is State.FETCHING:
-            log.info(
+        if (
+            operation is None
+            or operation.child_id != child_id
+            or operation.state is State.FETCHING
+            or operation.state.ended
+        ):
+            self.peer_errors.log(
+                logging.INFO,
+                "unknown operation",
                 "response for an unknown or finished operation op_id=%s child=%s: ignored",
-                response.id,
+                response.id[:100],
                 child_id,
             )
             return
@@ -574,7 +727,11 @@ class FirmwarePlugin:
 
     def _on_timeout(self, op_id: str, generation: int) -> None:
         operation = self.operations.get(op_id)
-        if operation is None or operation.timer_generation != generation:
+        if (
+            operation is None
+            or operation.state.ended
+            or operation.timer_generation != generation
+        ):
             return
         reason = timeout_reason(operation.child_id, self.config.child_update_timeout, op_id)
         self._abort(operation, reason)
@@ -593,28 +750,97 @@ class FirmwarePlugin:
         )
         outcome = step(operation.state, event, reason=reason, installed=installed)
         operation.state = outcome.state
-        self._to_cloud(operation.child_id, outcome.to_cloud)
         if outcome.state.ended:
-            self._finish(operation)
+            self._end(operation, outcome.to_cloud)
+        else:
+            self._owe(operation, outcome.to_cloud)  # the 501: recorded once acknowledged
 
-    def _to_cloud(self, child_id: str, lines: Iterable[str]) -> None:
-        for line in lines:
-            self.publisher.publish(topics.c8y_upstream(child_id), line)
-
-    def _finish(self, operation: LiveOperation) -> None:
-        """Forget the operation: its file, its timer, and its published link unless still used."""
-        self.operations.pop(operation.op_id, None)
-        self.timers.cancel(operation.op_id)
-        self.store.delete(operation.op_id)
+    def _end(self, operation: LiveOperation, lines: Iterable[str]) -> None:
+        """Record how the operation ended and what Cumulocity is owed, then tell it and clean
+        up. The record stays until the broker has acknowledged the last line."""
+        owed = [*operation.owed, *lines]
+        try:
+            self.store.save(self._record_of(operation, to_cloud=owed))
+        except StoreError as error:
+            log.error(
+                "%s: a restart now would not resend the result %s", error, operation.context()
+            )
         self.fetching.delete(operation.op_id)
+        self.timers.cancel(operation.op_id)
+        self._unpublish_unless_used(operation)
+        log.info("operation %s %s", operation.state.value, operation.context())
+        self._owe(operation, owed[len(operation.owed) :])
+
+    def _record_of(self, operation: LiveOperation, to_cloud: Iterable[str]) -> OperationRecord:
+        """The operation's file as it must be now (an operation that ended before its request
+        went out has no file URL and no digest)."""
+        record = operation.record or OperationRecord(
+            operation_id=operation.op_id,
+            child_id=operation.child_id,
+            name=operation.name,
+            version=operation.version,
+            server_url=operation.url,
+            file_transfer_url="",
+            sha256="",
+            attempt=operation.attempt,
+        )
+        state = operation.state if operation.state is not State.FETCHING else State.PENDING
+        return dataclasses.replace(record, state=state, to_cloud=tuple(to_cloud))
+
+    def _owe(self, operation: LiveOperation, lines: Iterable[str]) -> None:
+        """Publish lines for Cumulocity; each one is owed until the broker acknowledged it."""
+        op_id = operation.op_id
+        for line in lines:
+            operation.owed.append(line)
+
+            def delivered(acknowledged: bool, line: str = line) -> None:
+                self.submit(Delivered(op_id, line, acknowledged))
+
+            topic = topics.c8y_upstream(operation.child_id)
+            self.publisher.publish(topic, line, when_done=delivered)
+        if not operation.owed and operation.state.ended:
+            self._forget(operation)
+
+    def _on_delivered(self, delivered: Delivered) -> None:
+        operation = self.operations.get(delivered.op_id)
+        if operation is None or delivered.line not in operation.owed:
+            return
+        operation.owed.remove(delivered.line)
+        if not delivered.acknowledged:
+            log.error(
+                "the MQTT broker refuses a line for Cumulocity, which will not hear it: %r %s",
+                delivered.line[:200],
+                operation.context(),
+            )
+        if operation.owed:
+            return
+        if operation.state.ended:
+            self._forget(operation)
+        elif operation.state is State.EXECUTING and operation.record is not None:
+            # Cumulocity has the 501: a restart must not announce the operation again
+            try:
+                operation.record = self._record_of(operation, to_cloud=())
+                self.store.save(operation.record)
+            except StoreError as error:
+                log.warning("%s %s", error, operation.context())
+
+    def _forget(self, operation: LiveOperation) -> None:
+        """The broker has every line the operation owed: its file goes."""
+        self.operations.pop(operation.op_id, None)
+        self.store.delete(operation.op_id)
+        log.debug("result delivered, operation forgotten %s", operation.context())
+
+    def _unpublish_unless_used(self, operation: LiveOperation) -> None:
+        """Remove the operation's published link unless a live operation of the child uses it."""
         still_used = any(
-            other.child_id == operation.child_id and other.file_id == operation.file_id
+            not other.state.ended
+            and other.child_id == operation.child_id
+            and other.file_id == operation.file_id
             for other in self.operations.values()
         )
         if not still_used:
             self.cache.unpublish(operation.child_id, operation.file_id)
             self.cache_keeper.request()  # the entry may be free to go now
-        log.info("operation %s %s", operation.state.value, operation.context())
 
 
 def health_up() -> str:

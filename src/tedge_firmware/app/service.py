@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tedge_firmware.app.lifecycle import cancel_tasks, until_stopped
 from tedge_firmware.app.plugin import (
     PLUGIN_SUBSCRIPTIONS,
+    BrokerSessionLost,
     FirmwarePlugin,
     Incoming,
     PluginOptions,
@@ -97,6 +98,7 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
     )
     session: MqttSession | None = None
     plugin: FirmwarePlugin | None = None
+    pump: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
         if file_transfer is not None:
@@ -105,6 +107,8 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
         async def on_connect() -> None:
             # after every (re)connect, as thin-edge does: the retained "up" replaces the will
             await mqtt.publish_now(topics.health_topic(), health_up(), retain=True)
+            if mqtt.connections > 1 and not mqtt.session_present and plugin is not None:
+                plugin.submit(BrokerSessionLost())  # the first connect follows recover()
 
         session = mqtt = MqttSession(
             MqttSettings(
@@ -128,9 +132,10 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
             config.mqtt_port,
             config.data_path,
         )
+        pump = asyncio.create_task(_pump(session, plugin), name="mqtt-pump")
         tasks = [
             asyncio.create_task(session.run(), name="mqtt-session"),
-            asyncio.create_task(_pump(session, plugin), name="mqtt-pump"),
+            pump,
             asyncio.create_task(plugin.run(), name="plugin-loop"),
         ]
         if options.with_file_transfer:  # it stops by itself on `stop`
@@ -138,6 +143,8 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
             tasks.append(asyncio.create_task(registration, name="registration"))
         await until_stopped(stop, tasks)
     finally:
+        if pump is not None:
+            await cancel_tasks([pump])  # no new work from MQTT while stopping
         await _shutdown(session, plugin, downloader, file_transfer)
         await cancel_tasks(tasks)
 
@@ -154,7 +161,12 @@ async def _shutdown(
     downloader: Downloader,
     file_transfer: FileTransferServer | None,
 ) -> None:
-    """Stop everything within SHUTDOWN_GRACE_S; what does not stop in time is abandoned."""
+    """Stop everything within SHUTDOWN_GRACE_S; what does not stop in time is abandoned.
+
+    The plugin's loop still runs while the session flushes its outbox, so an operation whose
+    last status the broker acknowledges now is forgotten; one whose status is still waiting
+    (the broker is away) keeps its file and is completed by the next start.
+    """
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(SHUTDOWN_GRACE_S):
             if plugin is not None:
@@ -164,6 +176,8 @@ async def _shutdown(
                     final=Message(topics.health_topic(), health_down().encode(), retain=True),
                     timeout=2.0,
                 )
+            if plugin is not None:
+                plugin.settle()
             await downloader.close()
             if file_transfer is not None:
                 await file_transfer.stop()

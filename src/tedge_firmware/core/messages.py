@@ -60,7 +60,7 @@ def parse_response(payload: bytes) -> FirmwareUpdateResponse:
         document = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError:
         raise MessageError("payload is not UTF-8") from None
-    except (json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError: also a 5,000-digit number
         raise MessageError(f"payload is not JSON: {error}") from None
     if not isinstance(document, dict):
         raise MessageError("payload is not a JSON object")

@@ -19,10 +19,21 @@ the persisted record cannot tell whether `501` already went out and PENDING is a
 
 `step()` is the whole decision: state + event → next state + what to tell Cumulocity. It does
 no I/O; the orchestrator executes the result.
+
+What survives a restart. The operation file is written when the request goes out (PENDING,
+thin-edge's eight fields, byte for byte). Once the broker has acknowledged the `501`, the file
+says EXECUTING, so a restart does not announce the operation again (DESIGN.md item 11). When
+the operation ends, the file says how it ended and lists, in `to_cloud`, the lines for
+Cumulocity that the broker has not acknowledged yet; it is written before those lines are
+published and deleted once the broker has acknowledged the last of them, so a restart sends
+what may not have arrived and nothing else (a line the broker got just before a kill -9 may
+arrive twice: MQTT QoS 1 is at least once). Only the last two kinds of file carry the fields
+`state` and `to_cloud`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -45,11 +56,17 @@ RECORD_FIELDS = (
     "sha256",
     "attempt",
 )
+# Ours, after thin-edge's eight, present only once the operation is announced or ended.
+PROGRESS_FIELDS = ("state", "to_cloud")
+# A corrupt file must not make us publish a flood: an ended operation owes at most 3 lines.
+_MAX_TO_CLOUD_LINES = 8
+_MAX_TO_CLOUD_CHARS = 4096
 
 
 @dataclass(frozen=True)
 class OperationRecord:
-    """The operation file `data.path/firmware/<op_id>`: thin-edge's 8 fields, in its order."""
+    """The operation file `data.path/firmware/<op_id>`: thin-edge's 8 fields, in its order,
+    then (once announced or ended) its state and the lines Cumulocity may not have yet."""
 
     operation_id: str
     child_id: str
@@ -59,18 +76,25 @@ class OperationRecord:
     file_transfer_url: str
     sha256: str
     attempt: int
+    state: State = dataclasses.field(default_factory=lambda: State.PENDING)
+    to_cloud: tuple[str, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps(
-            {field: getattr(self, field) for field in RECORD_FIELDS},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        document: dict[str, object] = {field: getattr(self, field) for field in RECORD_FIELDS}
+        if self.state is not State.PENDING or self.to_cloud:
+            document["state"] = self.state.value
+            document["to_cloud"] = list(self.to_cloud)
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> OperationRecord:
         """Parse an operation file; unknown or missing fields and wrong types are errors."""
-        return cls(**_parse_record(text, RECORD_FIELDS))
+        document = _parse_record(text, RECORD_FIELDS, optional=PROGRESS_FIELDS)
+        state = _recorded_state(document.pop("state", State.PENDING.value))
+        to_cloud = _recorded_lines(document.pop("to_cloud", []))
+        if to_cloud and not state.ended:
+            raise StoreError(f"field 'to_cloud' is not empty while the state is {state.value}")
+        return cls(**document, state=state, to_cloud=to_cloud)
 
 
 FETCH_FIELDS = ("operation_id", "child_id", "name", "version", "server_url", "attempt")
@@ -100,15 +124,18 @@ class FetchRecord:
         return cls(**_parse_record(text, FETCH_FIELDS))
 
 
-def _parse_record(text: str | bytes, fields: tuple[str, ...]) -> dict[str, Any]:
-    """A JSON object with exactly `fields`: strings, except a non-negative int `attempt`."""
+def _parse_record(
+    text: str | bytes, fields: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A JSON object with exactly `fields` (and maybe `optional` ones, not checked here):
+    strings, except a non-negative int `attempt`."""
     try:
         document = json.loads(text)
     except (ValueError, RecursionError) as error:
         raise StoreError(f"not JSON: {error}") from None
     if not isinstance(document, dict):
         raise StoreError("not a JSON object")
-    unknown = set(document) - set(fields)
+    unknown = set(document) - set(fields) - set(optional)
     missing = set(fields) - set(document)
     if unknown or missing:
         raise StoreError(f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
@@ -119,6 +146,27 @@ def _parse_record(text: str | bytes, fields: tuple[str, ...]) -> dict[str, Any]:
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
         raise StoreError("field 'attempt' is not a non-negative integer")
     return document
+
+
+def _recorded_state(value: object) -> State:
+    if not isinstance(value, str) or value == State.FETCHING.value:
+        raise StoreError(f"field 'state' {value!r} is not a state an operation file can have")
+    try:
+        return State(value)
+    except ValueError:
+        raise StoreError(f"field 'state' {value!r} is not a known state") from None
+
+
+def _recorded_lines(value: object) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or len(value) > _MAX_TO_CLOUD_LINES
+        or not all(isinstance(line, str) and len(line) <= _MAX_TO_CLOUD_CHARS for line in value)
+    ):
+        raise StoreError(
+            f"field 'to_cloud' is not a list of at most {_MAX_TO_CLOUD_LINES} SmartREST lines"
+        )
+    return tuple(value)
 
 
 class State(enum.Enum):

@@ -85,6 +85,7 @@ from tedge_firmware.core.retry import (
     resume_validator,
     single_line,
 )
+from tedge_firmware.core.urls import firmware_url_problem
 from tedge_firmware.errors import DownloadError
 from tedge_firmware.shell.durable import fsync_directory
 
@@ -569,9 +570,12 @@ def _final_failure(failure: Failure, progress: _Progress, now: float) -> Failure
 
 
 def _checked_url(url: str) -> str:
+    problem = firmware_url_problem(url)
+    if problem is not None:
+        raise DownloadError(single_line(url), problem)
     try:
         parsed = URL(url)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:  # what yarl refuses beyond our check (UnicodeError)
         raise DownloadError(single_line(url), "invalid url") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise DownloadError(single_line(url), "invalid url: not an http(s) url with a host")
