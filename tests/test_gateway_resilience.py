@@ -6,8 +6,10 @@ and shows that it now goes on and loses nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -186,3 +188,57 @@ async def test_a_broker_that_lost_our_session_gets_pending_requests_again(
                 assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
         finally:
             await gateway.stop()
+
+
+# --- work per message is bounded --------------------------------------------------------------
+
+
+class LoopLag:
+    """The longest time the event loop took to come back to a task that asked for 10 ms."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)  # the measurement itself: how late does 10 ms come back
+            self.longest = max(self.longest, loop.time() - before - 0.01)
+
+    def __enter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_a_flood_on_c8y_s_ds_is_bounded_and_logged_once(
+    tmp_path: Path, broker: Broker, gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    huge = b"515,a\n" * 174_763  # 1 MiB: over the limit, refused whole
+    big = b"515,a\n" * 10_000  # under the limit: ten thousand bad records
+    async with observer(broker.port) as obs:
+        await gateway.start()
+        assert await obs.next("c8y/s/us") == b"500"
+        with LoopLag() as lag:
+            await obs.publish("c8y/s/ds", huge)
+            for _ in range(5):
+                await obs.publish("c8y/s/ds", big)
+            await obs.publish("c8y/s/ds", S515)
+            request = json.loads(await obs.next(req_topic(), timeout=30))
+        await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+        assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
+    await gateway.stop()  # flushes the summaries
+    messages = [r.getMessage() for r in caplog.records if r.name == "tedge_firmware.app.plugin"]
+    too_large = [m for m in messages if "over the limit" in m]
+    assert too_large == [f"payload of {len(huge)} bytes on c8y/s/ds is over the limit of 65536 bytes: ignored"]
+    bad = [m for m in messages if "Incorrect c8y_Firmware SmartREST payload" in m]
+    assert len(bad) == 2, bad  # the first one, then one summary with the count
+    assert "the latest of 49999 similar lines left out" in bad[1]
+    assert not [r for r in caplog.records if "lost the connection" in r.getMessage()]
+    assert lag.longest < 2.0, f"the event loop was held for {lag.longest:.2f} s"
