@@ -65,9 +65,6 @@ from tedge_firmware.shell.timers import Timers
 log = logging.getLogger(__name__)
 
 
-# Cumulocity sends at most 16 KiB per MQTT message; what is much bigger is not from Cumulocity
-# and is not worth parsing. Child responses have their own bound (core.messages).
-MAX_DOWNSTREAM_BYTES = 64 * 1024
 # The loop lets other tasks (the MQTT session, the file-transfer service) run this often.
 _INPUTS_PER_TURN = 32
 
@@ -395,7 +392,7 @@ class FirmwarePlugin:
         if topic == topics.C8Y_DOWNSTREAM:
             self._on_smartrest(payload)
         elif topic == topics.C8Y_JWT_RESPONSE:
-            self.jwt.on_response(payload[:MAX_DOWNSTREAM_BYTES])
+            self.jwt.on_response(payload[: smartrest.MAX_DOWNSTREAM_BYTES])
         elif topic in (topics.HEALTH_CHECK, topics.health_check_topic()):
             self.publish_health()
         elif topic.startswith("tedge/") and topic.endswith("/commands/res/firmware_update"):
@@ -410,14 +407,14 @@ class FirmwarePlugin:
 
     def _on_smartrest(self, payload: bytes) -> None:
         """Queue each `515` record of the payload as an input of its own (fair to the rest)."""
-        if len(payload) > MAX_DOWNSTREAM_BYTES:
+        if len(payload) > smartrest.MAX_DOWNSTREAM_BYTES:
             self.peer_errors.log(
                 logging.ERROR,
                 "c8y/s/ds too large",
                 "payload of %d bytes on %s is over the limit of %d bytes: ignored",
                 len(payload),
                 topics.C8Y_DOWNSTREAM,
-                MAX_DOWNSTREAM_BYTES,
+                smartrest.MAX_DOWNSTREAM_BYTES,
             )
             return
         try:

@@ -36,6 +36,7 @@ from tedge_firmware.core.registration import (
 )
 from tedge_firmware.errors import BrokerError, ConfigError, InputError, StoreError
 from tedge_firmware.shell.config_file import resolve_device_id
+from tedge_firmware.shell.log_limits import LogLimiter
 from tedge_firmware.shell.mqtt import Message, MqttSession, MqttSettings
 from tedge_firmware.shell.ops_watch import OperationsDirectory, OperationsWatcher
 
@@ -45,6 +46,7 @@ REGISTRATION_CLIENT_ID = "tedge-firmware-registration"
 SUBSCRIPTIONS = (topics.C8Y_DOWNSTREAM, DECLARATION_FILTER)
 _CLOSE_TIMEOUT = 2.0
 _WATCH_READY_TIMEOUT = 5.0  # then the periodic look catches what the watch did not
+_INPUTS_PER_TURN = 32
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class ChildRegistration:
         self._inputs: asyncio.Queue[_Input] = asyncio.Queue()
         self._rescan_soon: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._peer_errors = LogLimiter(log)
 
     async def run(self) -> None:
         """Register, then follow changes until cancelled."""
@@ -112,10 +115,15 @@ class ChildRegistration:
         finally:
             self.watcher.close()
             await cancel_tasks([*self._tasks, *([self._rescan_soon] if self._rescan_soon else [])])
+            self._peer_errors.flush()
 
     async def _loop(self) -> None:
+        handled = 0
         while True:
             item = await self._inputs.get()
+            handled += 1
+            if handled % _INPUTS_PER_TURN == 0:
+                await asyncio.sleep(0)  # a flood of bad declarations must not starve the rest
             match item:
                 case Message():
                     await self._on_message(item)
@@ -142,7 +150,13 @@ class ChildRegistration:
                 message.topic, message.payload, self.directory.main_device_id
             )
         except InputError as error:
-            log.warning("ignored a declaration on %s: %s", _printable(message.topic), error)
+            self._peer_errors.log(
+                logging.WARNING,
+                ("declaration", type(error).__name__),
+                "ignored a declaration on %s: %s",
+                _printable(message.topic),
+                error,
+            )
             return
         await self._apply(declaration)
 

@@ -155,7 +155,10 @@ def declare_operations(device: Device, operations: list[str]) -> Publish:
 
 
 def cloud_child_list(payload: bytes) -> list[str] | None:
-    """The ids of a `106,<ids…>` record in a `c8y/s/ds` payload, or None when there is none."""
+    """The ids of a `106,<ids…>` record in a `c8y/s/ds` payload, or None when there is none
+    (or the payload is too large to be Cumulocity's)."""
+    if len(payload) > smartrest.MAX_DOWNSTREAM_BYTES:
+        return None
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:

@@ -16,6 +16,9 @@ from tedge_firmware.errors import SmartRestError
 
 FIRMWARE_OPERATION = "c8y_Firmware"
 MAX_REASON_LENGTH = 500
+# Cumulocity sends at most 16 KiB per MQTT message: a much bigger `c8y/s/ds` payload is not
+# from Cumulocity and is not worth parsing.
+MAX_DOWNSTREAM_BYTES = 64 * 1024
 _NEEDS_QUOTES = frozenset(',"\n\r')
 
 
