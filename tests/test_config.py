@@ -89,6 +89,8 @@ VALID: dict[str, tuple[str, object]] = {
     "http.bind.address": ("[fd00::1]", "fd00::1"),
     "http.bind.port": ("65535", 65535),
     "http.client.host": ("gateway.lan", "gateway.lan"),
+    "http.max_connections": ("2048", 2048),
+    "http.idle_timeout": ("10", 10),
     "http.cert_path": ("/etc/ft.pem", Path("/etc/ft.pem")),
     "http.key_path": ("/etc/ft.key", Path("/etc/ft.key")),
     "data.path": ("/srv/tedge", Path("/srv/tedge")),
@@ -119,6 +121,8 @@ DEFAULTS: dict[str, object] = {
     "http.bind.address": "127.0.0.1",
     "http.bind.port": 8000,
     "http.client.host": None,
+    "http.max_connections": 1024,
+    "http.idle_timeout": 30,
     "http.cert_path": None,
     "http.key_path": None,
     "data.path": Path("/var/tedge"),
@@ -439,6 +443,16 @@ def test_invalid_cache_max_size_in_file(bad: object) -> None:
 @pytest.mark.parametrize(("text", "size"), [("1", 1), ("500MB", 500 * 10**6), ("1.5GiB", 3 * 2**29)])
 def test_cache_max_size_units(text: str, size: int) -> None:
     assert validate_value("firmware.cache.max_size", text) == size
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [("http.max_connections", bad) for bad in ["0", "65537", "-1", "lots", "1e3", "9" * 5000]]
+    + [("http.idle_timeout", bad) for bad in ["0", "-5", "30s", "1.5", "9" * 5000]],
+)
+def test_invalid_file_transfer_limits(name: str, bad: str) -> None:
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        validate_value(name, bad)
 
 
 @pytest.mark.parametrize("bad", ["0", "1025", "-1", "many"])

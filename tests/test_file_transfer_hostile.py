@@ -471,3 +471,66 @@ async def test_refusals_are_logged_as_warnings(server, tree: Tree, request_log: 
     assert any(
         level == logging.DEBUG and "sub/inner" in text and "200" in text for level, text in messages
     )
+
+
+# --- what one client can hold: header time, idle time, connections (issue 12) -----------------
+
+
+@contextlib.asynccontextmanager
+async def limited_server(tree: Tree, **limits: float) -> AsyncIterator[FileTransferServer]:
+    srv = FileTransferServer(root=tree.root, cache_dir=tree.cache, host="127.0.0.1", port=0, **limits)  # type: ignore[arg-type]
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+async def test_headers_that_never_end_are_cut_after_the_idle_timeout(tree: Tree) -> None:
+    async with limited_server(tree, idle_timeout=0.5) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer.write(b"GET /tedge/file-transfer/sub/inner HTTP/1.1\r\nHost: x\r\n")  # no end
+        for _ in range(3):  # trickling more header bytes does not buy more time
+            await asyncio.sleep(0.2)
+            writer.write(b"X-Slow: 1\r\n")
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by the service, nothing answered
+        assert loop.time() - started < 3
+        writer.close()
+        assert srv.open_connections == 0
+
+
+async def test_an_idle_keep_alive_connection_is_closed(tree: Tree) -> None:
+    async with limited_server(tree, idle_timeout=0.5) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(raw_request("GET", "/tedge/file-transfer/sub/inner"))
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await reader.readexactly(len(b"inner file")) == b"inner file"
+            assert await reader.read() == b""  # then nothing: the service closed it
+        writer.close()
+
+
+async def test_connections_beyond_the_limit_get_503_and_the_slot_comes_back(tree: Tree, request_log: RequestLog) -> None:
+    async with limited_server(tree, max_connections=3, idle_timeout=30) as srv:
+        held = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(3)]
+        for _, writer in held:
+            writer.write(b"GET /tedge/file-transfer/sub/inner HTTP/1.1\r\n")  # and no more
+        extra = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(5)]
+        async with asyncio.timeout(5):
+            answers = [await reader.read() for reader, _ in extra]
+        assert all(a.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") for a in answers), answers
+        assert srv.open_connections == 3
+        refusals = [r for r in request_log.records if "new ones get 503" in r.getMessage()]
+        assert len(refusals) == 1  # five refusals, one line (then a count once a minute)
+        for _, writer in [*held, *extra]:
+            writer.transport.abort()
+        # a connection that ends gives its slot back
+        async with asyncio.timeout(5):
+            while srv.open_connections:  # noqa: ASYNC110 (the server's count; no event for it)
+                await asyncio.sleep(0.01)
+            status, _ = await raw_exchange(srv.port, raw_request("GET", "/tedge/file-transfer/sub/inner"))
+        assert status == 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import ssl
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ from tedge_firmware.shell.mqtt import Message, MqttSession, MqttSettings, Will
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
+# The systemd units set LimitNOFILE to this too.
+OPEN_FILES_WANTED = 65_536
 
 
 @dataclass(frozen=True)
@@ -62,13 +65,28 @@ def file_transfer_ssl(config: TedgeConfig) -> ssl.SSLContext | None:
 
 
 def make_file_transfer(config: TedgeConfig) -> FileTransferServer:
+    raise_open_file_limit()
     return FileTransferServer(
         root=config.file_transfer_dir,
         cache_dir=config.cache_dir,
         host=config.http_bind_address,
         port=config.http_bind_port,
         ssl_context=file_transfer_ssl(config),
+        max_connections=config.http_max_connections,
+        idle_timeout=config.http_idle_timeout,
     )
+
+
+def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:
+    """Raise the soft open-file limit towards `wanted` as far as the hard limit allows: the
+    usual soft limit (1024) is below what the file-transfer service may hold."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, error)
 
 
 def check_plugin_config(config: TedgeConfig) -> str:

@@ -201,6 +201,18 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec(
         "http.client.host", _host, "Host put into URLs handed to children; default: bind address"
     ),
+    KeySpec(
+        "http.max_connections",
+        _int_in(1, 65_536, "a whole number from 1 to 65536"),
+        "File-transfer connections open at once; more get 503 (bounded by the open-file limit)",
+        "1024",
+    ),
+    KeySpec(
+        "http.idle_timeout",
+        _seconds,
+        "Seconds a file-transfer client may take to send its request headers or stay idle",
+        "30",
+    ),
     KeySpec("http.cert_path", _path, "TLS certificate of the file-transfer service (https)"),
     KeySpec("http.key_path", _path, "TLS private key of the file-transfer service"),
     KeySpec("data.path", _path, "Data directory (cache, firmware, file-transfer)", "/var/tedge"),
@@ -388,6 +400,8 @@ class TedgeConfig:
     http_bind_address: str
     http_bind_port: int
     http_client_host: str | None
+    http_max_connections: int
+    http_idle_timeout: int
     http_cert_path: Path | None
     http_key_path: Path | None
     data_path: Path
@@ -511,6 +525,8 @@ def config_from_document(
         http_bind_address=get("http.bind.address"),
         http_bind_port=get("http.bind.port"),
         http_client_host=get("http.client.host"),
+        http_max_connections=get("http.max_connections"),
+        http_idle_timeout=get("http.idle_timeout"),
         http_cert_path=get("http.cert_path"),
         http_key_path=get("http.key_path"),
         data_path=get("data.path"),

@@ -14,6 +14,14 @@ It serves the directory `root` (`data.path/file-transfer`) under two URL prefixe
   chunk, no data for UPLOAD_STALL_TIMEOUT_S) never replaces a good file nor leaves a temp one.
 * DELETE removes a file (202, also when it is missing; 409 for a directory).
 
+What a client can hold is bounded, so that no one can take the port (and the descriptors of
+the process) away from the children: a client gets `idle_timeout` seconds to send its request
+headers, and a connection idle that long between requests is closed (aiohttp's keep-alive
+timer, armed from the moment a connection is accepted); a TLS handshake gets as long. At most
+`max_connections` are open at once, counted from accept to close; one more gets a `503` at
+once and is closed, and the refusal is logged once a minute with a count. The limit is kept
+below half the open-file limit of the process (a transfer holds a socket and a file).
+
 Path rules (the reason this module exists; thin-edge 0.12 let `..` reach all of `data.path`):
 the raw path after the prefix is percent-decoded exactly once, the query string is ignored, and
 empty, `.` and `..` segments, NUL bytes, backslashes and absolute paths are refused (400).
@@ -34,11 +42,13 @@ import errno
 import logging
 import os
 import re
+import resource
 import secrets
 import socket
 import ssl
 import stat
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,6 +62,7 @@ from aiohttp.http import HttpProcessingError
 
 from tedge_firmware.errors import ConfigError
 from tedge_firmware.shell.durable import fsync_directory
+from tedge_firmware.shell.log_limits import LogLimiter
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -79,6 +90,14 @@ STOP_TIMEOUT_S: Final = 2.0
 UPLOAD_STALL_TIMEOUT_S = 60.0
 """A PUT whose body sends nothing for this long is abandoned (408); the file is unchanged."""
 
+DEFAULT_MAX_CONNECTIONS: Final = 1024
+DEFAULT_IDLE_TIMEOUT_S: Final = 30.0
+# Descriptors kept for everything but client connections (broker, downloads, logs, cache).
+_DESCRIPTORS_RESERVED: Final = 128
+_REFUSAL: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n"
+    b"Retry-After: 5\r\n\r\n"
+)
 _CHUNK_SIZE: Final = 256 * 1024
 _TEMP_PREFIX: Final = ".ft-upload-"
 _OCTET_STREAM: Final = "application/octet-stream"
@@ -607,6 +626,123 @@ def build_app(*, root: Path, cache_dir: Path) -> web.Application:
     return app
 
 
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted from accept until the connection ends.
+
+    `release` runs once: when the connection is lost, or when asyncio drops the protocol
+    without telling it (a TLS handshake that failed or timed out never reaches it).
+    """
+
+    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release = weakref.finalize(self, release)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        self._inner.connection_lost(exc)
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection beyond the limit: a 503 without reading anything, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_REFUSAL)
+        transport.close()
+
+
+class _ConnectionLimit:
+    """The protocol factory of the listening socket: aiohttp's, up to `limit` connections."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int) -> None:
+        self._factory = factory
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._refusals = LogLimiter(logger)
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.open >= self.limit:
+            self.refused += 1
+            self._refusals.log(
+                logging.WARNING,
+                "refused",
+                "File transfer: %d connections open, the limit (http.max_connections): "
+                "new ones get 503 (%d refused so far)",
+                self.open,
+                self.refused,
+            )
+            return _Refusal()
+        self.open += 1
+        return _Counted(self._factory(), self._closed)
+
+    def _closed(self) -> None:
+        self.open -= 1
+
+
+class _LimitedSite(web.BaseSite):
+    """A TCP site whose connections go through a `_ConnectionLimit` (aiohttp's TCPSite has no
+    limit and no TLS handshake timeout)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        limit: int,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host = host
+        self._port = port
+        self._handshake_timeout = handshake_timeout
+        assert runner.server is not None
+        self.connections = _ConnectionLimit(runner.server, limit)
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self.connections,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+        )
+
+
+def connection_limit(wanted: int) -> int:
+    """`wanted`, or less when the open-file limit of the process could not hold that many
+    transfers (a socket and a file each) besides what the rest of the service needs."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, (soft - _DESCRIPTORS_RESERVED) // 2))
+
+
 class FileTransferServer:
     """The file-transfer service bound to one address; start() it, then stop() it."""
 
@@ -618,13 +754,23 @@ class FileTransferServer:
         host: str,
         port: int,
         ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         self._root = root
         self._cache_dir = cache_dir
         self._host = host.removeprefix("[").removesuffix("]")  # "[::1]" works as "::1"
         self._port = port
         self._ssl_context = ssl_context
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
         self._runner: web.AppRunner | None = None
+        self._site: _LimitedSite | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (TLS handshakes included)."""
+        return 0 if self._site is None else self._site.connections.open
 
     @property
     def port(self) -> int:
@@ -637,15 +783,39 @@ class FileTransferServer:
         """Bind and serve. Raises ConfigError when the address cannot be bound."""
         app = build_app(root=self._root, cache_dir=self._cache_dir)
         # access_log=None: the handler logs one line per request itself, at debug level.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=STOP_TIMEOUT_S)
+        # keepalive_timeout: aiohttp arms it when a connection is accepted and again after each
+        # response, and closes the connection if no complete request head came meanwhile.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=STOP_TIMEOUT_S,
+            keepalive_timeout=self._idle_timeout,
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context)
+        limit = connection_limit(self._max_connections)
+        if limit < self._max_connections:
+            logger.warning(
+                "File transfer: at most %d connections (http.max_connections is %d, but the "
+                "open-file limit of this process is %d; raise LimitNOFILE)",
+                limit,
+                self._max_connections,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
+        site = _LimitedSite(
+            runner,
+            self._host,
+            self._port,
+            limit=limit,
+            ssl_context=self._ssl_context,
+            handshake_timeout=self._idle_timeout,
+        )
         try:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
             raise ConfigError(f"cannot bind {self._address()}: {_bind_failure(exc)}") from exc
         self._runner = runner
+        self._site = site
         logger.info("File transfer: serving %s on %s", self._root, self._address(self.port))
 
     async def stop(self) -> None:
@@ -655,6 +825,7 @@ class FileTransferServer:
         2 * STOP_TIMEOUT_S; a hard cap of 3 * STOP_TIMEOUT_S guards against anything else.
         """
         runner, self._runner = self._runner, None
+        self._site = None
         if runner is None:
             return
         try:

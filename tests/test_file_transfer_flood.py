@@ -1,0 +1,124 @@
+"""The file-transfer service under a flood of half-open connections, with a small descriptor limit.
+
+The service runs as its own process with RLIMIT_NOFILE set to 256 (soft and hard, so it cannot
+raise it). The test opens 1,100 connections that never finish their request headers, as a
+slowloris client would. Before, this exhausted the service's descriptors: downloads hung and
+the accept loop logged thousands of errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from brokers import free_port
+from harness import write_config
+
+FLOOD = 1_100
+LIMIT_NOFILE = 256
+IDLE_TIMEOUT = 2
+
+
+def _small_descriptor_limit() -> None:  # runs in the child, before exec
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT_NOFILE, LIMIT_NOFILE))
+
+
+@contextlib.contextmanager
+def file_transfer_process(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    port = free_port()
+    config_dir = tmp_path / "etc"
+    write_config(config_dir, tmp_path / "data", free_port(), port, extra=f"[http]\nidle_timeout = {IDLE_TIMEOUT}\n")
+    firmware = tmp_path / "data" / "file-transfer" / "child1" / "firmware_update"
+    firmware.mkdir(parents=True)
+    (firmware / "image.bin").write_bytes(b"\x01" * 100_000)
+    log = tmp_path / "file-transfer.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tedge_firmware", "file-transfer", "--config-dir", str(config_dir)],
+            stdout=out,
+            stderr=out,
+            preexec_fn=_small_descriptor_limit,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while b"File transfer: serving" not in log.read_bytes():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield port, log
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def enough_descriptors_for_the_test() -> Iterator[None]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < FLOOD + 200:
+        pytest.skip(f"this test needs {FLOOD + 200} open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FLOOD + 200), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def _half_open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return None
+    writer.write(b"GET /tedge/file-transfer/child1/firmware_update/image.bin HTTP/1.1\r\nHost: x\r\n")
+    return reader, writer
+
+
+async def _get(port: int) -> int:
+    url = f"http://127.0.0.1:{port}/tedge/file-transfer/child1/firmware_update/image.bin"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        await response.read()
+        return response.status
+
+
+async def test_half_open_connections_cannot_take_the_port(tmp_path: Path, enough_descriptors_for_the_test: None) -> None:
+    with file_transfer_process(tmp_path) as (port, log):
+        links = [link for link in await asyncio.gather(*(_half_open(port) for _ in range(FLOOD))) if link]
+        try:
+            # while the flood holds its connections, a child gets an answer at once: the file
+            # or a cheap 503, never a hang
+            async with asyncio.timeout(5):
+                assert await _get(port) in (200, 503)
+            # the ones the service took are closed after the header time limit; the ones beyond
+            # its connection limit got their 503 and were closed at once
+            async with asyncio.timeout(IDLE_TIMEOUT + 10):
+                answers = await asyncio.gather(*(reader.read() for reader, _ in links), return_exceptions=True)
+            refused = sum(1 for answer in answers if isinstance(answer, bytes) and answer.startswith(b"HTTP/1.1 503"))
+            timed_out = sum(1 for answer in answers if answer == b"")
+            assert refused + timed_out == len(links), [a for a in answers if a != b"" and not (isinstance(a, bytes) and a.startswith(b"HTTP/1.1 503"))][:3]
+            assert timed_out <= (LIMIT_NOFILE - 128) // 2  # the limit, kept below the descriptors
+            assert refused > 0
+        finally:
+            for _, writer in links:
+                writer.transport.abort()
+        # and the service serves again, as before
+        async with asyncio.timeout(5):
+            assert await _get(port) == 200
+    text = log.read_text()
+    assert "Too many open files" not in text and "Traceback" not in text, text[-3000:]
+    refusal_lines = [line for line in text.splitlines() if "new ones get 503" in line]
+    assert 1 <= len(refusal_lines) <= 2, refusal_lines  # once a minute, with a count
+    assert "at most 64 connections" in text  # the configured 1024 could not be kept
+    assert len(text.splitlines()) < 50, text[-3000:]
