@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -1117,3 +1118,94 @@ def test_payload_error_without_a_known_size() -> None:
     context = FailureContext(host="h", port=None, stall_timeout=1.0, received=7)
     failure = describe_exception(aiohttp.ClientPayloadError("x"), context)
     assert failure.detail == "incomplete body: broken after 7 bytes"
+
+
+# hostile URLs and silent peers (issue 12) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://a..b/fw", "http://.a/fw", f"http://{'a' * 64}.com/fw", "http://\u0085x/fw", "http://[::1/fw", "http://h:99999/fw"],
+)
+async def test_a_url_the_resolver_cannot_take_fails_with_its_reason(
+    downloader: Downloader, tmp_path: Path, url: str
+) -> None:
+    error = await fetch_error(downloader, url, tmp_path / "fw")
+    assert error.detail.startswith("invalid url"), error.detail
+    assert leftovers(tmp_path) == []
+
+
+async def test_a_redirect_to_an_unusable_host_fails_with_a_reason(tmp_path: Path) -> None:
+    # the redirect target only shows up inside aiohttp, where the resolver raises UnicodeError
+    async def handler(request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://a..b/fw.bin")
+
+    downloader = Downloader(retry=SHORT_BUDGET)
+    try:
+        async with serve(handler) as base:
+            error = await fetch_error(downloader, f"{base}/fw.bin", tmp_path / "fw")
+    finally:
+        await downloader.close()
+    assert error.detail.startswith("invalid url: a host name the resolver refuses"), error.detail
+
+
+async def test_a_silent_host_holds_a_download_slot_no_longer_than_the_connect_timeout(
+    tmp_path: Path, firmware_file: tuple[Path, bytes]
+) -> None:
+    # A listening socket whose backlog is full: the kernel drops further SYNs, so a connect
+    # neither succeeds nor fails, like a host behind a firewall that drops packets.
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue (Linux takes backlog + 1)
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(silent.getsockname())
+        fillers.append(filler)
+    path, body = firmware_file
+    downloader = Downloader(parallel=1, retry=RetryPolicy(max_elapsed=0.1), stall_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    try:
+        async with serve(file_handler(path, Seen())) as base:
+            started = loop.time()
+            stuck = asyncio.create_task(fetch_error(downloader, f"http://127.0.0.1:{silent.getsockname()[1]}/fw", tmp_path / "a"))
+            good = asyncio.create_task(fetch(downloader, f"{base}/fw.bin", tmp_path / "b"))
+            error = await stuck
+            assert error.detail.startswith("connect timeout"), error.detail
+            result = await good  # it waited for the only slot, then got it
+            assert result.sha256 == sha256(body)
+            assert loop.time() - started < 5
+    finally:
+        await downloader.close()
+        for sock in (*fillers, silent):
+            sock.close()
+
+
+async def test_a_silent_dns_server_holds_a_download_slot_no_longer_than_the_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    # A resolver that never answers, as a DNS server that drops queries: the connect timeout
+    # covers the lookup too.
+    class SilentResolver(aiohttp.abc.AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: int = 0) -> list:  # type: ignore[override]
+            await asyncio.Event().wait()
+            return []
+
+        async def close(self) -> None:
+            pass
+
+    downloader = Downloader(
+        parallel=1, retry=RetryPolicy(max_elapsed=0.1), stall_timeout=0.5, resolver=SilentResolver()
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        error = await fetch_error(downloader, "http://firmware.example/fw", tmp_path / "fw")
+    finally:
+        await downloader.close()
+    assert error.detail.startswith("connect timeout"), error.detail
+    assert loop.time() - started < 3

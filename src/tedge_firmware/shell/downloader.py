@@ -264,6 +264,7 @@ class Downloader:
         reserve_bytes: int | None = None,
         free_space: FreeSpace | None = None,
         start_writeback: StartWriteback | None = SYNC_FILE_RANGE,
+        resolver: aiohttp.abc.AbstractResolver | None = None,
     ) -> None:
         if parallel < 1 or stall_timeout <= 0 or chunk_size < 1:
             raise ValueError("parallel and chunk_size must be >= 1, stall_timeout > 0")
@@ -272,6 +273,7 @@ class Downloader:
         self._slots = asyncio.Semaphore(parallel)
         self._retry = retry
         self._stall_timeout = stall_timeout
+        self._resolver = resolver
         self._chunk_size = chunk_size
         self._space = _Space(free_space or free_bytes, reserve_bytes)
         self._start_writeback = start_writeback
@@ -318,7 +320,13 @@ class Downloader:
             # breaks, aiohttp discards what is still buffered, so a bigger buffer costs more
             # re-fetched bytes on resume without making transfers faster.
             stall = self._stall_timeout
+            # The connect timeout covers the DNS lookup as well: a silent resolver or host
+            # holds a download slot no longer than that.
+            connector = None if self._resolver is None else aiohttp.TCPConnector(
+                resolver=self._resolver
+            )
             self._session = aiohttp.ClientSession(
+                connector=connector,
                 auto_decompress=False,
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=stall, sock_connect=stall, sock_read=stall
@@ -421,7 +429,9 @@ class Downloader:
                 request.url, headers=request.headers(offset, progress.validator)
             ) as response:
                 await self._receive(request, response, part, progress, offset)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, UnicodeError) as exc:
+            # UnicodeError: the resolver's IDNA encoding refuses a host (`a..b`) that a
+            # redirect led to; the first url was checked before.
             context = self._context(request, part, progress)
             raise _Failed(describe_exception(exc, context)) from exc
 
@@ -674,6 +684,11 @@ def _bad_url(exc: BaseException, context: FailureContext) -> Failure:
     return Failure("invalid url", transient=False)
 
 
+def _bad_host(exc: BaseException, context: FailureContext) -> Failure:
+    # Only the resolver raises it, for a host the first check did not see (a redirect's)
+    return Failure(f"invalid url: a host name the resolver refuses ({exc})", transient=False)
+
+
 def _timeout(exc: BaseException, context: FailureContext) -> Failure:
     return Failure(f"timed out ({_endpoint(context)})", transient=True)
 
@@ -703,6 +718,7 @@ EXCEPTION_MAP: tuple[tuple[type[BaseException], _Describe], ...] = (
     (aiohttp.RedirectClientError, _bad_redirect),
     (aiohttp.NonHttpUrlClientError, _bad_url),
     (aiohttp.InvalidURL, _bad_url),
+    (UnicodeError, _bad_host),
     (aiohttp.UploadAbortedError, _other_client_error),  # we send no body; listed for completeness
     (aiohttp.ClientError, _other_client_error),
     (TimeoutError, _timeout),
