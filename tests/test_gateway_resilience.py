@@ -26,6 +26,7 @@ from harness import (
     K,
     U,
     eventually,
+    f502,
     no_operation_files_left,
     observer,
     recorded_state,
@@ -242,3 +243,53 @@ async def test_a_flood_on_c8y_s_ds_is_bounded_and_logged_once(
     assert "the latest of 49999 similar lines left out" in bad[1]
     assert not [r for r in caplog.records if "lost the connection" in r.getMessage()]
     assert lag.longest < 2.0, f"the event loop was held for {lag.longest:.2f} s"
+
+
+# --- hostile values fail their own operation, with a reason and without a traceback -------------
+
+
+async def test_hostile_values_reach_no_unmapped_exception(
+    tmp_path: Path, broker: Broker, gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with observer(broker.port) as obs:
+        await gateway.start()
+        assert await obs.next("c8y/s/us") == b"500"
+        await obs.publish("c8y/s/ds", "515,child-a,fw,1.0,http://a..b/firmware.bin")
+        assert await obs.next(us("child-a")) == E501
+        failed = await obs.next(us("child-a"))
+        assert failed == f502("Download from http://a..b/firmware.bin failed with invalid url: the host name 'a..b' is not a valid DNS name")
+        await obs.publish("c8y/s/ds", S515)
+        request = json.loads(await obs.next(req_topic()))
+        huge_number = '{"id":"' + str(request["id"]) + '","status":"executing","progress":' + "9" * 5000 + "}"
+        await obs.publish(res_topic(), huge_number)
+        await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+        assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert "Exceeds the limit" in caplog.text  # named as the input's fault, one line
+
+
+async def test_a_request_the_broker_refuses_fails_its_operation_and_nothing_else(
+    tmp_path: Path, broker: Broker, config_dir: Path
+) -> None:
+    # A broker configured with a small max_packet_size drops the connection of a client that
+    # publishes a larger packet; a request to a child with a long firmware name is one.
+    broker.stop()
+    broker.conf.write_text(broker.conf.read_text() + "max_packet_size 1200\n")
+    broker.start()
+    name = "n" * 1000  # the 515 and the 115 fit, the request (with its url and sha256) does not
+    gateway = Gateway(config_dir, tmp_path / "data")
+    try:
+        async with observer(broker.port) as obs:
+            await gateway.start()
+            assert await obs.next("c8y/s/us") == b"500"
+            await obs.publish("c8y/s/ds", f"515,child-a,{name},1.0,{U}")
+            assert await obs.next(us("child-a"), timeout=20) == E501
+            failed = await obs.next(us("child-a"))
+            assert failed.startswith(b'502,c8y_Firmware,"The MQTT broker refuses the firmware_update request for child device child-a')
+            await obs.publish("c8y/s/ds", S515)  # the gateway goes on with the others
+            request = json.loads(await obs.next(req_topic()))
+            await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+            assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
+    finally:
+        await gateway.stop()
