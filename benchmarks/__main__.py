@@ -12,13 +12,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import cloud_download, file_transfer, fleet, resume
+from benchmarks import cloud_download, file_transfer, fleet, resume, soak
 
 BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
     "cloud_download": cloud_download.main,
     "resume": resume.main,
     "file_transfer": file_transfer.main,
     "fleet": fleet.main,
+    "soak": soak.main,
 }
 
 

@@ -36,6 +36,7 @@ from harness import (
     write_config,
 )
 from linkproxy import LinkProxy
+from tedge_firmware.app.plugin import PluginOptions
 
 INSTALLED = b"115,fw-name,fw-version," + U.encode()
 
@@ -293,3 +294,32 @@ async def test_a_request_the_broker_refuses_fails_its_operation_and_nothing_else
             assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
     finally:
         await gateway.stop()
+
+
+async def test_a_child_that_comes_back_late_after_the_broker_lost_everything_gets_the_request(
+    tmp_path: Path, broker: Broker, config_dir: Path
+) -> None:
+    # After a broker restart without its state, a child subscribes again whenever it
+    # reconnects; a request sent before that is gone. The gateway sends the requests nobody
+    # answered again a little later.
+    data = tmp_path / "data"
+    async with LinkProxy(broker.port) as proxy:
+        write_config(config_dir, data, proxy.port, free_port())
+        gateway = Gateway(config_dir, data, options=PluginOptions(jwt_timeout=1.0, jwt_attempts=2, resend_after_session_loss=(1.0,)))
+        try:
+            async with observer(broker.port) as obs:
+                await gateway.start()
+                assert await obs.next("c8y/s/us") == b"500"
+                await obs.publish("c8y/s/ds", S515)
+                request = json.loads(await obs.next(req_topic()))
+            broker.kill()
+            broker.start()
+            async with observer(broker.port, ["c8y/s/us"]) as cloud:
+                assert await cloud.next("c8y/s/us", timeout=15) == b"500"  # the gateway is back
+                async with observer(broker.port) as child:  # and only now the child
+                    again = json.loads(await child.next(req_topic(), timeout=10))
+                    assert (again["id"], again["attempt"]) == (request["id"], 3)
+                    await child.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+                    assert await child.sequence(us(), 3) == [E501, INSTALLED, E503]
+        finally:
+            await gateway.stop()

@@ -4,6 +4,7 @@ second one exits at once."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -42,11 +43,29 @@ def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
     """`asyncio.run` a service coroutine that returns when `stop` is set (or fails)."""
 
     async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(on_loop_exception)
         stop = asyncio.Event()
         with stop_on_signals(stop):
             await serve(stop)
 
     asyncio.run(main())
+
+
+def on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's report of an error nobody caught: a traceback (a bug), except for one
+    known race that is not: aiomqtt asks the loop to watch paho's socket from a callback that
+    can run after paho closed it when the broker went away (EBADF), and the session reconnects
+    anyway. That one is a debug line."""
+    error = context.get("exception")
+    handle = repr(context.get("handle", ""))
+    if (
+        isinstance(error, OSError)
+        and error.errno == errno.EBADF
+        and ("add_writer" in handle or "add_reader" in handle)
+    ):
+        log.debug("a closed MQTT socket was not watched (%s): ignored", error)
+        return
+    loop.default_exception_handler(context)
 
 
 async def until_stopped(stop: asyncio.Event, tasks: Sequence[asyncio.Task[None]]) -> None:

@@ -1,7 +1,7 @@
 """The firmware plugin: c8y_Firmware operations for child devices, from `515` to `503`/`502`.
 
 One loop consumes one queue of typed inputs (an MQTT message, a finished fetch, a fired timer,
-the broker's acknowledgement of a status) and decides; the I/O that takes time (downloads,
+a request the broker refuses) and decides; the I/O that takes time (downloads,
 hashing, waiting for a JWT) runs in tasks that answer with inputs on the same queue, so a slow
 download never delays a child's response. Decisions about one operation are in
 `core.operation.step`; this module executes them.
@@ -11,7 +11,8 @@ split into one input per record, the loop lets other tasks run every few inputs,
 that a peer can repeat are logged once per minute with a count (`LogLimiter`).
 
 An operation is forgotten only when the broker has acknowledged every line it owes Cumulocity
-(`core.operation` says what its file holds meanwhile). A broker that lost our session
+(`core.operation` says what its file holds meanwhile); acknowledgements are handled the moment
+the MQTT session reports them, not queued. A broker that lost our session
 (restarted without saving it) is treated like our own restart: the requests waiting for a
 child go out again with attempt + 1, then `500`.
 """
@@ -135,15 +136,6 @@ class DownstreamRecord:
 
 
 @dataclass(frozen=True)
-class Delivered:
-    """The broker acknowledged (or refused) a line for Cumulocity that an operation owed."""
-
-    op_id: str
-    line: str
-    acknowledged: bool
-
-
-@dataclass(frozen=True)
 class RequestRefused:
     """The broker refuses the request to the child (it drops the connection on it)."""
 
@@ -155,9 +147,21 @@ class BrokerSessionLost:
     """The broker came back without our session: what it held for us is gone."""
 
 
+@dataclass(frozen=True)
+class ResendUnanswered:
+    """Send again the requests no child has answered since `since` (loop time)."""
+
+    since: float
+
+
 Input = (
-    Incoming | DownstreamRecord | FetchDone | TimerFired | Delivered | RequestRefused
+    Incoming
+    | DownstreamRecord
+    | FetchDone
+    | TimerFired
+    | RequestRefused
     | BrokerSessionLost
+    | ResendUnanswered
 )
 
 
@@ -176,6 +180,7 @@ class LiveOperation:
     record: OperationRecord | None = None
     timer_generation: int = 0
     owed: list[str] = field(default_factory=list)  # lines for Cumulocity not yet acknowledged
+    heard_at: float = 0.0  # loop time of the child's last valid response
 
     def matches(self, request: smartrest.FirmwareRequest) -> bool:
         return (self.child_id, self.name, self.version, self.url) == (
@@ -195,6 +200,10 @@ class PluginOptions:
 
     jwt_timeout: float = 20.0
     jwt_attempts: int = 3
+    # After the broker lost our session, requests that no child has answered since are sent
+    # again this many seconds later: a child comes back at its own pace, and a request sent
+    # before it subscribed again is gone (the broker kept nothing for it either).
+    resend_after_session_loss: tuple[float, ...] = (5.0, 30.0)
 
 
 class JwtBroker:
@@ -297,11 +306,20 @@ class FirmwarePlugin:
                 operation.record = record
                 if record.state.ended:
                     operation.state = record.state
-                    log.info("delivering the result again after restart %s", operation.context())
+                    log.info(
+                        "sending again after restart the %d line(s) for Cumulocity that the "
+                        "broker had not acknowledged %s",
+                        len(record.to_cloud),
+                        operation.context(),
+                    )
                     self._owe(operation, record.to_cloud)
                 else:
                     operation.state = record.state
-                    log.info("resuming operation after restart %s", operation.context())
+                    log.info(
+                        "resuming operation after restart (%s) %s",
+                        record.state.value,
+                        operation.context(),
+                    )
                     self._resend(operation)
         for ended in [op for op in self.operations.values() if op.state.ended]:
             self._unpublish_unless_used(ended)  # the stop may have come before the clean-up
@@ -353,6 +371,7 @@ class FirmwarePlugin:
                 await asyncio.sleep(0)  # a queue that is never empty must not starve the rest
 
     async def close(self) -> None:
+        self.peer_errors.flush()
         self.timers.cancel_all()
         await self.cache_keeper.close()
         tasks = [fetch.task for fetch in self.fetches.values() if fetch.task is not None]
@@ -360,14 +379,6 @@ class FirmwarePlugin:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def settle(self) -> None:
-        """Handle the acknowledgements that came in after the loop stopped (at shutdown, while
-        the MQTT session flushed), so that operations whose last line arrived are forgotten."""
-        while not self.inputs.empty():
-            item = self.inputs.get_nowait()
-            if isinstance(item, Delivered):
-                self.handle(item)
-        self.peer_errors.flush()
 
     # ---- dispatch -----------------------------------------------------------------------
 
@@ -381,12 +392,12 @@ class FirmwarePlugin:
                 self._on_fetch_done(item)
             case TimerFired(op_id=op_id, generation=generation):
                 self._on_timeout(op_id, generation)
-            case Delivered():
-                self._on_delivered(item)
             case RequestRefused(op_id=op_id):
                 self._on_request_refused(op_id)
             case BrokerSessionLost():
                 self._on_broker_session_lost()
+            case ResendUnanswered(since=since):
+                self._resend_unanswered(since)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == topics.C8Y_DOWNSTREAM:
@@ -666,9 +677,8 @@ class FirmwarePlugin:
     def _on_broker_session_lost(self) -> None:
         """The broker restarted without our session: children's answers and Cumulocity's
         operations sent meanwhile are gone. Ask again, as after a restart of our own."""
-        waiting = [
-            op for op in self.operations.values() if op.state in (State.PENDING, State.EXECUTING)
-        ]
+        now = asyncio.get_running_loop().time()
+        waiting = self._unanswered(since=now)
         log.warning(
             "the MQTT broker lost our session (it restarted without saving it): sending %d "
             "request(s) to children again and asking Cumulocity for pending operations",
@@ -678,6 +688,28 @@ class FirmwarePlugin:
             operation.attempt += 1
             self._resend(operation)
         self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
+        again = ResendUnanswered(since=now)
+        for index, delay in enumerate(self.options.resend_after_session_loss):
+            self.timers.arm(f"broker-session-{index}", delay, lambda: self.submit(again))
+
+    def _unanswered(self, since: float) -> list[LiveOperation]:
+        """Operations waiting for their child that heard nothing from it since `since`."""
+        return [
+            op
+            for op in self.operations.values()
+            if op.state in (State.PENDING, State.EXECUTING) and op.heard_at < since
+        ]
+
+    def _resend_unanswered(self, since: float) -> None:
+        silent = self._unanswered(since)
+        if silent:
+            log.info(
+                "%d request(s) not answered since the broker lost our session: sent again",
+                len(silent),
+            )
+        for operation in silent:
+            operation.attempt += 1
+            self._resend(operation)
 
     # ---- responses from the child -------------------------------------------------------
 
@@ -713,6 +745,7 @@ class FirmwarePlugin:
 
     def _apply_response(self, operation: LiveOperation, response: FirmwareUpdateResponse) -> None:
         log.info("child reports %s %s", response.status.value, operation.context())
+        operation.heard_at = asyncio.get_running_loop().time()
         match response.status:
             case ChildStatus.EXECUTING:
                 self._transition(operation, Event.EXECUTING)
@@ -745,44 +778,42 @@ class FirmwarePlugin:
         installed = smartrest.set_installed_firmware(
             operation.name, operation.version, operation.url
         )
+        requested = operation.state is not State.FETCHING
         outcome = step(operation.state, event, reason=reason, installed=installed)
         operation.state = outcome.state
         if outcome.state.ended:
-            self._end(operation, outcome.to_cloud)
+            self._end(operation, outcome.to_cloud, requested=requested)
         else:
             self._owe(operation, outcome.to_cloud)  # the 501: recorded once acknowledged
 
-    def _end(self, operation: LiveOperation, lines: Iterable[str]) -> None:
+    def _end(self, operation: LiveOperation, lines: Iterable[str], *, requested: bool) -> None:
         """Record how the operation ended and what Cumulocity is owed, then tell it and clean
-        up. The record stays until the broker has acknowledged the last line."""
+        up. The record stays until the broker has acknowledged the last line.
+
+        An operation that ended before its request went out (its download failed) keeps its
+        download record instead: a restart before the broker has the lines fetches again and
+        reports anew, and no file needs writing now.
+        """
         owed = [*operation.owed, *lines]
-        try:
-            self.store.save(self._record_of(operation, to_cloud=owed))
-        except StoreError as error:
-            log.error(
-                "%s: a restart now would not resend the result %s", error, operation.context()
-            )
-        self.fetching.delete(operation.op_id)
+        if requested:
+            try:
+                self.store.save(self._record_of(operation, to_cloud=owed))
+            except StoreError as error:
+                log.error(
+                    "%s: a restart now would not resend the result %s", error, operation.context()
+                )
+            self.fetching.delete(operation.op_id)
         self.timers.cancel(operation.op_id)
         self._unpublish_unless_used(operation)
         log.info("operation %s %s", operation.state.value, operation.context())
         self._owe(operation, owed[len(operation.owed) :])
 
     def _record_of(self, operation: LiveOperation, to_cloud: Iterable[str]) -> OperationRecord:
-        """The operation's file as it must be now (an operation that ended before its request
-        went out has no file URL and no digest)."""
-        record = operation.record or OperationRecord(
-            operation_id=operation.op_id,
-            child_id=operation.child_id,
-            name=operation.name,
-            version=operation.version,
-            server_url=operation.url,
-            file_transfer_url="",
-            sha256="",
-            attempt=operation.attempt,
+        """The operation's file as it must be now."""
+        assert operation.record is not None
+        return dataclasses.replace(
+            operation.record, state=operation.state, to_cloud=tuple(to_cloud)
         )
-        state = operation.state if operation.state is not State.FETCHING else State.PENDING
-        return dataclasses.replace(record, state=state, to_cloud=tuple(to_cloud))
 
     def _owe(self, operation: LiveOperation, lines: Iterable[str]) -> None:
         """Publish lines for Cumulocity; each one is owed until the broker acknowledged it."""
@@ -790,23 +821,27 @@ class FirmwarePlugin:
         for line in lines:
             operation.owed.append(line)
 
+            # Handled at once, not queued behind other inputs: the sooner the file records the
+            # acknowledgement, the smaller the window in which a kill -9 makes a restart send a
+            # line the broker already has (also while the session flushes at shutdown).
             def delivered(acknowledged: bool, line: str = line) -> None:
-                self.submit(Delivered(op_id, line, acknowledged))
+                self._on_delivered(op_id, line, acknowledged)
 
             topic = topics.c8y_upstream(operation.child_id)
             self.publisher.publish(topic, line, when_done=delivered)
         if not operation.owed and operation.state.ended:
             self._forget(operation)
 
-    def _on_delivered(self, delivered: Delivered) -> None:
-        operation = self.operations.get(delivered.op_id)
-        if operation is None or delivered.line not in operation.owed:
+    def _on_delivered(self, op_id: str, line: str, acknowledged: bool) -> None:
+        """The broker acknowledged (or refused) a line for Cumulocity that `op_id` owed."""
+        operation = self.operations.get(op_id)
+        if operation is None or line not in operation.owed:
             return
-        operation.owed.remove(delivered.line)
-        if not delivered.acknowledged:
+        operation.owed.remove(line)
+        if not acknowledged:
             log.error(
                 "the MQTT broker refuses a line for Cumulocity, which will not hear it: %r %s",
-                delivered.line[:200],
+                line[:200],
                 operation.context(),
             )
         if operation.owed:
@@ -825,6 +860,7 @@ class FirmwarePlugin:
         """The broker has every line the operation owed: its file goes."""
         self.operations.pop(operation.op_id, None)
         self.store.delete(operation.op_id)
+        self.fetching.delete(operation.op_id)
         log.debug("result delivered, operation forgotten %s", operation.context())
 
     def _unpublish_unless_used(self, operation: LiveOperation) -> None:

@@ -181,9 +181,9 @@ async def _shutdown(
 ) -> None:
     """Stop everything within SHUTDOWN_GRACE_S; what does not stop in time is abandoned.
 
-    The plugin's loop still runs while the session flushes its outbox, so an operation whose
-    last status the broker acknowledges now is forgotten; one whose status is still waiting
-    (the broker is away) keeps its file and is completed by the next start.
+    While the session flushes its outbox, an operation whose last status the broker
+    acknowledges is forgotten; one whose status is still waiting (the broker is away) keeps its
+    file and is completed by the next start.
     """
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(SHUTDOWN_GRACE_S):
@@ -194,8 +194,6 @@ async def _shutdown(
                     final=Message(topics.health_topic(), health_down().encode(), retain=True),
                     timeout=2.0,
                 )
-            if plugin is not None:
-                plugin.settle()
             await downloader.close()
             if file_transfer is not None:
                 await file_transfer.stop()

@@ -28,7 +28,9 @@ Cumulocity that the broker has not acknowledged yet; it is written before those 
 published and deleted once the broker has acknowledged the last of them, so a restart sends
 what may not have arrived and nothing else (a line the broker got just before a kill -9 may
 arrive twice: MQTT QoS 1 is at least once). Only the last two kinds of file carry the fields
-`state` and `to_cloud`.
+`state` and `to_cloud`. An operation that ends before its request went out (its download
+failed) has no operation file: its download record stays until the broker has its lines, so a
+restart meanwhile fetches again and reports anew.
 """
 
 from __future__ import annotations

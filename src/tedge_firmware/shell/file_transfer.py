@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
@@ -626,6 +626,34 @@ def build_app(*, root: Path, cache_dir: Path) -> web.Application:
     return app
 
 
+class _ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log, for our service: a request aiohttp's parser refuses (it answers
+    400) is the client's fault and gets one warning line, summed up when repeated; a traceback
+    stays for what is not (an error in our handler)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self._refusals = LogLimiter(logger)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        refused = kwargs.get("exc_info")
+        if not isinstance(refused, HttpProcessingError):
+            super().log(level, msg, *args, **kwargs)
+            return
+        detail = " ".join(str(refused).split())[:200]
+        peer = args[0] if args else "?"
+        if level < logging.WARNING:  # aiohttp's choice for non-HTTP bytes: debug
+            logger.debug("File transfer: not HTTP from %s: %s", peer, detail)
+            return
+        self._refusals.log(
+            logging.WARNING,
+            ("malformed request", type(refused).__name__),
+            "File transfer: malformed request from %s refused: %s",
+            peer,
+            detail,
+        )
+
+
 class _Counted(asyncio.Protocol):
     """aiohttp's protocol for one connection, counted from accept until the connection ends.
 
@@ -790,6 +818,7 @@ class FileTransferServer:
             access_log=None,
             shutdown_timeout=STOP_TIMEOUT_S,
             keepalive_timeout=self._idle_timeout,
+            logger=_ServerLog(),
         )
         await runner.setup()
         limit = connection_limit(self._max_connections)

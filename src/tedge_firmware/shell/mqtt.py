@@ -589,6 +589,13 @@ class MqttSession:
         count = min(self._in_flight, len(self._outbox))
         in_flight = [self._outbox[index] for index in range(count)]
         self._in_flight = 0
+        if in_flight:
+            # QoS 1 is at least once: the broker may have some of them already
+            log.info(
+                "%d message(s) were waiting for the broker's acknowledgement when the "
+                "connection was lost: they go out again",
+                len(in_flight),
+            )
         timed_out = isinstance(error.__cause__, TimeoutError)  # no answer: not a refusal
         now = asyncio.get_running_loop().time()
         if len(in_flight) == 1 and in_flight[0].suspect and not timed_out:

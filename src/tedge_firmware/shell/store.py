@@ -81,7 +81,11 @@ class RecordStore(Generic[R]):
             log.warning("cannot delete operation file %s: %s", self.path(op_id), error)
 
     def load_all(self) -> list[R]:
-        """Every valid record; corrupt ones are quarantined. Sorted by name for a stable order."""
+        """Every valid record; corrupt ones are quarantined. Sorted by name for a stable order.
+
+        A temporary file left by a write that a crash interrupted is removed: its record was
+        never written, the file it was to replace (if any) is whole."""
+        self._remove_interrupted_writes()
         records = []
         for found in self.scan():
             if found.record is None:
@@ -89,6 +93,17 @@ class RecordStore(Generic[R]):
             else:
                 records.append(found.record)
         return records
+
+    def _remove_interrupted_writes(self) -> None:
+        if not self.directory.is_dir():
+            return
+        for leftover in self.directory.glob(".*.tmp"):
+            try:
+                leftover.unlink()
+            except OSError as error:
+                log.warning("cannot remove %s, left by an interrupted write: %s", leftover, error)
+            else:
+                log.info("removed %s, left by an interrupted write", leftover)
 
     def scan(self) -> list[StoredFile[R]]:
         """Every operation file, read but left as it is (corrupt ones too), sorted by name.
