@@ -53,6 +53,7 @@ import aiohttp
 import aiomqtt
 
 from benchmarks import _support as s
+from tedge_firmware.app.lifecycle import on_loop_exception
 from tedge_firmware.app.processes import wait_listening
 from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings, Firmware
 from tedge_firmware.shell.config_file import write_local_config
@@ -655,7 +656,7 @@ def ignore_harness_client_noise(loop: asyncio.AbstractEventLoop) -> None:
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         if isinstance(context.get("exception"), aiomqtt.MqttError):
             return
-        loop.default_exception_handler(context)
+        on_loop_exception(loop, context)  # the services' own policy for the rest
 
     loop.set_exception_handler(handler)
 

@@ -54,13 +54,14 @@ def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 def on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The event loop's report of an error nobody caught: a traceback (a bug), except for one
     known race that is not: aiomqtt asks the loop to watch paho's socket from a callback that
-    can run after paho closed it when the broker went away (EBADF), and the session reconnects
-    anyway. That one is a debug line."""
+    can run after paho closed it when the broker went away (EBADF, or EPERM when the number
+    is a regular file's by then), and the session reconnects anyway. That one is a debug line.
+    (`shell.mqtt` closes the race for writing; aiomqtt's reading side remains.)"""
     error = context.get("exception")
     handle = repr(context.get("handle", ""))
     if (
         isinstance(error, OSError)
-        and error.errno == errno.EBADF
+        and error.errno in (errno.EBADF, errno.EPERM)  # EPERM: the number is a file's now
         and ("add_writer" in handle or "add_reader" in handle)
     ):
         log.debug("a closed MQTT socket was not watched (%s): ignored", error)

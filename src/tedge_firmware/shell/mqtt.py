@@ -757,6 +757,26 @@ class _Client(aiomqtt.Client):
         self.session_present = bool(flags.session_present)
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        """aiomqtt asks the loop to watch the socket from a callback that runs later; by then
+        paho may have closed it (the broker went away) and its number may belong to another
+        file or socket of this process, whose watch it would take over. Watch only the socket
+        paho still uses (same as aiomqtt otherwise)."""
+
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # a broken link; the watcher ends the connection
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def watch() -> None:
+            current = client.socket()
+            if current is not None and current is sock and current.fileno() != -1:
+                self._loop.add_writer(current.fileno(), write)
+
+        self._loop.call_soon_threadsafe(watch)
+
 
 @contextlib.contextmanager
 def _broker_errors(address: str) -> Iterator[None]:
