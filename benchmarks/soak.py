@@ -86,7 +86,6 @@ class Tally:
     probe_first: float | None = None
     probes: int = 0
     chaos_at: list[float] = field(default_factory=list)
-    events: list[tuple[float, str]] = field(default_factory=list)  # (time.time(), what)
     rss_last_start_kib: int = 0
     rss_last_end_kib: int = 0
     rss_peak_kib: int = 0
@@ -294,7 +293,7 @@ async def hostile_http(port: int, stop: asyncio.Event, rng: random.Random, tally
 # --- chaos and probes -------------------------------------------------------------------------
 
 
-async def serving(gateway: GatewayProcess, http_port: int) -> None:
+async def serving(gateway: GatewayProcess) -> None:
     """Until the gateway answers a health check again (it is up and connected)."""
     with contextlib.suppress(TimeoutError):
         async with s.observer(gateway.broker_port, [HEALTH]) as obs:
@@ -307,7 +306,6 @@ async def serving(gateway: GatewayProcess, http_port: int) -> None:
 
 
 async def chaos(
-    http_port: int,
     broker: Broker,
     gateway: GatewayProcess,
     until: float,
@@ -323,20 +321,17 @@ async def chaos(
                 await asyncio.sleep(max(0.0, until - loop.time()))
             return
         tally.chaos_at.append(loop.time())
+        victim: Broker | GatewayProcess
         if targets == "gateway" or (targets == "both" and rng.random() < 0.5):
             tally.gateway_kills += 1
-            tally.events.append((time.time(), "gateway killed"))
-            gateway.kill()
-            await asyncio.sleep(rng.uniform(0.2, 2.0))
-            await gateway.start()
-            await serving(gateway, http_port)
+            victim = gateway
         else:
             tally.broker_kills += 1
-            tally.events.append((time.time(), "broker killed"))
-            broker.kill()
-            await asyncio.sleep(rng.uniform(0.2, 2.0))
-            await broker.start()
-            await serving(gateway, http_port)
+            victim = broker
+        victim.kill()
+        await asyncio.sleep(rng.uniform(0.2, 2.0))
+        await victim.start()
+        await serving(gateway)
         tally.chaos_at.append(loop.time())
 
 
@@ -592,7 +587,7 @@ async def soak(args: argparse.Namespace) -> None:
                 asyncio.create_task(probes(broker.port, http_port, stop, tally)),
             ]
             rss = asyncio.create_task(watch_rss(gateway, stop, tally))
-            await chaos(http_port, broker, gateway, calm_from, rng, tally, args.kill)
+            await chaos(broker, gateway, calm_from, rng, tally, args.kill)
             tally.chaos_at.append(loop.time())
             pid_calm = gateway.process.pid
             await asyncio.sleep(1.0)  # the last start has settled

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from brokers import Broker, free_port
+from harness import Gateway, K, write_config
 
 
 @pytest.fixture
@@ -25,3 +26,24 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 @pytest.fixture
 def unused_port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, broker: Broker) -> Path:
+    """A gateway's config dir on the test's broker, with the firmware of `harness.U` cached."""
+    config_dir = tmp_path / "etc"
+    write_config(config_dir, tmp_path / "data", broker.port, free_port())
+    cache = tmp_path / "data" / "cache"
+    cache.mkdir(parents=True)
+    (cache / K).write_bytes(b"\x00\xff binary firmware")
+    return config_dir
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, config_dir: Path) -> AsyncIterator[Gateway]:
+    """`tedge-firmware run` in-process on `config_dir` (started by the test, stopped here)."""
+    instance = Gateway(config_dir, tmp_path / "data")
+    try:
+        yield instance
+    finally:
+        await instance.stop()

@@ -41,25 +41,6 @@ from tedge_firmware.app.plugin import PluginOptions
 INSTALLED = b"115,fw-name,fw-version," + U.encode()
 
 
-@pytest.fixture
-def config_dir(tmp_path: Path, broker: Broker) -> Path:
-    config_dir = tmp_path / "etc"
-    write_config(config_dir, tmp_path / "data", broker.port, free_port())
-    cache = tmp_path / "data" / "cache"
-    cache.mkdir(parents=True)
-    (cache / K).write_bytes(b"\x00\xff binary firmware")
-    return config_dir
-
-
-@pytest.fixture
-async def gateway(tmp_path: Path, config_dir: Path) -> AsyncIterator[Gateway]:
-    instance = Gateway(config_dir, tmp_path / "data")
-    try:
-        yield instance
-    finally:
-        await instance.stop()
-
-
 # Characters Mosquitto refuses in a topic (it then drops the publisher's connection): C1
 # controls, Unicode non-characters, and the C0 controls our check always refused.
 REFUSED_BY_MOSQUITTO = ["\u0085", "\u0080", "\u009f", "\ufdd0", "\ufdef", "\ufffe", "\uffff", "\U0001fffe"]
@@ -81,6 +62,21 @@ async def test_a_child_id_the_broker_refuses_does_not_silence_the_gateway(
 
 
 # --- statuses are not lost, nor sent twice, whatever stops ---------------------------------
+
+
+@contextlib.asynccontextmanager
+async def behind_a_proxy(
+    tmp_path: Path, broker: Broker, config_dir: Path, options: PluginOptions | None = None
+) -> AsyncIterator[tuple[LinkProxy, Gateway]]:
+    """An in-process gateway whose MQTT link goes through a LinkProxy (stopped at the end)."""
+    data = tmp_path / "data"
+    async with LinkProxy(broker.port) as proxy:
+        write_config(config_dir, data, proxy.port, free_port())
+        gateway = Gateway(config_dir, data, options=options or PluginOptions(jwt_timeout=1.0, jwt_attempts=2))
+        try:
+            yield proxy, gateway
+        finally:
+            await gateway.stop()
 
 
 @contextlib.contextmanager
@@ -166,30 +162,24 @@ async def test_a_broker_that_lost_our_session_gets_pending_requests_again(
 ) -> None:
     # Mosquitto's usual configuration saves sessions every 30 minutes: a kill -9 loses ours,
     # and what children said meanwhile. The gateway must ask again, as after its own restart.
-    data = tmp_path / "data"
-    async with LinkProxy(broker.port) as proxy:
-        write_config(config_dir, data, proxy.port, free_port())
-        gateway = Gateway(config_dir, data)
-        try:
-            async with observer(broker.port) as obs:
-                await gateway.start()
-                assert await obs.next("c8y/s/us") == b"500"
-                await obs.publish("c8y/s/ds", S515)
-                request = json.loads(await obs.next(req_topic()))
-            proxy.block()  # the gateway stays away until the child has spoken
-            broker.kill()
-            broker.start()
-            async with observer(broker.port, [*WATCHED, "tedge/health/c8y-firmware-plugin"]) as obs:
-                # the child finished while the gateway was away: the broker keeps nothing for it
-                await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
-                proxy.unblock()
-                again = json.loads(await obs.next(req_topic(), timeout=15))
-                assert (again["id"], again["attempt"]) == (request["id"], 2)
-                assert await obs.next("c8y/s/us") == b"500"
-                await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
-                assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
-        finally:
-            await gateway.stop()
+    async with behind_a_proxy(tmp_path, broker, config_dir) as (proxy, gateway):
+        async with observer(broker.port) as obs:
+            await gateway.start()
+            assert await obs.next("c8y/s/us") == b"500"
+            await obs.publish("c8y/s/ds", S515)
+            request = json.loads(await obs.next(req_topic()))
+        proxy.block()  # the gateway stays away until the child has spoken
+        broker.kill()
+        broker.start()
+        async with observer(broker.port, [*WATCHED, "tedge/health/c8y-firmware-plugin"]) as obs:
+            # the child finished while the gateway was away: the broker keeps nothing for it
+            await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+            proxy.unblock()
+            again = json.loads(await obs.next(req_topic(), timeout=15))
+            assert (again["id"], again["attempt"]) == (request["id"], 2)
+            assert await obs.next("c8y/s/us") == b"500"
+            await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+            assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
 
 
 # --- work per message is bounded --------------------------------------------------------------
@@ -302,24 +292,19 @@ async def test_a_child_that_comes_back_late_after_the_broker_lost_everything_get
     # After a broker restart without its state, a child subscribes again whenever it
     # reconnects; a request sent before that is gone. The gateway sends the requests nobody
     # answered again a little later.
-    data = tmp_path / "data"
-    async with LinkProxy(broker.port) as proxy:
-        write_config(config_dir, data, proxy.port, free_port())
-        gateway = Gateway(config_dir, data, options=PluginOptions(jwt_timeout=1.0, jwt_attempts=2, resend_after_session_loss=(1.0,)))
-        try:
-            async with observer(broker.port) as obs:
-                await gateway.start()
-                assert await obs.next("c8y/s/us") == b"500"
-                await obs.publish("c8y/s/ds", S515)
-                request = json.loads(await obs.next(req_topic()))
-            broker.kill()
-            broker.start()
-            async with observer(broker.port, ["c8y/s/us"]) as cloud:
-                assert await cloud.next("c8y/s/us", timeout=15) == b"500"  # the gateway is back
-                async with observer(broker.port) as child:  # and only now the child
-                    again = json.loads(await child.next(req_topic(), timeout=10))
-                    assert (again["id"], again["attempt"]) == (request["id"], 3)
-                    await child.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
-                    assert await child.sequence(us(), 3) == [E501, INSTALLED, E503]
-        finally:
-            await gateway.stop()
+    options = PluginOptions(jwt_timeout=1.0, jwt_attempts=2, resend_after_session_loss=(1.0,))
+    async with behind_a_proxy(tmp_path, broker, config_dir, options) as (_, gateway):
+        async with observer(broker.port) as obs:
+            await gateway.start()
+            assert await obs.next("c8y/s/us") == b"500"
+            await obs.publish("c8y/s/ds", S515)
+            request = json.loads(await obs.next(req_topic()))
+        broker.kill()
+        broker.start()
+        async with observer(broker.port, ["c8y/s/us"]) as cloud:
+            assert await cloud.next("c8y/s/us", timeout=15) == b"500"  # the gateway is back
+            async with observer(broker.port) as child:  # and only now the child
+                again = json.loads(await child.next(req_topic(), timeout=10))
+                assert (again["id"], again["attempt"]) == (request["id"], 3)
+                await child.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
+                assert await child.sequence(us(), 3) == [E501, INSTALLED, E503]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
-import pytest
 
 from brokers import Broker, free_port
 from harness import (
@@ -20,7 +18,6 @@ from harness import (
     WATCHED,
     Gateway,
     GatewayProcess,
-    K,
     U,
     f502,
     no_operation_files_left,
@@ -30,25 +27,6 @@ from harness import (
     us,
     write_config,
 )
-
-
-@pytest.fixture
-def config_dir(tmp_path: Path, broker: Broker) -> Path:
-    config_dir = tmp_path / "etc"
-    write_config(config_dir, tmp_path / "data", broker.port, free_port())
-    cache = tmp_path / "data" / "cache"
-    cache.mkdir(parents=True)
-    (cache / K).write_bytes(b"\x00\xff binary firmware")
-    return config_dir
-
-
-@pytest.fixture
-async def gateway(tmp_path: Path, config_dir: Path) -> AsyncIterator[Gateway]:
-    instance = Gateway(config_dir, tmp_path / "data")
-    try:
-        yield instance
-    finally:
-        await instance.stop()
 
 
 async def test_kill_9_while_waiting_for_the_child_then_restart_completes(

@@ -304,8 +304,8 @@ class FirmwarePlugin:
             if self._usable_child(record.child_id, self.store.path(record.operation_id)):
                 operation = self._live(record.operation_id, record, attempt=record.attempt + 1)
                 operation.record = record
+                operation.state = record.state
                 if record.state.ended:
-                    operation.state = record.state
                     log.info(
                         "sending again after restart the %d line(s) for Cumulocity that the "
                         "broker had not acknowledged %s",
@@ -314,7 +314,6 @@ class FirmwarePlugin:
                     )
                     self._owe(operation, record.to_cloud)
                 else:
-                    operation.state = record.state
                     log.info(
                         "resuming operation after restart (%s) %s",
                         record.state.value,
@@ -378,7 +377,6 @@ class FirmwarePlugin:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
 
     # ---- dispatch -----------------------------------------------------------------------
 
