@@ -625,7 +625,16 @@ async def soak(args: argparse.Namespace) -> None:
 
 
 def operation_files(firmware: Path) -> list[Path]:
-    return [f for f in firmware.rglob("*") if f.is_file() and ".corrupt" not in f.parts]
+    """The operation files of the soak's children (a hostile operation for a host that does
+    not resolve may wait for its download, retried, for hours: that is not the soak's)."""
+    return [f for f in firmware.rglob("*") if ".corrupt" not in f.parts and _soak_child_file(f)]
+
+
+def _soak_child_file(path: Path) -> bool:
+    try:
+        return b'"child_id":"soak-child-' in path.read_bytes()
+    except OSError:  # a directory, or gone meanwhile
+        return False
 
 
 async def until_idle(firmware: Path, recorder: StatusRecorder, limit: float) -> list[str]:

@@ -68,8 +68,10 @@ class Gateway:
             main_group, [*args, "--config-dir", str(self.config_dir)], obj={}, env=env
         )
 
-    def request_sent(self, op_id: str, child: str, url: str, attempt: int = 1) -> Path:
-        record = OperationRecord(op_id, child, "image", "1.0", url, "http://gw/x", "ab", attempt)
+    def request_sent(
+        self, op_id: str, child: str, url: str, attempt: int = 1, **progress: object
+    ) -> Path:
+        record = OperationRecord(op_id, child, "image", "1.0", url, "http://gw/x", "ab", attempt, **progress)  # type: ignore[arg-type]
         operation_store(self.firmware_dir).save(record)
         return self.firmware_dir / op_id
 
@@ -480,6 +482,27 @@ def test_ops_list_shows_operations_from_both_stores_oldest_first(tmp_path: Path)
                        "1", "min", "http://c/b"]  # fmt: skip
     assert rows[2][4:6] == ["request", "sent"]
     assert "3 operations in progress (1 waiting for their download)" in result.stdout
+
+
+def test_ops_list_shows_how_far_each_operation_got(tmp_path: Path) -> None:
+    from tedge_firmware.core.operation import State
+
+    gateway = Gateway(tmp_path)
+    gateway.request_sent("op-1", "child1", "http://c/a")
+    gateway.request_sent("op-2", "child2", "http://c/a", state=State.EXECUTING)
+    gateway.request_sent("op-3", "child3", "http://c/a", state=State.SUCCESSFUL, to_cloud=("503,c8y_Firmware,\n",))
+    gateway.request_sent("op-4", "child4", "http://c/a", state=State.FAILED, to_cloud=('502,c8y_Firmware,"x"\n',))
+
+    result = gateway.run("ops", "list")
+
+    assert result.exit_code == 0, result.output
+    states = {line.split()[0]: " ".join(line.split()[4:-4]) for line in result.stdout.splitlines() if line.startswith("op-")}
+    assert states == {
+        "op-1": "request sent",
+        "op-2": "executing",
+        "op-3": "successful, telling Cumulocity",
+        "op-4": "failed, telling Cumulocity",
+    }
 
 
 def test_ops_list_shows_unreadable_files_and_leaves_them_in_place(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from tedge_firmware.core.cache_policy import (
     plan_eviction,
 )
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, find_key
-from tedge_firmware.core.operation import file_id_for_url
+from tedge_firmware.core.operation import FetchRecord, OperationRecord, State, file_id_for_url
 from tedge_firmware.core.units import format_size, parse_size
 from tedge_firmware.errors import TedgeFirmwareError
 from tedge_firmware.shell.cache import FirmwareCache
@@ -146,6 +146,7 @@ class StoredOperation:
     attempt: int
     waiting_for_download: bool
     written: float | None  # the file's mtime
+    state: str = "request sent"  # what the STATE column says
 
 
 @dataclass(frozen=True)
@@ -174,9 +175,18 @@ def stored_operations(firmware_dir: Path) -> tuple[list[StoredOperation], list[U
                 operations[record.operation_id] = StoredOperation(
                     record.operation_id, record.child_id, record.name, record.version,
                     record.server_url, record.attempt, is_waiting, found.modified,
+                    _state_shown(record),
                 )  # fmt: skip
     ordered = sorted(operations.values(), key=lambda op: (op.written or 0.0, op.op_id))
     return ordered, unusable
+
+
+def _state_shown(record: OperationRecord | FetchRecord) -> str:
+    if isinstance(record, FetchRecord):
+        return "waiting for download"
+    if record.state.ended:  # its file stays until the broker has its last lines
+        return f"{record.state.value}, telling Cumulocity"
+    return "executing" if record.state is State.EXECUTING else "request sent"
 
 
 def awaited_file_ids(firmware_dir: Path) -> set[str]:
@@ -416,10 +426,9 @@ def _operations_table(operations: Sequence[StoredOperation], now: float) -> Tabl
     for column in ("OPERATION", "CHILD", "FIRMWARE", "STATE", "ATTEMPT", "AGE", "URL"):
         table.add_column(column, overflow="fold")
     for op in operations:
-        state = "waiting for download" if op.waiting_for_download else "request sent"
         age = "-" if op.written is None else format_age(now - op.written)
         table.add_row(
             _shown(op.op_id), _shown(op.child_id), _shown(f"{op.name} {op.version}"),
-            state, str(op.attempt), age, _shown(op.url),
+            op.state, str(op.attempt), age, _shown(op.url),
         )  # fmt: skip
     return table
