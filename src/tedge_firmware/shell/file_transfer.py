@@ -94,6 +94,9 @@ DEFAULT_MAX_CONNECTIONS: Final = 1024
 DEFAULT_IDLE_TIMEOUT_S: Final = 30.0
 # Descriptors kept for everything but client connections (broker, downloads, logs, cache).
 _DESCRIPTORS_RESERVED: Final = 128
+# asyncio accepts up to this many connections at once before any of them runs (the listen
+# backlog): connections beyond the limit hold a descriptor until their 503 is out.
+_ACCEPT_BURST: Final = 128
 _REFUSAL: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n"
     b"Retry-After: 5\r\n\r\n"
@@ -756,7 +759,7 @@ class _LimitedSite(web.BaseSite):
             self._host,
             self._port,
             ssl=self._ssl_context,
-            backlog=self._backlog,
+            backlog=_ACCEPT_BURST,
             reuse_address=True,
             ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
         )
@@ -764,11 +767,12 @@ class _LimitedSite(web.BaseSite):
 
 def connection_limit(wanted: int) -> int:
     """`wanted`, or less when the open-file limit of the process could not hold that many
-    transfers (a socket and a file each) besides what the rest of the service needs."""
+    transfers (a socket and a file each) besides what the rest of the service needs and a
+    burst of connections being turned away."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
-    return max(1, min(wanted, (soft - _DESCRIPTORS_RESERVED) // 2))
+    return max(1, min(wanted, (soft - _DESCRIPTORS_RESERVED - _ACCEPT_BURST) // 2))
 
 
 class FileTransferServer:
