@@ -20,7 +20,8 @@ headers, and a connection idle that long between requests is closed (aiohttp's k
 timer, armed from the moment a connection is accepted); a TLS handshake gets as long. At most
 `max_connections` are open at once, counted from accept to close; one more gets a `503` at
 once and is closed, and the refusal is logged once a minute with a count. The limit is kept
-below half the open-file limit of the process (a transfer holds a socket and a file).
+below half the open-file limit of the process, after a reserve for the rest of the service
+and for connections being turned away (a transfer holds a socket and a file).
 
 Path rules (the reason this module exists; thin-edge 0.12 let `..` reach all of `data.path`):
 the raw path after the prefix is percent-decoded exactly once, the query string is ignored, and
