@@ -52,6 +52,25 @@ def test_bad_configuration_is_one_line_and_exit_1(tmp_path: Path, toml: str, exp
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("exists", [False, True], ids=["no directory", "no file"])
+def test_without_a_tedge_toml_the_error_names_it_and_the_fix(tmp_path: Path, exists: bool) -> None:
+    config_dir = tmp_path / "etc"
+    if exists:
+        config_dir.mkdir()
+    result = run([*TEDGE_FIRMWARE, "--config-dir", str(config_dir), "run"])
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    file = config_dir / "tedge.toml"
+    assert f"'c8y.url' is missing in {file} (the " in line
+    assert ("(the file does not exist)" if exists else f"(the directory {config_dir} does not exist)") in line
+    # what the line says to do works as written
+    fix = line.split("set it with '", 1)[1].split("'", 1)[0]
+    assert subprocess.run(fix.replace("<your tenant host>", "t.example.com").replace("tedge-firmware", " ".join(TEDGE_FIRMWARE), 1), shell=True, capture_output=True, text=True, timeout=30).returncode == 0
+    after = run([*TEDGE_FIRMWARE, "--config-dir", str(config_dir), "run"])
+    assert "c8y.url" not in after.stderr  # the next thing missing is the device id
+    assert "device.id" in after.stderr
+
+
 def test_bad_configuration_for_the_all_in_one_service(tmp_path: Path) -> None:
     (tmp_path / "tedge.toml").write_text("[http.bind]\nport = 70000\n")
     result = run([*TEDGE_FIRMWARE, "run", "--config-dir", str(tmp_path)])

@@ -15,6 +15,7 @@ import logging
 import resource
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tedge_firmware.app.lifecycle import cancel_tasks, until_stopped
 from tedge_firmware.app.plugin import (
@@ -28,7 +29,7 @@ from tedge_firmware.app.plugin import (
 )
 from tedge_firmware.app.registration import RegistrationOptions, serve_registration
 from tedge_firmware.core import topics
-from tedge_firmware.core.config import TedgeConfig
+from tedge_firmware.core.config import CONFIG_FILE_NAME, TedgeConfig
 from tedge_firmware.core.retry import RetryPolicy
 from tedge_firmware.errors import ConfigError
 from tedge_firmware.shell.config_file import resolve_device_id
@@ -92,9 +93,28 @@ def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:
 def check_plugin_config(config: TedgeConfig) -> str:
     """What the plugin needs before it starts; returns the main device id."""
     if config.c8y_url is None:
-        raise ConfigError("A value for 'c8y.url' is missing.")
+        raise ConfigError(missing_tenant(config.config_dir))
     config.file_transfer_base_url()  # raises for an unusable URL host
     return resolve_device_id(config)
+
+
+def missing_tenant(config_dir: Path) -> str:
+    """What to say when c8y.url is not set: where we looked, and what to do."""
+    file = config_dir / CONFIG_FILE_NAME
+    set_it = f"tedge-firmware --config-dir {config_dir} config set c8y.url <your tenant host>"
+    if not config_dir.is_dir():
+        where, fix = (
+            f"{file} (the directory {config_dir} does not exist)",
+            f"mkdir -p {config_dir} && {set_it}",
+        )
+    elif not file.is_file():
+        where, fix = f"{file} (the file does not exist)", set_it
+    else:
+        where, fix = str(file), set_it
+    return (
+        f"A value for 'c8y.url' is missing in {where}: set it with '{fix}', "
+        "or point --config-dir at the directory of your tedge.toml"
+    )
 
 
 def create_directories(config: TedgeConfig) -> None:
