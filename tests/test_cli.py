@@ -140,3 +140,54 @@ async def test_second_signal_exits_at_once(tmp_path: Path, broker: Broker) -> No
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+def test_make_run_says_which_broker_and_stops_the_one_it_started(tmp_path: Path) -> None:
+    import os
+    import re
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MQTT_PORT": str(free_port()), "HTTP_PORT": str(free_port())}
+    process = subprocess.Popen(
+        ["bash", str(repo / "scripts" / "run-local.sh"), str(tmp_path / "etc")],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not any("firmware plugin started" in line for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
+            lines.append(process.stdout.readline())
+        started = next(line for line in lines if line.startswith("started "))
+        broker_pid = int(re.search(r"\(pid (\d+);", started)[1])  # type: ignore[index]
+        assert Path(f"/proc/{broker_pid}").exists()
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        rest, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert f"stopped mosquitto (pid {broker_pid})" in rest
+    assert not Path(f"/proc/{broker_pid}").exists()  # nothing left running
+    assert (tmp_path / "data" / "cache").is_dir()  # the data next to the config dir, not in the repo
+
+
+def test_make_run_uses_a_broker_that_is_already_there(tmp_path: Path, broker: Broker) -> None:
+    import os
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MQTT_PORT": str(broker.port), "HTTP_PORT": str(free_port())}
+    process = subprocess.Popen(
+        ["bash", str(repo / "scripts" / "run-local.sh"), str(tmp_path / "etc")],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    assert process.stdout is not None
+    try:
+        first = [process.stdout.readline() for _ in range(2)]
+        assert first[1].strip() == f"using the MQTT broker already listening on 127.0.0.1:{broker.port}", first
+        os.killpg(process.pid, signal.SIGINT)
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert broker.process is not None and broker.process.poll() is None  # left as it was

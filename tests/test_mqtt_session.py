@@ -861,3 +861,27 @@ async def test_timeouts_in_flight_leave_no_task_exception_unretrieved(broker):
     finally:
         loop.set_exception_handler(previous)
     assert [c.get("message") for c in reported] == []
+
+
+async def test_a_broker_that_dies_while_we_close_leaves_no_exception_unretrieved(broker):
+    import gc
+
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        for _ in range(5):  # the race is between paho's disconnect callback and our exit
+            session = MqttSession(settings(broker.port), [unique("t")])
+            async with running(session):
+                await bounded(session.wait_connected())
+                closing = asyncio.create_task(session.close(timeout=0.5))
+                await asyncio.sleep(0)
+                await asyncio.to_thread(broker.kill)
+                await bounded(closing)
+            await asyncio.to_thread(broker.start)
+            del session
+            gc.collect()
+            await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+    assert [c.get("message") for c in reported] == []

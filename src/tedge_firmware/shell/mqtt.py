@@ -757,6 +757,21 @@ class _Client(aiomqtt.Client):
         self.session_present = bool(flags.session_present)
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        """aiomqtt sets the link's end as the outcome of a future that nobody awaits when the
+        broker goes away while we are already leaving: retrieved here, so it is not reported
+        as "never retrieved" (the watcher reports a lost link as a BrokerError)."""
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+        if self._disconnected.done() and not self._disconnected.cancelled():
+            self._disconnected.exception()
+
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         """aiomqtt asks the loop to watch the socket from a callback that runs later; by then
         paho may have closed it (the broker went away) and its number may belong to another
