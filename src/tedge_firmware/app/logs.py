@@ -38,6 +38,8 @@ def configure_logging(debug: bool = False) -> None:
                 "aiohttp.access": {"level": "DEBUG" if debug else "WARNING"},
                 "aiomqtt": {"level": "DEBUG" if debug else "WARNING"},
                 "asyncio": {"level": "WARNING"},
+                # watchfiles says "N changes detected" at INFO for every change it reports
+                "watchfiles": {"level": "DEBUG" if debug else "WARNING"},
             },
         }
     )

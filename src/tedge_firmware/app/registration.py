@@ -131,7 +131,8 @@ class ChildRegistration:
                     self._send(self.registrar.on_snapshot(await self._scan()))
                 case _CloudSilent():
                     if self.registrar.phase is Phase.WAITING_FOR_CLOUD:
-                        log.warning(
+                        # usual without a cloud bridge (a local trial): news, not a problem
+                        log.info(
                             "no list of children (106) from the cloud within %g s: "
                             "registering every local child",
                             self._cloud_list_timeout,
