@@ -235,9 +235,11 @@ def test_no_config_file_uses_defaults_and_the_environment(tmp_path: Path) -> Non
     (data / "cache").mkdir(parents=True)
     (data / "cache" / ("c" * 64)).write_bytes(b"x" * 10)
 
+    empty = tmp_path / "etc"  # a config dir without tedge.toml (a named dir must exist)
+    empty.mkdir()
     result = CliRunner().invoke(
         main_group,
-        ["cache", "list", "--config-dir", str(tmp_path / "no-such-dir")],
+        ["cache", "list", "--config-dir", str(empty)],
         obj={},
         env={"TEDGE_DATA_PATH": str(data)},
     )

@@ -52,23 +52,44 @@ def test_bad_configuration_is_one_line_and_exit_1(tmp_path: Path, toml: str, exp
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("exists", [False, True], ids=["no directory", "no file"])
-def test_without_a_tedge_toml_the_error_names_it_and_the_fix(tmp_path: Path, exists: bool) -> None:
+def test_without_a_tedge_toml_the_error_names_it_and_the_fix(tmp_path: Path) -> None:
     config_dir = tmp_path / "etc"
-    if exists:
-        config_dir.mkdir()
+    config_dir.mkdir()
     result = run([*TEDGE_FIRMWARE, "--config-dir", str(config_dir), "run"])
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
-    file = config_dir / "tedge.toml"
-    assert f"'c8y.url' is missing in {file} (the " in line
-    assert ("(the file does not exist)" if exists else f"(the directory {config_dir} does not exist)") in line
+    assert f"'c8y.url' is missing in {config_dir / 'tedge.toml'} (the file does not exist)" in line
     # what the line says to do works as written
     fix = line.split("set it with '", 1)[1].split("'", 1)[0]
-    assert subprocess.run(fix.replace("<your tenant host>", "t.example.com").replace("tedge-firmware", " ".join(TEDGE_FIRMWARE), 1), shell=True, capture_output=True, text=True, timeout=30).returncode == 0
+    command = fix.replace("<your tenant host>", "t.example.com").replace("tedge-firmware", " ".join(TEDGE_FIRMWARE), 1)
+    assert subprocess.run(command, shell=True, capture_output=True, text=True, timeout=30).returncode == 0
     after = run([*TEDGE_FIRMWARE, "--config-dir", str(config_dir), "run"])
     assert "c8y.url" not in after.stderr  # the next thing missing is the device id
     assert "device.id" in after.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["run"], ["file-transfer"], ["registration"], ["cache", "list"], ["ops", "list"], ["c8y-sim", "serve"],
+     ["connector", "--child-id", "c1", "--apply-command", "true"]],
+    ids=lambda c: " ".join(c[:2]),
+)
+@pytest.mark.parametrize("before", [True, False], ids=["before", "after"])
+def test_a_config_dir_that_does_not_exist_is_an_error_not_the_defaults(tmp_path: Path, command: list[str], before: bool) -> None:
+    missing = tmp_path / "no-such-dir"
+    option = ["--config-dir", str(missing)]
+    args = [*option, *command] if before else [*command[:2 if command[0] in ("cache", "ops", "c8y-sim") else 1], *option, *command[2 if command[0] in ("cache", "ops", "c8y-sim") else 1:]]
+    result = run([*TEDGE_FIRMWARE, *args], timeout=20)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        f"error: the configuration directory {missing} (--config-dir) does not exist: "
+        f"create it (mkdir -p {missing}) or give the directory of your tedge.toml"
+    )
+
+
+def test_the_plugin_with_a_config_dir_that_does_not_exist(tmp_path: Path) -> None:
+    result = run([*PLUGIN, "--config-dir", str(tmp_path / "nope")])
+    assert result.returncode == 1 and "does not exist" in result.stderr
 
 
 def test_bad_configuration_for_the_all_in_one_service(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import click
 
 from tedge_firmware import __version__
 from tedge_firmware.app.admin_cli import cache_group, ops_group
-from tedge_firmware.app.cli_support import load_for, load_or_exit, run_service
+from tedge_firmware.app.cli_support import given, load_for, load_or_exit, run_service
 from tedge_firmware.app.config_cli import config_group
 from tedge_firmware.app.connector_cli import connector_command
 from tedge_firmware.app.demo_cli import demo_command
@@ -61,9 +61,10 @@ def _serve_plugin(config: TedgeConfig, with_file_transfer: bool) -> None:
 @debug_option
 @click.option("-i", "--init", is_flag=True, help="Create the data directories and exit.")
 @click.version_option(__version__)
-def plugin_command(config_dir: Path, debug: bool, init: bool) -> None:
+@click.pass_context
+def plugin_command(ctx: click.Context, config_dir: Path, debug: bool, init: bool) -> None:
     configure_logging(debug)
-    config = load_or_exit(config_dir)
+    config = load_or_exit(config_dir, given=given(ctx, "config_dir"))
     if init:
         from tedge_firmware.app.service import create_directories
 
@@ -80,9 +81,15 @@ def plugin_command(config_dir: Path, debug: bool, init: bool) -> None:
 @config_dir_option
 @click.pass_context
 def main_group(ctx: click.Context, config_dir: Path) -> None:
-    """Firmware management for Cumulocity child devices behind a thin-edge.io gateway."""
+    """Firmware management for Cumulocity child devices behind a thin-edge.io gateway.
+
+    \b
+    --config-dir goes before the command (tedge-firmware --config-dir DIR run); after the
+    command it is accepted too.
+    """
     ctx.ensure_object(dict)
     ctx.obj.setdefault("config_dir", config_dir)
+    ctx.obj.setdefault("config_dir_given", given(ctx, "config_dir"))
 
 
 sub_config_dir_option = click.option(

@@ -20,11 +20,23 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def load_or_exit(config_dir: Path) -> TedgeConfig:
+def load_or_exit(config_dir: Path, *, given: bool = False) -> TedgeConfig:
+    """The configuration in `config_dir`; exit 1 when it is invalid. A directory the user
+    named (`given`) must exist: a typo must not quietly run on the defaults."""
+    if given and not config_dir.is_dir():
+        fail(
+            f"the configuration directory {config_dir} (--config-dir) does not exist: "
+            f"create it (mkdir -p {config_dir}) or give the directory of your tedge.toml"
+        )
     try:
         return load_config(config_dir)
     except TedgeFirmwareError as error:
         fail(str(error))
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether the option `name` of this command was given on the command line."""
+    return ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
 
 
 def run_service(action: Callable[[], None]) -> None:
@@ -59,4 +71,7 @@ def config_dir_for(ctx: click.Context, config_dir: Path | None) -> Path:
 
 def load_for(ctx: click.Context, config_dir: Path | None) -> TedgeConfig:
     """The configuration a subcommand works with (see config_dir_for); exit 1 when invalid."""
-    return load_or_exit(config_dir_for(ctx, config_dir))
+    root = ctx.find_root().obj
+    from_root = isinstance(root, dict) and bool(root.get("config_dir_given"))
+    named = config_dir is not None or from_root
+    return load_or_exit(config_dir_for(ctx, config_dir), given=named)
