@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG_DIR ?= run/etc-tedge
 
-.PHONY: venv test lint run demo demo-broker bench mosquitto clean
+.PHONY: venv test lint run demo demo-broker bench mosquitto mosquitto-clients clean
 
 venv: $(STAMP)
 
@@ -15,10 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Make sure mosquitto and its clients exist (the README's manual trial, tested, uses the
-# clients): install them from the OS packages when we are root.
+# Make sure a mosquitto binary exists (and, for the tests, its clients: the README's manual
+# trial, which a test runs, uses them): install them from the OS packages when we are root.
 mosquitto:
-	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && command -v mosquitto_pub >/dev/null 2>&1 || { \
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || $(INSTALL_MOSQUITTO)
+
+mosquitto-clients: mosquitto
+	@command -v mosquitto_pub >/dev/null 2>&1 || $(INSTALL_MOSQUITTO)
+
+INSTALL_MOSQUITTO = { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing mosquitto from the OS packages"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients; \
@@ -27,7 +32,7 @@ mosquitto:
 	    exit 1; \
 	  fi; }
 
-test: venv mosquitto
+test: venv mosquitto-clients
 	$(BIN)/pytest -q
 
 lint: venv
