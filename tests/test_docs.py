@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 
 from tedge_firmware.app.cli import main_group
@@ -32,3 +33,19 @@ def test_help_runs() -> None:
     result = CliRunner().invoke(main_group, ["--help"])
     assert result.exit_code == 0
     assert "run" in result.output and "file-transfer" in result.output
+
+
+def _groups(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found += _groups(command, (*path, name))
+    return found
+
+
+def test_help_lists_commands_without_cutting_their_description() -> None:
+    for path in _groups(main_group):
+        result = CliRunner().invoke(main_group, [*path, "--help"], terminal_width=80)
+        assert result.exit_code == 0, result.output
+        listing = result.output.split("Commands:", 1)[1]
+        assert not [line for line in listing.splitlines() if line.endswith("...")], (path, listing)

@@ -208,12 +208,12 @@ def _set_aside(firmware_dir: Path) -> int:
 # --- cache -----------------------------------------------------------------------------------
 
 
-@click.group("cache")
+@click.group("cache", short_help="List or prune the firmware cache.")
 def cache_group() -> None:
     """The firmware cache (data.path/cache): list it, or remove entries by hand."""
 
 
-@cache_group.command("list")
+@cache_group.command("list", short_help="Cached firmware, least recently used first.")
 @config_dir_option
 @click.pass_context
 def cache_list_command(ctx: click.Context, config_dir: Path | None) -> None:
@@ -283,7 +283,7 @@ def _max_age(value: str | None) -> int | None:
         fail(f"invalid value for '--max-age': {_shown(value[:20])}... is too big", USAGE_ERROR)
 
 
-@cache_group.command("prune")
+@cache_group.command("prune", short_help="Apply the cache limits now.")
 @config_dir_option
 @click.option("--max-size", metavar="SIZE", help="Instead of firmware.cache.max_size (e.g. 2GiB).")
 @click.option("--max-age", metavar="SECONDS", help="Instead of firmware.cache.max_age.")
@@ -391,12 +391,12 @@ class _Pruner:
 # --- operations ------------------------------------------------------------------------------
 
 
-@click.group("ops")
+@click.group("ops", short_help="Firmware operations in progress.")
 def ops_group() -> None:
     """Firmware operations the gateway has in progress (data.path/firmware)."""
 
 
-@ops_group.command("list")
+@ops_group.command("list", short_help="Operations in progress, oldest first.")
 @config_dir_option
 @click.pass_context
 def ops_list_command(ctx: click.Context, config_dir: Path | None) -> None:

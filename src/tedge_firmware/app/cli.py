@@ -100,7 +100,7 @@ sub_config_dir_option = click.option(
 )
 
 
-@main_group.command("run")
+@main_group.command("run", short_help="All in one: plugin, file transfer, registration.")
 @sub_config_dir_option
 @debug_option
 @click.pass_context
@@ -110,7 +110,7 @@ def run_command(ctx: click.Context, config_dir: Path | None, debug: bool) -> Non
     _serve_plugin(load_for(ctx, config_dir), with_file_transfer=True)
 
 
-@main_group.command("file-transfer")
+@main_group.command("file-transfer", short_help="The file-transfer HTTP service alone.")
 @sub_config_dir_option
 @debug_option
 @click.pass_context
@@ -129,7 +129,7 @@ def file_transfer_command(ctx: click.Context, config_dir: Path | None, debug: bo
     run_service(lambda: run_until_signal(serve))
 
 
-@main_group.command("registration")
+@main_group.command("registration", short_help="Child registration alone (101/114).")
 @sub_config_dir_option
 @debug_option
 @click.pass_context

@@ -52,7 +52,7 @@ def _seconds_or_none(value: float) -> float | None:
     return None if value == 0 else value
 
 
-@click.command("connector")
+@click.command("connector", short_help="A child-device connector around your apply command.")
 @click.option(
     "--child-id",
     "child_ids",
@@ -77,9 +77,18 @@ def _seconds_or_none(value: float) -> float | None:
     default=None,
     help=f"Directory of tedge.toml, for the broker settings (default: {DEFAULT_CONFIG_DIR}).",
 )
-@click.option("--mqtt-host", default=None, help="Broker host (instead of tedge.toml).")
 @click.option(
-    "--mqtt-port", type=click.IntRange(1, 65535), default=None, help="Broker port (default 1883)."
+    "--mqtt-host",
+    default=None,
+    help="Broker host; with it (or --mqtt-port) alone, tedge.toml is not read "
+    "(default: mqtt.client.host of tedge.toml).",
+)
+@click.option(
+    "--mqtt-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Broker port; with it (or --mqtt-host) alone, tedge.toml is not read "
+    "(default: mqtt.client.port of tedge.toml, else 1883).",
 )
 @click.option(
     "--client-id", default=None, help="MQTT client id (default: derived from the child ids)."

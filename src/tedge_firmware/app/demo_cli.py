@@ -20,7 +20,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(error)) from None
 
 
-@click.command("demo")
+@click.command("demo", short_help="A firmware rollout to simulated children.")
 @click.option(
     "--children",
     type=click.IntRange(min=1),

@@ -66,7 +66,7 @@ control_option = click.option(
 )
 
 
-@click.group("c8y-sim")
+@click.group("c8y-sim", short_help="A Cumulocity simulator on the local broker.")
 def c8y_sim_group() -> None:
     """A Cumulocity simulator on the local broker: sends 515s, answers JWT requests, serves
     firmware binaries (with faults on demand) and records every operation's status."""
@@ -289,7 +289,7 @@ def _render(sim: C8ySimulator) -> RenderableType:
 # --- update and status ---------------------------------------------------------------------------
 
 
-@c8y_sim_group.command("update")
+@c8y_sim_group.command("update", short_help="Create a c8y_Firmware operation (or a bulk one).")
 @click.option("--child", "children", multiple=True, required=True, help="Device id (repeatable).")
 @click.option(
     "--file",
