@@ -32,12 +32,12 @@ from typing import TypeVar
 import aiohttp
 import aiomqtt
 
-from tedge_firmware.app.processes import ChildProcess as Process
-from tedge_firmware.app.processes import free_port as free_port
-from tedge_firmware.app.processes import kill_leftovers as kill_leftovers
-from tedge_firmware.app.processes import mosquitto_process
-from tedge_firmware.app.processes import running as running
 from tedge_firmware.core import units
+from tedge_firmware.demo.processes import ChildProcess as Process
+from tedge_firmware.demo.processes import free_port as free_port
+from tedge_firmware.demo.processes import kill_leftovers as kill_leftovers
+from tedge_firmware.demo.processes import mosquitto_process
+from tedge_firmware.demo.processes import running as running
 from tedge_firmware.shell.config_file import write_local_config
 
 T = TypeVar("T")

@@ -53,9 +53,9 @@ import aiohttp
 import aiomqtt
 
 from benchmarks import _support as s
-from tedge_firmware.app.lifecycle import on_loop_exception
-from tedge_firmware.app.processes import wait_listening
 from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings, Firmware
+from tedge_firmware.demo.processes import wait_listening
+from tedge_firmware.gateway.lifecycle import on_loop_exception
 from tedge_firmware.shell.config_file import write_local_config
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, Operation, OperationStatus
 

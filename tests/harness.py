@@ -23,9 +23,9 @@ from pathlib import Path
 import aiomqtt
 from aiohttp import web
 
-from tedge_firmware.app.plugin import PluginOptions
-from tedge_firmware.app.service import ServiceOptions, serve_plugin
 from tedge_firmware.core.config import config_from_document
+from tedge_firmware.gateway.plugin import PluginOptions
+from tedge_firmware.gateway.service import ServiceOptions, serve_plugin
 from tedge_firmware.shell.config_file import write_local_config
 
 CHILD = "child-device"

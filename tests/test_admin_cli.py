@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from tedge_firmware.app.admin_cli import cache_group, format_age, short_ids
-from tedge_firmware.app.cli import main_group
+from tedge_firmware.cli.admin import cache_group, format_age, short_ids
+from tedge_firmware.cli.main import main_group
 from tedge_firmware.core.operation import FetchRecord, OperationRecord, file_id_for_url
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.store import fetch_store, operation_store
@@ -440,7 +440,7 @@ def test_an_entry_linked_after_the_plan_is_kept(tmp_path: Path) -> None:
     """The service may publish an entry between the plan and the removal: evict refuses it."""
     from rich.console import Console
 
-    from tedge_firmware.app.admin_cli import _Pruner
+    from tedge_firmware.cli.admin import _Pruner
     from tedge_firmware.core.cache_policy import CacheLimits
 
     gateway = Gateway(tmp_path)

@@ -17,7 +17,6 @@ import pytest
 
 from brokers import Broker, free_port
 from harness import FirmwareServer, Gateway, Observer, observer, req_topic, res_topic, write_config
-from tedge_firmware.app.cache_keeper import CacheKeeper
 from tedge_firmware.core.cache_policy import (
     CacheEntry,
     CacheLimits,
@@ -26,6 +25,7 @@ from tedge_firmware.core.cache_policy import (
     plan_eviction,
 )
 from tedge_firmware.core.operation import file_id_for_url
+from tedge_firmware.gateway.cache_keeper import CacheKeeper
 from tedge_firmware.shell.cache import FirmwareCache
 
 HOUR = 3600.0
@@ -160,7 +160,7 @@ class KeeperLog(logging.Handler):
 @pytest.fixture
 async def keeper_log() -> AsyncIterator[KeeperLog]:
     handler = KeeperLog(asyncio.get_running_loop())
-    logger = logging.getLogger("tedge_firmware.app.cache_keeper")
+    logger = logging.getLogger("tedge_firmware.gateway.cache_keeper")
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)

@@ -15,7 +15,7 @@ import pytest
 from brokers import Broker, free_port
 from harness import observer, write_config
 
-PLUGIN = [sys.executable, "-c", "from tedge_firmware.app.cli import plugin_main; plugin_main()"]
+PLUGIN = [sys.executable, "-c", "from tedge_firmware.cli.main import plugin_main; plugin_main()"]
 TEDGE_FIRMWARE = [sys.executable, "-m", "tedge_firmware"]
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tedge_firmware.app.config_cli import config_group
+from tedge_firmware.cli.config import config_group
 from tedge_firmware.core.config import KEYS_BY_NAME
 
 

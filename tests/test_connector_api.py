@@ -54,10 +54,11 @@ def test_every_public_class_and_method_has_a_docstring() -> None:
     assert "Connector(" in (sdk.__doc__ or "")
 
 
-def test_the_sdk_does_not_import_the_app_or_the_simulator() -> None:
+def test_the_sdk_does_not_import_the_gateway_the_cli_the_demo_or_the_simulator() -> None:
     code = (
         "import sys, tedge_firmware.connector\n"
-        "bad = [m for m in sys.modules if m.startswith(('tedge_firmware.app', 'tedge_firmware.sim'))]\n"
+        "bad = [m for m in sys.modules if m.startswith(('tedge_firmware.gateway', 'tedge_firmware.cli', "
+        "'tedge_firmware.demo', 'tedge_firmware.sim'))]\n"
         "print(bad)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
@@ -65,7 +66,7 @@ def test_the_sdk_does_not_import_the_app_or_the_simulator() -> None:
 
 
 def test_the_cli_module_does_not_import_the_sdk_until_the_command_runs() -> None:
-    code = "import sys, tedge_firmware.app.connector_cli\nprint('tedge_firmware.connector' in sys.modules)\n"
+    code = "import sys, tedge_firmware.cli.connector\nprint('tedge_firmware.connector' in sys.modules)\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert result.stdout.strip() == "False"
 

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from brokers import Broker
 from faultproxy import Fault
 from harness import E501, E503, f502, load, observer, write_config
-from tedge_firmware.app.cli import main_group
-from tedge_firmware.app.connector_cli import operations_dir, register_by_file
+from tedge_firmware.cli.connector import operations_dir, register_by_file
+from tedge_firmware.cli.main import main_group
 from test_connector_support import WATCH, ConnectorProcess, Stack, no_more_to_cloud, to_cloud
 
 REGISTRATION = "te/device/child1///cmd/firmware_update"

@@ -15,7 +15,7 @@ import pytest
 
 from brokers import Broker
 from harness import Observer, observer, req_topic
-from tedge_firmware.app.connector_cli import connector_command
+from tedge_firmware.cli.connector import connector_command
 from test_connector_support import RESPONSES, ConnectorProcess, file_server, res
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

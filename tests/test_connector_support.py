@@ -18,9 +18,9 @@ from aiohttp import web
 from brokers import Broker, free_port
 from faultproxy import FaultProxy
 from harness import WATCHED, FirmwareServer, Observer, load, req_topic, us, write_config
-from tedge_firmware.app.plugin import PluginOptions
-from tedge_firmware.app.service import ServiceOptions, serve_file_transfer, serve_plugin
 from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings
+from tedge_firmware.gateway.plugin import PluginOptions
+from tedge_firmware.gateway.service import ServiceOptions, serve_file_transfer, serve_plugin
 
 RESPONSES = "tedge/+/commands/res/firmware_update"
 WATCH = (*WATCHED, RESPONSES)

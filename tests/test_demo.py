@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tedge_firmware.app import demo
-from tedge_firmware.app.demo import (
+from tedge_firmware.core.units import parse_size
+from tedge_firmware.demo import stack as demo
+from tedge_firmware.demo.stack import (
     FAIL_REASON,
     ChildResult,
     DemoOptions,
     child_roles,
     choose_broker,
 )
-from tedge_firmware.core.units import parse_size
 from tedge_firmware.errors import ConfigError
 
 DEMO = [sys.executable, "-m", "tedge_firmware", "demo"]
@@ -77,7 +77,7 @@ def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path, broker: str
     assert list(tmp_path.iterdir()) == []  # its directory is removed
 
 
-@pytest.mark.parametrize(("broker", "broker_argv"), [("mosquitto", "mosquitto.conf"), ("embedded", "tedge_firmware.app.embedded_broker")])
+@pytest.mark.parametrize(("broker", "broker_argv"), [("mosquitto", "mosquitto.conf"), ("embedded", "tedge_firmware.demo.embedded_broker")])
 def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path, broker: str, broker_argv: str) -> None:
     process = subprocess.Popen(
         [*DEMO, "--children", "3", "--size", "1MiB", "--apply-seconds", "60", "--plain",

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.testing import CliRunner
 
-from tedge_firmware.app.cli import main_group
+from tedge_firmware.cli.main import main_group
 from tedge_firmware.core.config import KEYS
 
 README = (Path(__file__).parent.parent / "README.md").read_text()

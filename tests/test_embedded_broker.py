@@ -1,4 +1,4 @@
-"""The demo's embedded broker (`python -m tedge_firmware.app.embedded_broker`) as the demo runs it.
+"""The demo's embedded broker (`python -m tedge_firmware.demo.embedded_broker`) as the demo runs it.
 
 A subprocess on a free port: it relays QoS 1 messages between clients, the demo's listen probe
 does not fill its log with errors, SIGTERM stops it cleanly, a port in use is a one-line error,
@@ -22,10 +22,10 @@ import aiomqtt
 import pytest
 
 from brokers import free_port
-from tedge_firmware.app.demo import HOST
+from tedge_firmware.demo.stack import HOST
 from tedge_firmware.shell.mqtt import MqttSession, MqttSettings
 
-MODULE = [sys.executable, "-m", "tedge_firmware.app.embedded_broker"]
+MODULE = [sys.executable, "-m", "tedge_firmware.demo.embedded_broker"]
 
 
 class EmbeddedBroker:

@@ -36,7 +36,7 @@ from harness import (
     write_config,
 )
 from linkproxy import LinkProxy
-from tedge_firmware.app.plugin import PluginOptions
+from tedge_firmware.gateway.plugin import PluginOptions
 
 INSTALLED = b"115,fw-name,fw-version," + U.encode()
 
@@ -226,7 +226,7 @@ async def test_a_flood_on_c8y_s_ds_is_bounded_and_logged_once(
         await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
         assert await obs.sequence(us(), 3) == [E501, INSTALLED, E503]
     await gateway.stop()  # flushes the summaries
-    messages = [r.getMessage() for r in caplog.records if r.name == "tedge_firmware.app.plugin"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "tedge_firmware.gateway.plugin"]
     too_large = [m for m in messages if "over the limit" in m]
     assert too_large == [f"payload of {len(huge)} bytes on c8y/s/ds is over the limit of 65536 bytes: ignored"]
     bad = [m for m in messages if "Incorrect c8y_Firmware SmartREST payload" in m]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tedge_firmware.app.lifecycle import on_loop_exception
 from tedge_firmware.core.operation import FetchRecord
+from tedge_firmware.gateway.lifecycle import on_loop_exception
 from tedge_firmware.shell.store import fetch_store
 
 

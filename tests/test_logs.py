@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tedge_firmware.app.logs import configure_logging
+from tedge_firmware.gateway.logs import configure_logging
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tedge_firmware.app.processes import (
+from tedge_firmware.demo.processes import (
     ChildProcess,
     free_port,
     kill_leftovers,

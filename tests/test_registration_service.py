@@ -37,7 +37,7 @@ from harness import (
     us,
     write_config,
 )
-from tedge_firmware.app.registration import RegistrationOptions, serve_registration
+from tedge_firmware.gateway.registration import RegistrationOptions, serve_registration
 
 US = "c8y/s/us"
 TOPICS = (US, "c8y/s/us/+")

@@ -1,5 +1,5 @@
 """`python -m tedge_firmware` is `tedge-firmware`."""
 
-from tedge_firmware.app.cli import main
+from tedge_firmware.cli.main import main
 
 main()

@@ -4,7 +4,7 @@ A device declares the Cumulocity operations it supports with files under
 `<config-dir>/operations/c8y/`: a file directly in that directory is an operation of the main
 device, a file in `<child-id>/` one of that child (reference §5). This module decides which
 names and contents count, and what to tell Cumulocity about them; reading the directory is the
-shell's job (`shell/ops_watch.py`), sending the lines the app's (`app/registration.py`).
+shell's job (`shell/ops_watch.py`), sending the lines the gateway's (`gateway/registration.py`).
 
 Theory of operation. The app hands the `Registrar` snapshots of the directory: one at start,
 then one after every (debounced) change. At start the main device's `114` goes out at once;

@@ -1,5 +1,5 @@
 """`tedge-firmware demo`: broker, simulator, gateway and N children on this machine, and a
-firmware rollout with a live view and a summary (see `tedge_firmware.app.demo`)."""
+firmware rollout with a live view and a summary (see `tedge_firmware.demo.stack`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import cast
 
 import click
 
-from tedge_firmware.app.demo import BROKER_CHOICES, BrokerChoice, DemoOptions, main
 from tedge_firmware.core.units import parse_size
+from tedge_firmware.demo.stack import BROKER_CHOICES, BrokerChoice, DemoOptions, main
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:

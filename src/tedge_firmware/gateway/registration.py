@@ -21,7 +21,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tedge_firmware.app.lifecycle import cancel_tasks, until_stopped
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import TedgeConfig
 from tedge_firmware.core.registration import (
@@ -35,6 +34,7 @@ from tedge_firmware.core.registration import (
     parse_declaration,
 )
 from tedge_firmware.errors import BrokerError, ConfigError, InputError, StoreError
+from tedge_firmware.gateway.lifecycle import cancel_tasks, until_stopped
 from tedge_firmware.shell.config_file import resolve_device_id
 from tedge_firmware.shell.log_limits import LogLimiter
 from tedge_firmware.shell.mqtt import Message, MqttSession, MqttSettings

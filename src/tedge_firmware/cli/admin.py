@@ -26,7 +26,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from tedge_firmware.app.cli_support import fail, load_for
+from tedge_firmware.cli.support import fail, load_for
 from tedge_firmware.core import topics
 from tedge_firmware.core.cache_policy import (
     CacheEntry,

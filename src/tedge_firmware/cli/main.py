@@ -12,15 +12,15 @@ from pathlib import Path
 import click
 
 from tedge_firmware import __version__
-from tedge_firmware.app.admin_cli import cache_group, ops_group
-from tedge_firmware.app.cli_support import given, load_for, load_or_exit, run_service
-from tedge_firmware.app.config_cli import config_group
-from tedge_firmware.app.connector_cli import connector_command
-from tedge_firmware.app.demo_cli import demo_command
-from tedge_firmware.app.lifecycle import run_until_signal
-from tedge_firmware.app.logs import configure_logging
-from tedge_firmware.app.sim_cli import c8y_sim_group
+from tedge_firmware.cli.admin import cache_group, ops_group
+from tedge_firmware.cli.config import config_group
+from tedge_firmware.cli.connector import connector_command
+from tedge_firmware.cli.demo import demo_command
+from tedge_firmware.cli.sim import c8y_sim_group
+from tedge_firmware.cli.support import given, load_for, load_or_exit, run_service
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig
+from tedge_firmware.gateway.lifecycle import run_until_signal
+from tedge_firmware.gateway.logs import configure_logging
 
 log = logging.getLogger("tedge_firmware")
 
@@ -46,7 +46,7 @@ debug_option = click.option("--debug", is_flag=True, help="Log debug messages.")
 def _serve_plugin(config: TedgeConfig, with_file_transfer: bool) -> None:
     import asyncio
 
-    from tedge_firmware.app.service import ServiceOptions, serve_plugin
+    from tedge_firmware.gateway.service import ServiceOptions, serve_plugin
 
     options = ServiceOptions(with_file_transfer=with_file_transfer)
 
@@ -66,7 +66,7 @@ def plugin_command(ctx: click.Context, config_dir: Path, debug: bool, init: bool
     configure_logging(debug)
     config = load_or_exit(config_dir, given=given(ctx, "config_dir"))
     if init:
-        from tedge_firmware.app.service import create_directories
+        from tedge_firmware.gateway.service import create_directories
 
         run_service(lambda: create_directories(config))
         log.info(
@@ -118,7 +118,7 @@ def file_transfer_command(ctx: click.Context, config_dir: Path | None, debug: bo
     """The file-transfer HTTP service alone (GET/HEAD/PUT/DELETE under data.path/file-transfer)."""
     import asyncio
 
-    from tedge_firmware.app.service import serve_file_transfer
+    from tedge_firmware.gateway.service import serve_file_transfer
 
     configure_logging(debug)
     config = load_for(ctx, config_dir)
@@ -137,7 +137,7 @@ def registration_command(ctx: click.Context, config_dir: Path | None, debug: boo
     """Child registration alone: operations files and MQTT declarations to Cumulocity 101/114."""
     import asyncio
 
-    from tedge_firmware.app.registration import RegistrationOptions, serve_registration
+    from tedge_firmware.gateway.registration import RegistrationOptions, serve_registration
 
     configure_logging(debug)
     config = load_for(ctx, config_dir)

@@ -17,8 +17,12 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tedge_firmware.app.lifecycle import cancel_tasks, until_stopped
-from tedge_firmware.app.plugin import (
+from tedge_firmware.core import topics
+from tedge_firmware.core.config import CONFIG_FILE_NAME, TedgeConfig
+from tedge_firmware.core.retry import RetryPolicy
+from tedge_firmware.errors import ConfigError
+from tedge_firmware.gateway.lifecycle import cancel_tasks, until_stopped
+from tedge_firmware.gateway.plugin import (
     PLUGIN_SUBSCRIPTIONS,
     BrokerSessionLost,
     FirmwarePlugin,
@@ -27,11 +31,7 @@ from tedge_firmware.app.plugin import (
     health_down,
     health_up,
 )
-from tedge_firmware.app.registration import RegistrationOptions, serve_registration
-from tedge_firmware.core import topics
-from tedge_firmware.core.config import CONFIG_FILE_NAME, TedgeConfig
-from tedge_firmware.core.retry import RetryPolicy
-from tedge_firmware.errors import ConfigError
+from tedge_firmware.gateway.registration import RegistrationOptions, serve_registration
 from tedge_firmware.shell.config_file import resolve_device_id
 from tedge_firmware.shell.downloader import Downloader
 from tedge_firmware.shell.file_transfer import FileTransferServer

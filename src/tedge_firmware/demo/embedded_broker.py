@@ -1,6 +1,6 @@
 """The demo's fallback MQTT broker: amqtt (pure Python, MQTT 3.1.1) on one loopback listener.
 
-`python -m tedge_firmware.app.embedded_broker --host 127.0.0.1 --port N [--log-file PATH]`
+`python -m tedge_firmware.demo.embedded_broker --host 127.0.0.1 --port N [--log-file PATH]`
 
 Only for `tedge-firmware demo` on a machine where Mosquitto is not installed and cannot be
 (README "Demo"); never for a gateway. amqtt 0.12 has known faults that a real installation
@@ -114,7 +114,7 @@ def _cause(error: BaseException) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tedge_firmware.app.embedded_broker",
+        prog="python -m tedge_firmware.demo.embedded_broker",
         description="The demo's fallback MQTT broker (amqtt); not for a real gateway.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -33,11 +33,11 @@ from urllib.parse import urlsplit
 
 import click
 
-from tedge_firmware.app.cli_support import config_for_broker, fail, run_service
-from tedge_firmware.app.lifecycle import run_until_signal
-from tedge_firmware.app.logs import configure_logging
+from tedge_firmware.cli.support import config_for_broker, fail, run_service
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, MqttAuth, TedgeConfig
+from tedge_firmware.gateway.lifecycle import run_until_signal
+from tedge_firmware.gateway.logs import configure_logging
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

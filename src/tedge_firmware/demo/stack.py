@@ -41,14 +41,6 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tedge_firmware.app.processes import (
-    HOST,
-    ChildProcess,
-    free_port,
-    kill_leftovers,
-    mosquitto_process,
-    running,
-)
 from tedge_firmware.connector import (
     BrokerSettings,
     Connector,
@@ -58,6 +50,14 @@ from tedge_firmware.connector import (
     Progress,
 )
 from tedge_firmware.core.units import format_size
+from tedge_firmware.demo.processes import (
+    HOST,
+    ChildProcess,
+    free_port,
+    kill_leftovers,
+    mosquitto_process,
+    running,
+)
 from tedge_firmware.errors import ConfigError, TedgeFirmwareError
 from tedge_firmware.shell.config_file import write_local_config
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, FileFaults, Operation, OperationStatus
@@ -235,7 +235,7 @@ def find_broker(choice: BrokerChoice) -> DemoBroker:
 def embedded_broker_process(home: Path) -> tuple[ChildProcess, int]:
     port = free_port()
     argv = [
-        sys.executable, "-m", "tedge_firmware.app.embedded_broker",
+        sys.executable, "-m", "tedge_firmware.demo.embedded_broker",
         "--host", HOST, "--port", str(port), "--log-file", str(home / "embedded-broker.log"),
     ]  # fmt: skip
     return ChildProcess("embedded broker", argv, home / "embedded-broker.out"), port

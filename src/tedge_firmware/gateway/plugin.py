@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from tedge_firmware.app.cache_keeper import CacheKeeper
 from tedge_firmware.core import smartrest, topics
 from tedge_firmware.core.config import TedgeConfig
 from tedge_firmware.core.messages import (
@@ -57,6 +56,7 @@ from tedge_firmware.errors import (
     SmartRestError,
     StoreError,
 )
+from tedge_firmware.gateway.cache_keeper import CacheKeeper
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.durable import sha256_of_file
 from tedge_firmware.shell.log_limits import LogLimiter

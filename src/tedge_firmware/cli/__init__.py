@@ -1,0 +1,1 @@
+"""The command line: every click command, each importing what it needs when it runs."""
