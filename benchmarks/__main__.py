@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import cloud_download, file_transfer, fleet, resume, soak
+from benchmarks import cli_startup, cloud_download, file_transfer, fleet, resume, soak
 
 BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
     "cloud_download": cloud_download.main,
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
     "file_transfer": file_transfer.main,
     "fleet": fleet.main,
     "soak": soak.main,
+    "cli_startup": cli_startup.main,
 }
 
 

@@ -6,20 +6,15 @@ stops a service) is one line on stderr and exit code 1, never a traceback.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
 import click
 
 from tedge_firmware import __version__
-from tedge_firmware.cli.admin import cache_group, ops_group
-from tedge_firmware.cli.config import config_group
-from tedge_firmware.cli.connector import connector_command
-from tedge_firmware.cli.demo import demo_command
-from tedge_firmware.cli.sim import c8y_sim_group
 from tedge_firmware.cli.support import given, load_for, load_or_exit, run_service
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig
-from tedge_firmware.gateway.lifecycle import run_until_signal
 from tedge_firmware.gateway.logs import configure_logging
 
 log = logging.getLogger("tedge_firmware")
@@ -53,6 +48,8 @@ def _serve_plugin(config: TedgeConfig, with_file_transfer: bool) -> None:
     async def serve(stop: asyncio.Event) -> None:
         await serve_plugin(config, stop, options)
 
+    from tedge_firmware.gateway.lifecycle import run_until_signal
+
     run_service(lambda: run_until_signal(serve))
 
 
@@ -76,7 +73,58 @@ def plugin_command(ctx: click.Context, config_dir: Path, debug: bool, init: bool
     _serve_plugin(config, with_file_transfer=False)
 
 
-@click.group(name="tedge-firmware")
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported when they run: `--help` lists them from
+    `LAZY_COMMANDS` alone, so it loads neither aiohttp, the simulator nor the demo."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, attribute, _ = LAZY_COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [
+            (name, LAZY_COMMANDS[name][2] if name in LAZY_COMMANDS else self._short_help(ctx, name))
+            for name in self.list_commands(ctx)
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def _short_help(self, ctx: click.Context, name: str) -> str:
+        command = super().get_command(ctx, name)
+        return "" if command is None else command.get_short_help_str(limit=200)
+
+
+# name → (module, attribute, the line `--help` shows)
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "c8y-sim": (
+        "tedge_firmware.cli.sim",
+        "c8y_sim_group",
+        "A Cumulocity simulator on the local broker.",
+    ),
+    "cache": ("tedge_firmware.cli.admin", "cache_group", "List or prune the firmware cache."),
+    "config": ("tedge_firmware.cli.config", "config_group", "Read and change tedge.toml settings."),
+    "connector": (
+        "tedge_firmware.cli.connector",
+        "connector_command",
+        "A child-device connector around your apply command.",
+    ),
+    "demo": (
+        "tedge_firmware.cli.demo",
+        "demo_command",
+        "A firmware rollout to simulated children.",
+    ),
+    "ops": ("tedge_firmware.cli.admin", "ops_group", "Firmware operations in progress."),
+}
+
+
+@click.group(name="tedge-firmware", cls=LazyGroup)
 @click.version_option(__version__)
 @config_dir_option
 @click.pass_context
@@ -126,6 +174,8 @@ def file_transfer_command(ctx: click.Context, config_dir: Path | None, debug: bo
     async def serve(stop: asyncio.Event) -> None:
         await serve_file_transfer(config, stop)
 
+    from tedge_firmware.gateway.lifecycle import run_until_signal
+
     run_service(lambda: run_until_signal(serve))
 
 
@@ -145,15 +195,9 @@ def registration_command(ctx: click.Context, config_dir: Path | None, debug: boo
     async def serve(stop: asyncio.Event) -> None:
         await serve_registration(config, stop, RegistrationOptions())
 
+    from tedge_firmware.gateway.lifecycle import run_until_signal
+
     run_service(lambda: run_until_signal(serve))
-
-
-main_group.add_command(config_group)
-main_group.add_command(cache_group)
-main_group.add_command(ops_group)
-main_group.add_command(connector_command)
-main_group.add_command(c8y_sim_group)
-main_group.add_command(demo_command)
 
 
 def plugin_main() -> None:

@@ -26,8 +26,6 @@ from typing import Any
 
 import tomlkit
 import tomlkit.exceptions
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from tomlkit.container import Container, OutOfOrderTableProxy
 from tomlkit.items import InlineTable, Table
 
@@ -98,6 +96,10 @@ def read_device_id(cert_path: Path) -> str:
         return ConfigError(
             f"device.id is not set and the certificate {cert_path} cannot be read: {why}"
         )
+
+    # cryptography costs about 8 MiB and 30 ms: only a gateway without device.id needs it
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
 
     try:
         data = cert_path.read_bytes()
