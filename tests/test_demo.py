@@ -21,14 +21,12 @@ import pytest
 from rich.console import Console
 
 from tedge_firmware.core.units import parse_size
+from tedge_firmware.demo import broker as demo_broker
 from tedge_firmware.demo import stack as demo
-from tedge_firmware.demo.stack import (
-    FAIL_REASON,
-    ChildResult,
-    DemoOptions,
-    child_roles,
-    choose_broker,
-)
+from tedge_firmware.demo.broker import choose_broker
+from tedge_firmware.demo.children import child_roles
+from tedge_firmware.demo.options import FAIL_REASON, DemoOptions
+from tedge_firmware.demo.rollout import ChildResult
 from tedge_firmware.errors import ConfigError
 
 DEMO = [sys.executable, "-m", "tedge_firmware", "demo"]
@@ -196,23 +194,23 @@ def test_mosquitto_is_looked_up_on_path_and_in_sbin(tmp_path: Path, monkeypatch:
     binary = sbin / "mosquitto"
     binary.write_text("#!/bin/sh\n")
     monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.setattr(demo, "MOSQUITTO_DIRS", (str(sbin),))
+    monkeypatch.setattr(demo_broker, "MOSQUITTO_DIRS", (str(sbin),))
     binary.chmod(0o644)  # not executable: not a mosquitto
-    assert demo.find_mosquitto() is None
+    assert demo_broker.find_mosquitto() is None
     binary.chmod(0o755)
-    assert demo.find_mosquitto() == str(binary)  # not on PATH, found in the sbin directory
-    assert demo.find_mosquitto(path=str(empty)) is None
+    assert demo_broker.find_mosquitto() == str(binary)  # not on PATH, found in the sbin directory
+    assert demo_broker.find_mosquitto(path=str(empty)) is None
 
 
 def test_the_embedded_broker_is_found_without_importing_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "amqtt", None)  # what the import system says of a missing module
-    assert not demo.embedded_broker_installed()
+    assert not demo_broker.embedded_broker_installed()
     monkeypatch.delitem(sys.modules, "amqtt")
     package = tmp_path / "amqtt"
     package.mkdir()
     (package / "__init__.py").write_text("raise RuntimeError('the demo must not import amqtt')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert demo.embedded_broker_installed()
+    assert demo_broker.embedded_broker_installed()
     assert "amqtt" not in sys.modules
 
 
@@ -220,7 +218,7 @@ def test_without_any_broker_the_demo_says_how_to_get_one_and_starts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(demo, "MOSQUITTO_DIRS", ())
+    monkeypatch.setattr(demo_broker, "MOSQUITTO_DIRS", ())
     monkeypatch.setitem(sys.modules, "amqtt", None)
     console = Console(record=True, width=80)  # the message is longer: still one line
     assert demo.main(DemoOptions(workdir=tmp_path), console) == 2

@@ -22,7 +22,7 @@ import aiomqtt
 import pytest
 
 from brokers import free_port
-from tedge_firmware.demo.stack import HOST
+from tedge_firmware.demo.processes import HOST
 from tedge_firmware.shell.mqtt import MqttSession, MqttSettings
 
 MODULE = [sys.executable, "-m", "tedge_firmware.demo.embedded_broker"]

@@ -1,5 +1,5 @@
 """`tedge-firmware demo`: broker, simulator, gateway and N children on this machine, and a
-firmware rollout with a live view and a summary (see `tedge_firmware.demo.stack`)."""
+firmware rollout with a live view and a summary (see `tedge_firmware.demo`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import cast
 import click
 
 from tedge_firmware.core.units import parse_size
-from tedge_firmware.demo.stack import BROKER_CHOICES, BrokerChoice, DemoOptions, main
+from tedge_firmware.demo.options import BROKER_CHOICES, BrokerChoice, DemoOptions
+from tedge_firmware.demo.stack import main
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
