@@ -61,3 +61,33 @@ def test_a_write_interrupted_by_a_crash_leaves_nothing_behind(tmp_path: Path) ->
     (store.directory / ".op2.tmp").write_text('{"operation_id":"op2",')
     assert store.load_all() == [record]
     assert sorted(p.name for p in store.directory.iterdir()) == ["op1"]
+
+
+def test_write_atomically_replaces_whole_and_leaves_no_temp(tmp_path: Path) -> None:
+    from tedge_firmware.shell.durable import write_atomically
+
+    target = tmp_path / "state.json"
+    target.write_bytes(b"old")
+    write_atomically(target, b"new " * 10_000, mode=0o600)
+    assert target.read_bytes() == b"new " * 10_000
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomically(target, b"never", prepare=fail)
+    assert target.read_bytes() == b"new " * 10_000  # the old file is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_write_atomically_never_writes_through_a_link_in_the_temp_files_place(tmp_path: Path) -> None:
+    from tedge_firmware.shell.durable import write_atomically
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not yours")
+    (tmp_path / ".state.json.tmp").symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        write_atomically(tmp_path / "state.json", b"data")
+    assert elsewhere.read_bytes() == b"not yours"

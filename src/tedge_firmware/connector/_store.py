@@ -12,13 +12,12 @@ OSError; the caller decides what a failure means for the operation.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tedge_firmware.connector._state import OperationRecord, decode_record, encode_record, file_key
-from tedge_firmware.shell.durable import fsync_directory, quarantine
+from tedge_firmware.shell.durable import quarantine, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +55,7 @@ class Store:
         """Write the record atomically: temp file, fsync, rename, fsync of the directory."""
         directory = self._records(record.child_id)
         target = directory / f"{file_key(record.operation_id)}{_RECORD_SUFFIX}"
-        temp = _temp(target)
-        try:
-            with temp.open("wb") as out:
-                out.write(encode_record(record))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, target)
-        except OSError:
-            temp.unlink(missing_ok=True)
-            raise
-        fsync_directory(directory)
+        write_atomically(target, encode_record(record), temp=_temp(target))
 
     def load(self, child_id: str) -> list[OperationRecord]:
         """Every readable record of the child; unreadable ones are moved to `.corrupt/`."""

@@ -18,7 +18,6 @@ import copy
 import logging
 import os
 import stat
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +38,7 @@ from tedge_firmware.core.config import (
     validate_value,
 )
 from tedge_firmware.errors import ConfigError
-from tedge_firmware.shell.durable import fsync_directory
+from tedge_firmware.shell import durable
 
 log = logging.getLogger(__name__)
 
@@ -337,11 +336,9 @@ def _check(document: tomlkit.TOMLDocument, expected: dict[str, Any]) -> str:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` by `data`: temp file in the same directory, fsync, rename.
-
-    Keeps the mode (and, when allowed, the owner) of the file being replaced, and writes
-    through a symlink to its target rather than replacing the link.
-    """
+    """Replace `path` by `data` atomically (`durable.write_atomically`), keeping the mode (and,
+    when allowed, the owner) of the file being replaced, and writing through a symlink to its
+    target rather than replacing the link."""
     target = path.resolve() if path.is_symlink() else path
     try:
         previous: os.stat_result | None = target.stat()
@@ -349,32 +346,18 @@ def write_atomically(path: Path, data: bytes) -> None:
         previous = None
     except OSError as error:
         raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
+
+    def keep_owner(fd: int) -> None:
+        if previous is not None:
+            # Only root may give the file away; others keep their own ownership.
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, previous.st_uid, previous.st_gid)
+
+    mode = NEW_FILE_MODE if previous is None else stat.S_IMODE(previous.st_mode)
     try:
-        fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        durable.write_atomically(target, data, mode=mode, prepare=keep_owner)
     except OSError as error:
         raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
-    try:
-        with os.fdopen(fd, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            _copy_metadata(temp.fileno(), previous)
-            os.fsync(temp.fileno())
-        os.replace(temp_name, target)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
-    fsync_directory(target.parent)
-
-
-def _copy_metadata(fd: int, previous: os.stat_result | None) -> None:
-    if previous is None:
-        os.fchmod(fd, NEW_FILE_MODE)
-        return
-    os.fchmod(fd, stat.S_IMODE(previous.st_mode))
-    # Only root may give the file away; others keep their own ownership.
-    with contextlib.suppress(PermissionError):
-        os.fchown(fd, previous.st_uid, previous.st_gid)
 
 
 def write_local_config(

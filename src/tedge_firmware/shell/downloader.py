@@ -87,7 +87,7 @@ from tedge_firmware.core.retry import (
 )
 from tedge_firmware.core.urls import firmware_url_problem
 from tedge_firmware.errors import DownloadError
-from tedge_firmware.shell.durable import fsync_directory
+from tedge_firmware.shell.durable import fsync_directory, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -905,14 +905,7 @@ class _PartFile:
         with self._lock, self._mapped("write the resume record of"):
             if self._released:
                 return
-            self.record_temp.unlink(missing_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            with _open_file(self.record_temp, flags) as out:
-                out.write(encode_resume_state(state))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(self.record_temp, self.record_path)
-            fsync_directory(self.target.parent)
+            write_atomically(self.record_path, encode_resume_state(state), temp=self.record_temp)
             self._recorded = state
 
     def ensure_space(self, needed: int) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,40 @@ def fsync_directory(directory: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def write_atomically(
+    target: Path,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    temp: Path | None = None,
+    prepare: Callable[[int], None] | None = None,
+) -> None:
+    """Replace `target` with `data` so that a crash leaves the old file or the new one, never
+    a part: a temp file beside it (`temp`, default `.<name>.tmp`), written with `mode`, given
+    to `prepare(fd)` (e.g. to copy an owner), fsynced, renamed over `target`, then the
+    directory fsynced. OSError as raised; the temp file is removed then."""
+    temp = temp or target.with_name(f".{target.name}.tmp")
+    try:
+        # never through a link someone put in the temp file's place
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            if prepare is not None:
+                prepare(fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    fsync_directory(target.parent)
 
 
 def quarantine(path: Path, why: str) -> None:

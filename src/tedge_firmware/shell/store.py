@@ -10,7 +10,6 @@ service: it is moved aside to `.corrupt/` and logged, so an operator can look at
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Generic, Protocol, TypeVar
 
 from tedge_firmware.core.operation import FetchRecord, OperationRecord
 from tedge_firmware.errors import StoreError
-from tedge_firmware.shell.durable import fsync_directory, quarantine
+from tedge_firmware.shell.durable import quarantine, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +55,10 @@ class RecordStore(Generic[R]):
     def save(self, record: R) -> None:
         """Write the record atomically (temp file, fsync, rename), mode 0644."""
         target = self.path(record.operation_id)
-        temp = self.directory / f".{record.operation_id}.tmp"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, record.to_json().encode())
-                os.fchmod(fd, 0o644)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-            fsync_directory(self.directory)
+            write_atomically(target, record.to_json().encode())
         except OSError as error:
-            temp.unlink(missing_ok=True)
             raise StoreError(
                 f"Creating the file failed: {str(target)!r}: {error.strerror}"
             ) from error
