@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tedge_firmware.connector import _protocol as connector_protocol
-from tedge_firmware.core import messages, retry, smartrest, topics, units, urls
+from tedge_firmware.core import http, messages, resume, smartrest, topics, units, urls
 from tedge_firmware.core import registration as reg
 from tedge_firmware.core.config import KEYS, config_from_document, validate_value
 from tedge_firmware.core.operation import FetchRecord, OperationRecord
@@ -139,19 +139,19 @@ def test_registration_cloud_lists_and_operation_files_never_raise(payload: bytes
 
 @given(HEADER_TEXT, st.integers(min_value=0, max_value=2**63))
 def test_http_headers_never_raise(value: str, size: int) -> None:
-    file_transfer.parse_byte_range(value, size)
-    file_transfer.parse_http_date(value)
-    file_transfer.if_range_allows(value, '"etag"', 1_700_000_000.0)
-    file_transfer.is_not_modified(value, value, '"etag"', 1_700_000_000.0)
+    http.parse_byte_range(value, size)
+    http.parse_http_date(value)
+    http.if_range_allows(value, '"etag"', 1_700_000_000.0)
+    http.is_not_modified(value, value, '"etag"', 1_700_000_000.0)
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    retry.parse_retry_after(value, now)
-    retry.parse_content_length(value)
-    retry.parse_content_range(value)
+    http.parse_retry_after(value, now)
+    http.parse_content_length(value)
+    http.parse_content_range(value)
     headers = {"ETag": value, "Last-Modified": value, "Repr-Digest": value, "Digest": value, "x-amz-checksum-sha256": value, "Content-Length": value, "Content-Range": value}
-    retry.resume_validator(headers)
-    retry.declared_sha256(headers)
+    http.resume_validator(headers)
+    http.declared_sha256(headers)
     for status in (200, 206, 416):
-        retry.resume_decision(status, headers, size, validator=value, expected_total=size or None)
+        resume.resume_decision(status, headers, size, validator=value, expected_total=size or None)
 
 
 @given(st.one_of(ANY_TEXT, made_of("/tedge/file-transfer/%2e./\\")))
@@ -162,8 +162,8 @@ def test_request_paths_raise_only_bad_request(path: str) -> None:
 
 @given(st.binary(max_size=400), ANY_TEXT, st.one_of(st.none(), st.integers(min_value=0, max_value=2**70)))
 def test_resume_records_never_raise(raw: bytes, url: str, part_size: int | None) -> None:
-    retry.decode_resume_state(raw)
-    retry.plan_restart(raw, url=url, part_size=part_size)
+    resume.decode_resume_state(raw)
+    resume.plan_restart(raw, url=url, part_size=part_size)
 
 
 # --- URLs, sizes, config, our own files ---------------------------------------------------------

@@ -21,17 +21,16 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from tedge_firmware.errors import ConfigError
-from tedge_firmware.shell.file_transfer import (
+from tedge_firmware.core.http import (
     ByteRange,
-    FileTransferServer,
     RangeVerdict,
     entity_tag,
     if_range_allows,
     is_not_modified,
     parse_byte_range,
-    url_segments,
 )
+from tedge_firmware.errors import ConfigError
+from tedge_firmware.shell.file_transfer import FileTransferServer, url_segments
 
 PREFIXES = ["/tedge/file-transfer/", "/te/v1/files/"]
 BIG_SIZE = 5 * 1024 * 1024 + 17  # several MB, not a multiple of any buffer size

@@ -10,29 +10,33 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from tedge_firmware.core.retry import (
-    MAX_RESUME_RECORD_BYTES,
+from tedge_firmware.core.http import (
     RETRY_AFTER_CAP,
-    RestartPlan,
-    ResumeAction,
-    ResumeState,
-    RetryPolicy,
     declared_sha256,
-    decode_resume_state,
-    describe_status,
-    encode_resume_state,
-    format_seconds,
-    is_transient_status,
     parse_amz_checksum,
     parse_content_length,
     parse_content_range,
     parse_instance_digest,
     parse_repr_digest,
     parse_retry_after,
-    plan_restart,
-    plan_retry,
-    resume_decision,
     resume_validator,
+)
+from tedge_firmware.core.resume import (
+    MAX_RESUME_RECORD_BYTES,
+    RestartPlan,
+    ResumeAction,
+    ResumeState,
+    decode_resume_state,
+    encode_resume_state,
+    plan_restart,
+    resume_decision,
+)
+from tedge_firmware.core.retry import (
+    RetryPolicy,
+    describe_status,
+    format_seconds,
+    is_transient_status,
+    plan_retry,
     single_line,
 )
 

@@ -66,23 +66,23 @@ from typing import BinaryIO
 import aiohttp
 from yarl import URL
 
-from tedge_firmware.core.retry import (
+from tedge_firmware.core.http import declared_sha256, parse_retry_after, resume_validator
+from tedge_firmware.core.resume import (
     MAX_RESUME_RECORD_BYTES,
     RestartPlan,
     ResumeAction,
     ResumeDecision,
     ResumeState,
-    RetryPolicy,
-    declared_sha256,
-    describe_status,
     encode_resume_state,
+    plan_restart,
+    resume_decision,
+)
+from tedge_firmware.core.retry import (
+    RetryPolicy,
+    describe_status,
     format_seconds,
     is_transient_status,
-    parse_retry_after,
-    plan_restart,
     plan_retry,
-    resume_decision,
-    resume_validator,
     single_line,
 )
 from tedge_firmware.core.urls import firmware_url_problem

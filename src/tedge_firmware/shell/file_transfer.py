@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import logging
 import os
-import re
 import resource
 import secrets
 import socket
@@ -61,6 +59,14 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
+from tedge_firmware.core.http import (
+    ByteRange,
+    RangeVerdict,
+    entity_tag,
+    if_range_allows,
+    is_not_modified,
+    parse_byte_range,
+)
 from tedge_firmware.errors import ConfigError
 from tedge_firmware.shell.durable import fsync_directory
 from tedge_firmware.shell.log_limits import LogLimiter
@@ -70,15 +76,8 @@ __all__ = [
     "ROUTE_PREFIXES",
     "STOP_TIMEOUT_S",
     "UPLOAD_STALL_TIMEOUT_S",
-    "ByteRange",
     "FileTransferServer",
-    "RangeVerdict",
     "build_app",
-    "entity_tag",
-    "if_range_allows",
-    "is_not_modified",
-    "parse_byte_range",
-    "parse_http_date",
     "url_segments",
 ]
 
@@ -150,63 +149,18 @@ def _bad_path(why: str) -> web.HTTPBadRequest:
 # --- Validators and ranges (pure) ---------------------------------------------------------
 
 
-class RangeVerdict(enum.Enum):
-    """What to send when a Range header does not select one satisfiable byte range."""
-
-    WHOLE = "whole"  # no Range, or one we ignore (invalid, several ranges): 200 and all bytes
-    UNSATISFIABLE = "unsatisfiable"  # a valid range beyond the end: 416
 
 
-@dataclass(frozen=True)
-class ByteRange:
-    """Bytes `start` to `stop - 1` of a file."""
-
-    start: int
-    stop: int
-
-    @property
-    def length(self) -> int:
-        return self.stop - self.start
-
-    def content_range(self, size: int) -> str:
-        return f"bytes {self.start}-{self.stop - 1}/{size}"
 
 
-_RANGE_RE: Final = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)", re.ASCII | re.IGNORECASE)
 
 
-def parse_byte_range(header: str | None, size: int) -> ByteRange | RangeVerdict:
-    """Interpret a Range header for a file of `size` bytes (RFC 9110 §14.1.2, one range)."""
-    match = _RANGE_RE.fullmatch(header.strip()) if header is not None else None
-    if match is None:
-        return RangeVerdict.WHOLE
-    first, last = match.groups()
-    try:
-        if not first:
-            return _suffix_range(int(last), size) if last else RangeVerdict.WHOLE
-        return _bounded_range(int(first), int(last) if last else None, size)
-    except ValueError:  # more digits than int() accepts: not a range anyone means
-        return RangeVerdict.WHOLE
 
 
-def _suffix_range(suffix: int, size: int) -> ByteRange | RangeVerdict:
-    if suffix == 0 or size == 0:
-        return RangeVerdict.UNSATISFIABLE
-    return ByteRange(max(size - suffix, 0), size)
 
 
-def _bounded_range(start: int, last: int | None, size: int) -> ByteRange | RangeVerdict:
-    if last is not None and last < start:
-        return RangeVerdict.WHOLE  # syntactically invalid: ignored, as RFC 9110 says
-    if start >= size:
-        return RangeVerdict.UNSATISFIABLE
-    stop = size if last is None else min(last + 1, size)
-    return ByteRange(start, stop)
 
 
-def entity_tag(st: os.stat_result) -> str:
-    """The strong ETag (quoted) of a file: a rename, a resize or a rewrite changes it."""
-    return f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
 
 
 def parse_http_date(value: str) -> datetime | None:
@@ -217,32 +171,8 @@ def parse_http_date(value: str) -> datetime | None:
         return None
 
 
-def if_range_allows(if_range: str | None, etag: str, mtime: float) -> bool:
-    """True when a Range may be honoured: no If-Range, or it names the current file.
-
-    An entity tag must match strongly (a weak one never does); a date must equal
-    Last-Modified to the second (RFC 9110 §13.1.5). Anything else means "send it all".
-    """
-    if if_range is None:
-        return True
-    value = if_range.strip()
-    if value.startswith(('"', "W/")):
-        return value == etag
-    when = parse_http_date(value)
-    return when is not None and int(when.timestamp()) == int(mtime)
 
 
-def is_not_modified(
-    if_none_match: str | None, if_modified_since: str | None, etag: str, mtime: float
-) -> bool:
-    """True when a conditional GET may be answered 304 (RFC 9110 §13.1.2, §13.1.3)."""
-    if if_none_match is not None:
-        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
-        return "*" in tags or etag in tags
-    if if_modified_since is not None:
-        since = parse_http_date(if_modified_since)
-        return since is not None and int(mtime) <= since.timestamp()
-    return False
 
 
 # --- File system (blocking: run in worker threads) -----------------------------------------

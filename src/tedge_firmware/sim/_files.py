@@ -35,14 +35,14 @@ from typing import Literal
 from aiohttp import web
 
 from tedge_firmware.core.config import format_host
-from tedge_firmware.errors import ConfigError
-from tedge_firmware.shell.file_transfer import (
+from tedge_firmware.core.http import (
     ByteRange,
     RangeVerdict,
     entity_tag,
     if_range_allows,
     parse_byte_range,
 )
+from tedge_firmware.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
