@@ -25,7 +25,6 @@ from tedge_firmware.connector._protocol import (
     BadRequest,
     Request,
     child_of_request_topic,
-    one_line,
     parse_request,
     registration_topic,
     status_message,
@@ -48,6 +47,7 @@ from tedge_firmware.connector._state import (
     on_restart,
 )
 from tedge_firmware.connector._store import Store
+from tedge_firmware.core.text import one_line
 from tedge_firmware.errors import InvalidTransition
 from tedge_firmware.shell.durable import sha256_of_file
 

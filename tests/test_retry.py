@@ -37,8 +37,8 @@ from tedge_firmware.core.retry import (
     format_seconds,
     is_transient_status,
     plan_retry,
-    single_line,
 )
+from tedge_firmware.core.text import one_line
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 ETAG = '"18c1a2b3-100"'
@@ -196,7 +196,7 @@ def test_transient_statuses(status: int, transient: bool) -> None:
         (599, "Network Connect Timeout", "HTTP 599 Network Connect Timeout"),
         (599, "evil\r\n502,c8y_Firmware,\x00x", "HTTP 599 evil 502,c8y_Firmware, x"),
         (599, "", "HTTP 599"),
-        (599, "x" * 500, "HTTP 599 " + "x" * 57 + "..."),
+        (599, "x" * 500, "HTTP 599 " + "x" * 59 + "\u2026"),
     ],
 )
 def test_describe_status(status: int, reason: str | None, expected: str) -> None:
@@ -488,12 +488,13 @@ def test_resume_decision_accepts_the_positional_signature() -> None:
         ("two\nlines\r\n", "two lines"),
         ("tab\tand   spaces", "tab and spaces"),
         ("nul\x00byte", "nul byte"),
-        ("caf\u00e9", "caf"),
-        ("a" * 250, "a" * 197 + "..."),
+        ("c1\x85control", "c1 control"),
+        ("caf\u00e9", "caf\u00e9"),
+        ("a" * 250, "a" * 199 + "\u2026"),
     ],
 )
-def test_single_line(text: str, expected: str) -> None:
-    assert single_line(text) == expected
+def test_one_line(text: str, expected: str) -> None:
+    assert one_line(text, limit=200) == expected
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tedge_firmware.connector._protocol import one_line
 from tedge_firmware.connector._state import ProcessIdentity
 from tedge_firmware.connector._store import StepFiles
 from tedge_firmware.core.retry import format_seconds
+from tedge_firmware.core.text import one_line
 
 SHELL = "/bin/sh"
 TERMINATE_GRACE_S = 5.0

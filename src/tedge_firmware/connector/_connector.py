@@ -55,7 +55,6 @@ from tedge_firmware.connector._protocol import (
     BadRequest,
     Status,
     child_of_request_topic,
-    one_line,
     parse_request,
     registration_topic,
     request_topic,
@@ -78,6 +77,7 @@ from tedge_firmware.connector._state import (
 )
 from tedge_firmware.connector._store import StepFiles, Store
 from tedge_firmware.core import topics
+from tedge_firmware.core.text import one_line
 from tedge_firmware.errors import ConfigError, OperationFailed, TedgeFirmwareError
 from tedge_firmware.shell.downloader import PART_SUFFIX, Downloader
 from tedge_firmware.shell.durable import sha256_of_file

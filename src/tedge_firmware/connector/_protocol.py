@@ -29,10 +29,10 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from tedge_firmware.core import topics
+from tedge_firmware.core.text import one_line
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ID_CHARS = 256
-MAX_REASON_CHARS = 500
 MAX_ATTEMPT = 2**31 - 1
 
 Status = Literal["executing", "successful", "failed"]
@@ -169,9 +169,3 @@ def status_message(operation_id: str, status: Status, reason: str | None = None)
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
-def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """Text fit for a failure reason: control characters and runs of spaces folded, bounded."""
-    folded = " ".join(_CONTROL.sub(" ", text).split())
-    if len(folded) > limit:
-        folded = folded[: limit - 1].rstrip() + "…"
-    return folded

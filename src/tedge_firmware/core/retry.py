@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+", re.ASCII)
+from tedge_firmware.core.text import one_line
 
 
 @dataclass(frozen=True)
@@ -108,14 +107,8 @@ def describe_status(status: int, reason: str | None = None) -> str:
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
-        phrase = single_line(reason or "", limit=60)
+        phrase = one_line(reason or "", limit=60)
     return f"HTTP {status} {phrase}".rstrip()
-
-
-def single_line(text: str, *, limit: int = 200) -> str:
-    """Text fit for a one-line failure reason: printable ASCII, spaces collapsed, bounded."""
-    cleaned = " ".join(_UNPRINTABLE.sub(" ", text).split())
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3].rstrip() + "..."
 
 
 def format_seconds(seconds: float) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 
+from tedge_firmware.core.text import one_line
 from tedge_firmware.errors import SmartRestError
 
 FIRMWARE_OPERATION = "c8y_Firmware"
@@ -114,14 +115,6 @@ def quote_field(value: str) -> str:
     return value
 
 
-def single_line_reason(reason: str, limit: int = MAX_REASON_LENGTH) -> str:
-    """A reason fit for one SmartREST field: one line, whitespace folded, bounded length."""
-    folded = " ".join(reason.split())
-    if len(folded) > limit:
-        folded = folded[: limit - 1] + "…"
-    return folded
-
-
 def get_pending_operations() -> str:
     """`500`: ask Cumulocity to re-deliver PENDING operations (3 bytes, no newline)."""
     return "500"
@@ -133,7 +126,7 @@ def set_executing() -> str:
 
 def set_failed(reason: str) -> str:
     """`502,c8y_Firmware,"<reason>"` — always quoted, as thin-edge sends it, but escaped."""
-    text = single_line_reason(reason).replace('"', '""')
+    text = one_line(reason, MAX_REASON_LENGTH).replace('"', '""')
     return f'502,{FIRMWARE_OPERATION},"{text}"\n'
 
 

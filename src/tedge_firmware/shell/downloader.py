@@ -83,8 +83,8 @@ from tedge_firmware.core.retry import (
     format_seconds,
     is_transient_status,
     plan_retry,
-    single_line,
 )
+from tedge_firmware.core.text import one_line
 from tedge_firmware.core.urls import firmware_url_problem
 from tedge_firmware.errors import DownloadError
 from tedge_firmware.shell.durable import fsync_directory, write_atomically
@@ -582,13 +582,13 @@ def _final_failure(failure: Failure, progress: _Progress, now: float) -> Failure
 def _checked_url(url: str) -> str:
     problem = firmware_url_problem(url)
     if problem is not None:
-        raise DownloadError(single_line(url), problem)
+        raise DownloadError(one_line(url, limit=200), problem)
     try:
         parsed = URL(url)
     except (ValueError, TypeError) as exc:  # what yarl refuses beyond our check (UnicodeError)
-        raise DownloadError(single_line(url), "invalid url") from exc
+        raise DownloadError(one_line(url, limit=200), "invalid url") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise DownloadError(single_line(url), "invalid url: not an http(s) url with a host")
+        raise DownloadError(one_line(url, limit=200), "invalid url: not an http(s) url with a host")
     return url
 
 
@@ -617,7 +617,7 @@ def _dns(exc: BaseException, context: FailureContext) -> Failure:
 
 def _tls(exc: BaseException, context: FailureContext) -> Failure:
     cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
-    reason = single_line(getattr(cause, "verify_message", None) or _strerror(cause), limit=120)
+    reason = one_line(getattr(cause, "verify_message", None) or _strerror(cause), limit=120)
     return Failure(f"TLS error with {_endpoint(context)}: {reason}", transient=False)
 
 
@@ -625,7 +625,7 @@ def _connect(exc: BaseException, context: FailureContext) -> Failure:
     os_error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
     if isinstance(os_error, ConnectionRefusedError) or _errno(os_error) == errno.ECONNREFUSED:
         return Failure(f"connection refused ({_endpoint(context)})", transient=True)
-    reason = single_line(_strerror(os_error), limit=120)
+    reason = one_line(_strerror(os_error), limit=120)
     return Failure(f"cannot connect to {_endpoint(context)}: {reason}", transient=True)
 
 
@@ -649,7 +649,7 @@ def _disconnected(exc: BaseException, context: FailureContext) -> Failure:
 def _network(exc: BaseException, context: FailureContext) -> Failure:
     if isinstance(exc, ConnectionResetError) or _errno(exc) == errno.ECONNRESET:
         return Failure(f"connection reset ({_endpoint(context)})", transient=True)
-    reason = single_line(_strerror(exc), limit=120)
+    reason = one_line(_strerror(exc), limit=120)
     return Failure(f"network error with {_endpoint(context)}: {reason}", transient=True)
 
 
@@ -672,7 +672,7 @@ def _proxy_status(exc: BaseException, context: FailureContext) -> Failure:
 
 def _bad_response(exc: BaseException, context: FailureContext) -> Failure:
     message = exc.message if isinstance(exc, aiohttp.ClientResponseError) else str(exc)
-    reason = single_line(str(message), limit=120)
+    reason = one_line(str(message), limit=120)
     return Failure(f"invalid HTTP response from {_endpoint(context)}: {reason}", False)
 
 
@@ -694,7 +694,7 @@ def _timeout(exc: BaseException, context: FailureContext) -> Failure:
 
 
 def _other_client_error(exc: BaseException, context: FailureContext) -> Failure:
-    reason = single_line(str(exc) or type(exc).__name__, limit=120)
+    reason = one_line(str(exc) or type(exc).__name__, limit=120)
     return Failure(f"client error: {reason}", transient=True)
 
 
@@ -1030,7 +1030,7 @@ class _PartFile:
                 raise _Failed(Failure(detail, transient=False)) from exc
             raise _Failed(Failure(f"cannot {action} {self.path}: file vanished", False)) from exc
         except OSError as exc:
-            reason = single_line(exc.strerror or str(exc), limit=120)
+            reason = one_line(exc.strerror or str(exc), limit=120)
             raise _Failed(Failure(f"cannot {action} {self.path}: {reason}", False)) from exc
 
 
