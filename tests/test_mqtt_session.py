@@ -21,6 +21,7 @@ import pytest
 
 from linkproxy import LinkProxy
 from tedge_firmware.core.config import MqttAuth, config_from_document
+from tedge_firmware.core.retry import reconnect_delay
 from tedge_firmware.errors import BrokerAuthError, BrokerError, ConfigError
 from tedge_firmware.shell.mqtt import (
     Message,
@@ -28,7 +29,6 @@ from tedge_firmware.shell.mqtt import (
     MqttSettings,
     SessionState,
     Will,
-    backoff_delay,
     check_topic_filter,
     check_topic_name,
 )
@@ -225,11 +225,11 @@ async def private_mosquitto(workdir: Path, listener_options: str) -> AsyncIterat
     ],
 )
 def test_backoff_doubles_up_to_the_cap_with_jitter(failures, rand, expected):
-    assert backoff_delay(failures, 0.2, 10.0, lambda: rand) == pytest.approx(expected)
+    assert reconnect_delay(failures, 0.2, 10.0, lambda: rand) == pytest.approx(expected)
 
 
 def test_backoff_jitter_spreads_clients():
-    delays = {backoff_delay(3, 0.2, 10.0) for _ in range(50)}
+    delays = {reconnect_delay(3, 0.2, 10.0) for _ in range(50)}
     assert len(delays) > 1
     assert all(0.8 <= delay <= 1.6 for delay in delays)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -61,12 +62,30 @@ class RetryPolicy:
         """Seconds to wait after failure number `attempt` (0 for the first failure)."""
         if attempt < 0:
             raise ValueError(f"attempt must be >= 0, not {attempt}")
-        try:
-            base = min(self.initial * self.multiplier**attempt, self.max_interval)
-        except OverflowError:
-            base = self.max_interval
+        base = capped_exponential(attempt, self.initial, self.max_interval, self.multiplier)
         spread = (rng or random).uniform(-self.jitter, self.jitter)
         return base * (1.0 + spread)
+
+
+def capped_exponential(
+    attempt: int, initial: float, maximum: float, multiplier: float = 2.0
+) -> float:
+    """`initial * multiplier ** attempt`, at most `maximum` (never an overflow): the ceiling
+    of every backoff here."""
+    try:
+        return min(initial * multiplier ** max(attempt, 0), maximum)
+    except OverflowError:
+        return maximum
+
+
+def reconnect_delay(
+    failures: int, initial: float, maximum: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before reconnecting after `failures` failed attempts in a row (0 for
+    the first retry): drawn from the upper half below the capped exponential ceiling, so
+    clients restarted together spread out but still back off."""
+    ceiling = capped_exponential(failures, initial, maximum)
+    return ceiling / 2 + ceiling / 2 * rand()
 
 
 def plan_retry(

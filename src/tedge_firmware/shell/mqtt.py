@@ -43,7 +43,6 @@ import contextlib
 import enum
 import logging
 import math
-import random
 import socket
 import ssl
 from collections import deque
@@ -59,6 +58,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from tedge_firmware.core import topics
 from tedge_firmware.core.config import MqttAuth, TedgeConfig, format_host
+from tedge_firmware.core.retry import reconnect_delay
 from tedge_firmware.errors import BrokerAuthError, BrokerError, ConfigError
 from tedge_firmware.shell.log_limits import LogLimiter
 
@@ -178,18 +178,6 @@ class _Outgoing:
     suspect: bool = False  # in flight when a connection was lost: sent alone from then on
     strikes: int = 0  # connections lost right after it was sent alone
     sent_at: float = 0.0  # loop time of the last time it went out
-
-
-def backoff_delay(
-    failures: int, initial: float, maximum: float, rand: Callable[[], float] = random.random
-) -> float:
-    """Seconds to wait after `failures` failed attempts in a row (0 for the first retry).
-
-    The ceiling doubles from `initial` up to `maximum`; the delay is drawn from the upper half
-    below the ceiling, so clients restarted together spread out but still back off.
-    """
-    ceiling = min(maximum, initial * 2.0 ** min(max(failures, 0), 64))
-    return ceiling / 2 + ceiling / 2 * rand()
 
 
 def check_topic_name(topic: str) -> None:
@@ -466,7 +454,7 @@ class MqttSession:
                 return
             if self._connected_at is not None:
                 failures = 0  # the broker is back: retry at once, whatever the last outage
-            delay = backoff_delay(
+            delay = reconnect_delay(
                 failures, self._settings.backoff_initial, self._settings.backoff_max
             )
             self._log_failure(reason, delay, first=failures == 0)
