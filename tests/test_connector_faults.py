@@ -19,8 +19,8 @@ import pytest
 from brokers import Broker
 from harness import observer, req_topic
 from tedge_firmware.connector import ConfigError, Firmware, TedgeFirmwareError
-from tedge_firmware.connector._protocol import Request
 from tedge_firmware.connector._state import Phase, encode_record, file_key, new_record
+from tedge_firmware.core.firmware_update import FirmwareUpdateRequest
 from test_connector_support import RESPONSES, connector, file_server, res, responses, serving
 
 FIRMWARE = b"firmware for the faults tests"
@@ -65,7 +65,7 @@ async def test_hostile_requests_never_stop_the_connector(tmp_path: Path, broker:
         await obs.publish(req_topic("child1"), request(base, "good"))
         answers = await responses(obs, "child1", 6)
         assert answers[:4] == [
-            {"id": "bad-1", "status": "failed", "reason": "Invalid firmware_update request: 'url' is not an http(s) url with a host"},
+            {"id": "bad-1", "status": "failed", "reason": "Invalid firmware_update request: 'url' is an invalid url: not an http or https url"},
             {"id": "bad-2", "status": "failed", "reason": "Invalid firmware_update request: 'sha256' is missing: the firmware cannot be verified"},
             {"id": "bad-3", "status": "failed", "reason": "Invalid firmware_update request: 'attempt' is not an integer"},
             {"id": "bad-4", "status": "failed", "reason": "Invalid firmware_update request: 'name' contains a NUL character"},
@@ -188,7 +188,7 @@ async def test_start_up_resumes_reports_forgets_and_quarantines(tmp_path: Path, 
     now = time.time()
 
     def write(op_id: str, phase: Phase, url: str, **changes: Any) -> None:
-        record = new_record("child1", Request(op_id, 2, "image", "1.0", SHA, url), now)
+        record = new_record("child1", FirmwareUpdateRequest(op_id, 2, "image", "1.0", SHA, url), now)
         (operations / f"{file_key(op_id)}.json").write_bytes(encode_record(replace(record, phase=phase, **changes)))
 
     async with file_server({"fw.bin": FIRMWARE}) as base, observer(broker.port, [RESPONSES]) as obs:

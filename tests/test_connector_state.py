@@ -20,15 +20,6 @@ from tedge_firmware.connector._command import (
     read_status,
     wait,
 )
-from tedge_firmware.connector._protocol import (
-    MAX_REQUEST_BYTES,
-    BadRequest,
-    Request,
-    child_of_request_topic,
-    parse_request,
-    registration_topic,
-    status_message,
-)
 from tedge_firmware.connector._state import (
     TRANSITIONS,
     OperationRecord,
@@ -47,120 +38,18 @@ from tedge_firmware.connector._state import (
     on_restart,
 )
 from tedge_firmware.connector._store import Store
-from tedge_firmware.core.text import one_line
+from tedge_firmware.core.firmware_update import FirmwareUpdateRequest
 from tedge_firmware.errors import InvalidTransition
 from tedge_firmware.shell.durable import sha256_of_file
 
 SHA = "a" * 64
-GOOD = {"id": "op1", "attempt": 2, "name": "image", "version": "1.0", "sha256": SHA, "url": "http://127.0.0.1:8000/tedge/file-transfer/c/firmware_update/x"}
-
-
-def payload(**changes: object) -> bytes:
-    document = {**GOOD, **changes}
-    return json.dumps({k: v for k, v in document.items() if v is not ...}).encode()
-
-
-# ---- requests ---------------------------------------------------------------------------------
-
-
-def test_a_good_request_parses() -> None:
-    assert parse_request(payload()) == Request("op1", 2, "image", "1.0", SHA, GOOD["url"])
-
-
-def test_defaults_and_normalisation() -> None:
-    parsed = parse_request(payload(attempt=..., name=..., version=..., sha256="AB" * 32, extra=[1]))
-    assert parsed == Request("op1", 1, "", "", "ab" * 32, GOOD["url"])
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        (b"\xff\xfe", BadRequest(None, "payload is not UTF-8")),
-        (b"{not json", BadRequest(None, "payload is not JSON")),
-        (b"[" * 100_000 + b"]" * 100_000, BadRequest(None, f"payload of 200000 bytes exceeds {MAX_REQUEST_BYTES}")),
-        (b"[" * 30_000 + b"]" * 30_000, BadRequest(None, "payload is not JSON")),
-        (b"[1,2]", BadRequest(None, "payload is not a JSON object")),
-        (b"null", BadRequest(None, "payload is not a JSON object")),
-        (b"", BadRequest(None, "payload is not JSON")),
-        (payload(id=...), BadRequest(None, "'id' is missing or not a short printable string")),
-        (payload(id=7), BadRequest(None, "'id' is missing or not a short printable string")),
-        (payload(id=""), BadRequest(None, "'id' is missing or not a short printable string")),
-        (payload(id="a\nb"), BadRequest(None, "'id' is missing or not a short printable string")),
-        (payload(id=" a"), BadRequest(None, "'id' is missing or not a short printable string")),
-        (payload(id="x" * 257), BadRequest(None, "'id' is missing or not a short printable string")),
-        (payload(attempt="1"), BadRequest("op1", "'attempt' is not an integer")),
-        (payload(attempt=True), BadRequest("op1", "'attempt' is not an integer")),
-        (payload(attempt=1.0), BadRequest("op1", "'attempt' is not an integer")),
-        (payload(attempt=0), BadRequest("op1", "'attempt' 0 is out of range")),
-        (payload(attempt=2**40), BadRequest("op1", f"'attempt' {2**40} is out of range")),
-        (payload(name=5), BadRequest("op1", "'name' is not a string")),
-        (payload(version=None), BadRequest("op1", "'version' is not a string")),
-        (payload(name="a\0b"), BadRequest("op1", "'name' contains a NUL character")),
-        (payload(sha256=...), BadRequest("op1", "'sha256' is missing: the firmware cannot be verified")),
-        (payload(sha256=None), BadRequest("op1", "'sha256' is missing: the firmware cannot be verified")),
-        (payload(sha256="abc"), BadRequest("op1", "'sha256' is not 64 hexadecimal digits")),
-        (payload(sha256="g" * 64), BadRequest("op1", "'sha256' is not 64 hexadecimal digits")),
-        (payload(sha256=["a"]), BadRequest("op1", "'sha256' is not 64 hexadecimal digits")),
-        (payload(url=...), BadRequest("op1", "'url' is missing or not a string")),
-        (payload(url=""), BadRequest("op1", "'url' is missing or not a string")),
-        (payload(url="ftp://host/x"), BadRequest("op1", "'url' is not an http(s) url with a host")),
-        (payload(url="http:///x"), BadRequest("op1", "'url' is not an http(s) url with a host")),
-        (payload(url="/relative"), BadRequest("op1", "'url' is not an http(s) url with a host")),
-        (payload(url="http://h:99999/x"), BadRequest("op1", "'url' is not a valid url")),
-        (payload(url="http://[::1/x"), BadRequest("op1", "'url' is not a valid url")),
-        (payload(url="http://h/a b"), BadRequest("op1", "'url' contains spaces or control characters")),
-        (payload(url="http://h/\r\nx"), BadRequest("op1", "'url' contains spaces or control characters")),
-    ],
-)
-def test_hostile_requests_are_described_never_raised(raw: bytes, expected: BadRequest) -> None:
-    assert parse_request(raw) == expected
-
-
-def test_any_http_host_is_allowed() -> None:
-    parsed = parse_request(payload(url="https://cdn.example.com:8443/fw.bin?sig=1"))
-    assert isinstance(parsed, Request) and parsed.url == "https://cdn.example.com:8443/fw.bin?sig=1"
-
-
-@pytest.mark.parametrize(
-    ("topic", "child"),
-    [
-        ("tedge/c1/commands/req/firmware_update", "c1"),
-        ("tedge/c2/commands/req/firmware_update", None),
-        ("tedge/c1/commands/res/firmware_update", None),
-        ("tedge/c1/x/commands/req/firmware_update", None),
-        ("te/c1/commands/req/firmware_update", None),
-    ],
-)
-def test_child_of_request_topic(topic: str, child: str | None) -> None:
-    assert child_of_request_topic(topic, ("c1",)) == child
-
-
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (("op", "executing"), '{"id":"op","status":"executing"}'),
-        (("op", "successful", "ignored"), '{"id":"op","status":"successful"}'),
-        (("op", "failed", "flash\nerror"), '{"id":"op","status":"failed","reason":"flash error"}'),
-        (("op", "failed", None), '{"id":"op","status":"failed","reason":"failed"}'),
-        (("é", "failed", "ünïcode, \"quoted\""), '{"id":"é","status":"failed","reason":"ünïcode, \\"quoted\\""}'),
-    ],
-)
-def test_status_messages(args: tuple[str, ...], expected: str) -> None:
-    assert status_message(*args) == expected  # type: ignore[arg-type]
-
-
-def test_one_line_folds_and_bounds() -> None:
-    assert one_line("a\r\n\tb   c\x00d") == "a b c d"
-    long = one_line("x" * 1000)
-    assert len(long) == 500 and long.endswith("…")
-    assert registration_topic("c1") == "te/device/c1///cmd/firmware_update"
 
 
 # ---- state ------------------------------------------------------------------------------------
 
 
 def record(phase: Phase = Phase.RECEIVED, **changes: object) -> OperationRecord:
-    base = new_record("c1", Request("op1", 1, "image", "1.0", SHA, "http://h/x"), now=100.0)
+    base = new_record("c1", FirmwareUpdateRequest("op1", 1, "image", "1.0", SHA, "http://h/x"), now=100.0)
     return replace(base, phase=phase, **changes)  # type: ignore[arg-type]
 
 

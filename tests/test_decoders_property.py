@@ -17,8 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tedge_firmware.connector import _protocol as connector_protocol
-from tedge_firmware.core import http, messages, resume, smartrest, topics, units, urls
+from tedge_firmware.core import firmware_update, http, resume, smartrest, topics, units, urls
 from tedge_firmware.core import registration as reg
 from tedge_firmware.core.config import KEYS, config_from_document, validate_value
 from tedge_firmware.core.operation import FetchRecord, OperationRecord
@@ -89,18 +88,37 @@ def test_smartrest_lines_we_write_read_back(fields: list[str]) -> None:
     assert smartrest.parse_fields(line)[1:] == values or not values
 
 
-# --- firmware_update messages (gateway and connector) -------------------------------------------
+# --- firmware_update messages (gateway and connector share them) -------------------------------------------
 
 
 @given(json_payloads(["id", "status", "reason"]))
 def test_child_responses_raise_only_message_errors(payload: bytes) -> None:
     with contextlib.suppress(MessageError):
-        messages.parse_response(payload)
+        firmware_update.parse_response(payload)
 
 
 @given(json_payloads(["id", "attempt", "name", "version", "sha256", "url"]))
-def test_connector_requests_never_raise(payload: bytes) -> None:
-    connector_protocol.parse_request(payload)
+def test_child_requests_never_raise(payload: bytes) -> None:
+    parsed = firmware_update.parse_request(payload)
+    assert isinstance(parsed, firmware_update.FirmwareUpdateRequest | firmware_update.BadRequest)
+
+
+@given(
+    st.builds(
+        firmware_update.FirmwareUpdateRequest,
+        operation_id=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40),
+        attempt=st.integers(1, 2**31 - 1),
+        # What a strict UTF-8 decode of a 515 can give: no NUL (refused), no lone surrogate.
+        name=st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=40),
+        version=st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=40),
+        sha256=st.text("0123456789abcdef", min_size=64, max_size=64),
+        url=st.from_regex(r"https?://[a-z][a-z0-9]{0,20}(:[0-9]{1,4})?/[a-z0-9/._-]{0,40}", fullmatch=True),
+    )
+)
+def test_a_request_the_gateway_sends_is_the_request_a_child_reads(
+    request: firmware_update.FirmwareUpdateRequest,
+) -> None:
+    assert firmware_update.parse_request(request.to_json().encode()) == request
 
 
 # --- topics, child ids, registration ------------------------------------------------------------

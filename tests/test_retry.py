@@ -497,6 +497,11 @@ def test_one_line(text: str, expected: str) -> None:
     assert one_line(text, limit=200) == expected
 
 
+def test_one_line_is_bounded_by_default() -> None:
+    long = one_line("x" * 1000)
+    assert len(long) == 500 and long.endswith("\u2026")
+
+
 @pytest.mark.parametrize(
     ("seconds", "expected"),
     [

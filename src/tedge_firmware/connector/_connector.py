@@ -51,16 +51,6 @@ from tedge_firmware.connector._model import (
     mqtt_settings,
     retry_policy,
 )
-from tedge_firmware.connector._protocol import (
-    BadRequest,
-    Status,
-    child_of_request_topic,
-    parse_request,
-    registration_topic,
-    request_topic,
-    response_topic,
-    status_message,
-)
 from tedge_firmware.connector._state import (
     INTERRUPTED,
     OperationRecord,
@@ -77,6 +67,12 @@ from tedge_firmware.connector._state import (
 )
 from tedge_firmware.connector._store import StepFiles, Store
 from tedge_firmware.core import topics
+from tedge_firmware.core.firmware_update import (
+    BadRequest,
+    ChildStatus,
+    FirmwareUpdateResponse,
+    parse_request,
+)
 from tedge_firmware.core.text import one_line
 from tedge_firmware.errors import ConfigError, OperationFailed, TedgeFirmwareError
 from tedge_firmware.shell.downloader import PART_SUFFIX, Downloader
@@ -214,12 +210,14 @@ class Connector:
 
     async def _serve(self) -> None:
         records = await asyncio.to_thread(self._load)
-        session = MqttSession(self._settings, [request_topic(c) for c in self._children])
+        session = MqttSession(
+            self._settings, [topics.firmware_request_topic(c) for c in self._children]
+        )
         self._session = session
         self._session_created.set()
         if self._register:
             for child in self._children:
-                session.publish(registration_topic(child), "{}", retain=True)
+                session.publish(topics.firmware_declaration_topic(child), "{}", retain=True)
         self._log.info(
             "connector started: children=%s broker=%s work_dir=%s",
             ",".join(self._children),
@@ -331,7 +329,7 @@ class Connector:
                 self._log.exception("unexpected error with a message on %s", message.topic[:200])
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        child = child_of_request_topic(topic, self._children)
+        child = topics.child_id_of_request_topic(topic, self._children)
         if child is None:
             self._log.debug("message on %s ignored", topic[:200])
             return
@@ -359,7 +357,10 @@ class Connector:
                 self._log.info(
                     "request re-sent (attempt %d) while running %s", parsed.attempt, context
                 )
-                self._publish(child, status_message(parsed.operation_id, "executing"))
+                self._publish(
+                    child,
+                    FirmwareUpdateResponse(parsed.operation_id, ChildStatus.EXECUTING).to_json(),
+                )
             case RequestAction.REPORT_AGAIN:
                 assert known is not None
                 self._log.info(
@@ -384,7 +385,9 @@ class Connector:
             return
         self._log.error("invalid firmware_update request: %s %s", bad.problem, context)
         reason = f"Invalid firmware_update request: {bad.problem}"
-        self._publish(child, status_message(bad.operation_id, "failed", reason))
+        self._publish(
+            child, FirmwareUpdateResponse(bad.operation_id, ChildStatus.FAILED, reason).to_json()
+        )
 
     # ---- one operation --------------------------------------------------------------------
 
@@ -414,7 +417,10 @@ class Connector:
     async def _work(self, op: _Operation, new: bool) -> OperationRecord:
         if new:
             await self._save(op, op.record)
-        self._publish(op.record.child_id, status_message(op.record.operation_id, "executing"))
+        self._publish(
+            op.record.child_id,
+            FirmwareUpdateResponse(op.record.operation_id, ChildStatus.EXECUTING).to_json(),
+        )
         self._notify(op)
         heartbeat = self._start_heartbeat(op)
         try:
@@ -610,8 +616,9 @@ class Connector:
         return self._store.step_files(op.record.child_id, op.record.operation_id, step)
 
     def _report(self, record: OperationRecord) -> None:
-        status: Status = "successful" if record.phase is Phase.SUCCESSFUL else "failed"
-        self._publish(record.child_id, status_message(record.operation_id, status, record.reason))
+        status = ChildStatus.SUCCESSFUL if record.phase is Phase.SUCCESSFUL else ChildStatus.FAILED
+        response = FirmwareUpdateResponse(record.operation_id, status, record.reason)
+        self._publish(record.child_id, response.to_json())
         if not record.reported:
             self._spawn(self._confirm_reported(record))
 
@@ -635,7 +642,7 @@ class Connector:
 
     def _publish(self, child: str, payload: str) -> None:
         assert self._session is not None
-        self._session.publish(response_topic(child), payload)
+        self._session.publish(topics.firmware_response_topic(child), payload)
 
     def _start_heartbeat(self, op: _Operation) -> asyncio.Task[None] | None:
         if self._heartbeat is None:
@@ -645,7 +652,10 @@ class Connector:
     async def _beat(self, op: _Operation, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)  # a period, not a wait for an event
-            self._publish(op.record.child_id, status_message(op.record.operation_id, "executing"))
+            self._publish(
+                op.record.child_id,
+                FirmwareUpdateResponse(op.record.operation_id, ChildStatus.EXECUTING).to_json(),
+            )
 
     async def _watch_download(self, op: _Operation, target: Path) -> None:
         """Tell the progress hook how many bytes are on disk, every `progress_interval`."""

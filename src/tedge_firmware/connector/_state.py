@@ -31,7 +31,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from tedge_firmware.connector._protocol import Request
+from tedge_firmware.core.firmware_update import FirmwareUpdateRequest
 from tedge_firmware.errors import InvalidTransition
 
 INTERRUPTED = "interrupted during apply"
@@ -117,7 +117,7 @@ class RestartAction(enum.Enum):
     NOTHING = "nothing"
 
 
-def new_record(child_id: str, request: Request, now: float) -> OperationRecord:
+def new_record(child_id: str, request: FirmwareUpdateRequest, now: float) -> OperationRecord:
     return OperationRecord(
         child_id=child_id,
         operation_id=request.operation_id,

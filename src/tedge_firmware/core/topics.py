@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from tedge_firmware.errors import TopicError
 
@@ -50,6 +51,21 @@ def firmware_request_topic(child_id: str) -> str:
 
 def firmware_response_topic(child_id: str) -> str:
     return f"tedge/{child_id}/commands/res/firmware_update"
+
+
+def firmware_declaration_topic(child_id: str) -> str:
+    """Where a retained `{}` declares that `child_id` supports firmware_update (thin-edge 1.x
+    style capability; an empty retained payload removes it)."""
+    return f"te/device/{child_id}///cmd/firmware_update"
+
+
+def child_id_of_request_topic(topic: str, children: Collection[str]) -> str | None:
+    """The child a firmware_update request topic is for, when it is one of `children`."""
+    prefix, suffix = "tedge/", "/commands/req/firmware_update"
+    if not topic.startswith(prefix) or not topic.endswith(suffix):
+        return None
+    child = topic[len(prefix) : -len(suffix)]
+    return child if child in children else None
 
 
 def mqtt_text_problem(text: str) -> str | None:

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from tedge_firmware.core import smartrest, topics
 from tedge_firmware.core.config import TedgeConfig
-from tedge_firmware.core.messages import (
+from tedge_firmware.core.firmware_update import (
     ChildStatus,
     FirmwareUpdateRequest,
     FirmwareUpdateResponse,
@@ -636,7 +636,7 @@ class FirmwarePlugin:
         record = operation.record
         assert record is not None
         request = FirmwareUpdateRequest(
-            id=record.operation_id,
+            operation_id=record.operation_id,
             attempt=record.attempt,
             name=record.name,
             version=record.version,
@@ -724,7 +724,7 @@ class FirmwarePlugin:
                 error,
             )
             return
-        operation = self.operations.get(response.id)
+        operation = self.operations.get(response.operation_id)
         if (
             operation is None
             or operation.child_id != child_id
@@ -735,7 +735,7 @@ class FirmwarePlugin:
                 logging.INFO,
                 "unknown operation",
                 "response for an unknown or finished operation op_id=%s child=%s: ignored",
-                response.id[:100],
+                response.operation_id[:100],
                 child_id,
             )
             return
