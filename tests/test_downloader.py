@@ -30,16 +30,9 @@ from yarl import URL
 from faultproxy import Fault, FaultProxy
 from tedge_firmware.core.retry import RetryPolicy
 from tedge_firmware.errors import DownloadError
-from tedge_firmware.shell.downloader import (
-    EXCEPTION_MAP,
-    SYNC_FILE_RANGE,
-    SYNC_FILE_RANGE_WRITE,
-    WRITEBACK_STEP,
-    Downloader,
-    DownloadResult,
-    FailureContext,
-    describe_exception,
-)
+from tedge_firmware.shell.download_failures import EXCEPTION_MAP, FailureContext, describe_exception
+from tedge_firmware.shell.downloader import Downloader, DownloadResult
+from tedge_firmware.shell.partial_file import SYNC_FILE_RANGE, SYNC_FILE_RANGE_WRITE, WRITEBACK_STEP
 
 FAST = RetryPolicy(initial=0.05, multiplier=2.0, max_interval=0.2, max_elapsed=2.0, jitter=0.1)
 SHORT_BUDGET = RetryPolicy(initial=0.05, multiplier=2.0, max_interval=0.1, max_elapsed=0.5)
