@@ -78,8 +78,8 @@ RECORD = OperationRecord(
     child_id="child-device",
     name="fw-name",
     version="fw-version",
-    server_url="http://test.domain.com",
-    file_transfer_url="http://127.0.0.1:8765/tedge/file-transfer/child-device/firmware_update/f6a5",
+    cloud_url="http://test.domain.com",
+    child_url="http://127.0.0.1:8765/tedge/file-transfer/child-device/firmware_update/f6a5",
     sha256="e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
     attempt=1,
 )

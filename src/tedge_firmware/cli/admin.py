@@ -174,7 +174,7 @@ def stored_operations(firmware_dir: Path) -> tuple[list[StoredOperation], list[U
             elif record.operation_id not in operations:
                 operations[record.operation_id] = StoredOperation(
                     record.operation_id, record.child_id, record.name, record.version,
-                    record.server_url, record.attempt, is_waiting, found.modified,
+                    record.cloud_url, record.attempt, is_waiting, found.modified,
                     _state_shown(record),
                 )  # fmt: skip
     ordered = sorted(operations.values(), key=lambda op: (op.written or 0.0, op.op_id))

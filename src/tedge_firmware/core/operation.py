@@ -60,6 +60,8 @@ RECORD_FIELDS = (
 )
 # Ours, after thin-edge's eight, present only once the operation is announced or ended.
 PROGRESS_FIELDS = ("state", "to_cloud")
+# thin-edge's names on disk for the two URLs an operation has; ours in memory say which is which.
+_ATTRIBUTE_OF_FIELD = {"server_url": "cloud_url", "file_transfer_url": "child_url"}
 # A corrupt file must not make us publish a flood: an ended operation owes at most 3 lines.
 _MAX_TO_CLOUD_LINES = 8
 _MAX_TO_CLOUD_CHARS = 4096
@@ -68,21 +70,25 @@ _MAX_TO_CLOUD_CHARS = 4096
 @dataclass(frozen=True)
 class OperationRecord:
     """The operation file `data.path/firmware/<op_id>`: thin-edge's 8 fields, in its order,
-    then (once announced or ended) its state and the lines Cumulocity may not have yet."""
+    then (once announced or ended) its state and the lines Cumulocity may not have yet.
+
+    Two URLs: `cloud_url`, where the firmware comes from (the `515`'s, thin-edge's
+    `server_url`), and `child_url`, where the child downloads it from the file-transfer service
+    (thin-edge's `file_transfer_url`)."""
 
     operation_id: str
     child_id: str
     name: str
     version: str
-    server_url: str
-    file_transfer_url: str
+    cloud_url: str
+    child_url: str
     sha256: str
     attempt: int
     state: State = dataclasses.field(default_factory=lambda: State.PENDING)
     to_cloud: tuple[str, ...] = ()
 
     def to_json(self) -> str:
-        document: dict[str, object] = {field: getattr(self, field) for field in RECORD_FIELDS}
+        document = _fields_of(self, RECORD_FIELDS)
         if self.state is not State.PENDING or self.to_cloud:
             document["state"] = self.state.value
             document["to_cloud"] = list(self.to_cloud)
@@ -96,7 +102,7 @@ class OperationRecord:
         to_cloud = _recorded_lines(document.pop("to_cloud", []))
         if to_cloud and not state.ended:
             raise StoreError(f"field 'to_cloud' is not empty while the state is {state.value}")
-        return cls(**document, state=state, to_cloud=to_cloud)
+        return cls(**_attributes(document), state=state, to_cloud=to_cloud)
 
 
 FETCH_FIELDS = ("operation_id", "child_id", "name", "version", "server_url", "attempt")
@@ -104,26 +110,34 @@ FETCH_FIELDS = ("operation_id", "child_id", "name", "version", "server_url", "at
 
 @dataclass(frozen=True)
 class FetchRecord:
-    """An operation still waiting for its firmware download, persisted so that a restart
-    resumes the download and keeps the operation (`data.path/firmware/.fetching/<op_id>`)."""
+    """An operation still waiting for its firmware to be fetched (downloaded, or found in the
+    cache), persisted so that a restart resumes the download and keeps the operation
+    (`data.path/firmware/.fetching/<op_id>`)."""
 
     operation_id: str
     child_id: str
     name: str
     version: str
-    server_url: str
+    cloud_url: str
     attempt: int
 
     def to_json(self) -> str:
-        return json.dumps(
-            {field: getattr(self, field) for field in FETCH_FIELDS},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        document = _fields_of(self, FETCH_FIELDS)
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> FetchRecord:
-        return cls(**_parse_record(text, FETCH_FIELDS))
+        return cls(**_attributes(_parse_record(text, FETCH_FIELDS)))
+
+
+def _fields_of(record: object, fields: tuple[str, ...]) -> dict[str, object]:
+    """The file's fields, in order, under their names on disk."""
+    return {field: getattr(record, _ATTRIBUTE_OF_FIELD.get(field, field)) for field in fields}
+
+
+def _attributes(document: dict[str, Any]) -> dict[str, Any]:
+    """A file's fields under the record's attribute names."""
+    return {_ATTRIBUTE_OF_FIELD.get(key, key): value for key, value in document.items()}
 
 
 def _parse_record(

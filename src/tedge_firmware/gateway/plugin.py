@@ -173,7 +173,7 @@ class LiveOperation:
     child_id: str
     name: str
     version: str
-    url: str
+    cloud_url: str  # where the firmware comes from (the 515's)
     file_id: str
     attempt: int = 1
     state: State = State.FETCHING
@@ -183,7 +183,7 @@ class LiveOperation:
     heard_at: float = 0.0  # loop time of the child's last valid response
 
     def matches(self, request: smartrest.FirmwareRequest) -> bool:
-        return (self.child_id, self.name, self.version, self.url) == (
+        return (self.child_id, self.name, self.version, self.cloud_url) == (
             request.device,
             request.name,
             request.version,
@@ -346,8 +346,8 @@ class FirmwarePlugin:
             child_id=record.child_id,
             name=record.name,
             version=record.version,
-            url=record.server_url,
-            file_id=file_id_for_url(record.server_url),
+            cloud_url=record.cloud_url,
+            file_id=file_id_for_url(record.cloud_url),
             attempt=attempt,
         )
         self.operations[op_id] = operation
@@ -483,7 +483,7 @@ class FirmwarePlugin:
             child_id=request.device,
             name=request.name,
             version=request.version,
-            url=request.url,
+            cloud_url=request.url,
             file_id=file_id_for_url(request.url),
         )
         self.operations[operation.op_id] = operation
@@ -491,7 +491,7 @@ class FirmwarePlugin:
             "new firmware operation name=%s version=%s url=%s %s",
             operation.name,
             operation.version,
-            operation.url,
+            operation.cloud_url,
             operation.context(),
         )
         self._save_fetching(operation)
@@ -505,7 +505,7 @@ class FirmwarePlugin:
             child_id=operation.child_id,
             name=operation.name,
             version=operation.version,
-            server_url=operation.url,
+            cloud_url=operation.cloud_url,
             attempt=operation.attempt,
         )
         try:
@@ -520,7 +520,7 @@ class FirmwarePlugin:
             fetch = _Fetch()
             self.fetches[operation.file_id] = fetch
             fetch.task = asyncio.create_task(
-                self._fetch(operation.file_id, operation.url),
+                self._fetch(operation.file_id, operation.cloud_url),
                 name=f"fetch-{operation.file_id[:12]}",
             )
         fetch.waiting.add(operation.op_id)
@@ -580,7 +580,7 @@ class FirmwarePlugin:
             if operation is None or operation.state.ended:
                 continue
             if done.sha256 is None:
-                self._abort(operation, done.reason or f"Download from {operation.url} failed")
+                self._abort(operation, done.reason or f"Download from {operation.cloud_url} failed")
             else:
                 self._send_first_request(operation, done.sha256)
         if done.sha256 is not None:
@@ -596,8 +596,8 @@ class FirmwarePlugin:
                 child_id=operation.child_id,
                 name=operation.name,
                 version=operation.version,
-                server_url=operation.url,
-                file_transfer_url=f"{self.base_url}/"
+                cloud_url=operation.cloud_url,
+                child_url=f"{self.base_url}/"
                 + self.cache.relative_path(operation.child_id, operation.file_id),
                 sha256=sha256,
                 attempt=operation.attempt,
@@ -641,7 +641,7 @@ class FirmwarePlugin:
             name=record.name,
             version=record.version,
             sha256=record.sha256,
-            url=record.file_transfer_url,
+            url=record.child_url,
         )
         op_id = operation.op_id
 
@@ -774,7 +774,7 @@ class FirmwarePlugin:
         self, operation: LiveOperation, event: Event, reason: str | None = None
     ) -> None:
         installed = smartrest.set_installed_firmware(
-            operation.name, operation.version, operation.url
+            operation.name, operation.version, operation.cloud_url
         )
         requested = operation.state is not State.FETCHING
         outcome = step(operation.state, event, reason=reason, installed=installed)
