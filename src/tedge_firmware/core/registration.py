@@ -301,9 +301,7 @@ def declaration_device(topic: str, main_device_id: str | None = None) -> tuple[D
     return name, command
 
 
-def parse_declaration(
-    topic: str, payload: bytes, main_device_id: str | None = None
-) -> Declaration:
+def parse_declaration(topic: str, payload: bytes, main_device_id: str | None = None) -> Declaration:
     """Validate one message of the network API; TopicError or InputError when it is unusable.
 
     The payload is empty (withdraw) or a JSON object of at most MAX_DECLARATION_BYTES

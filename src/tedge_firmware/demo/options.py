@@ -19,7 +19,6 @@ BrokerKind = Literal["mosquitto", "embedded"]
 BROKER_CHOICES: tuple[BrokerChoice, ...] = ("auto", "mosquitto", "embedded")
 
 
-
 @dataclass(frozen=True)
 class DemoOptions:
     children: int = 10

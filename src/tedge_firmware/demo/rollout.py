@@ -53,7 +53,6 @@ class DemoResult:
         return sum(1 for child in self.children if child.status == status)
 
 
-
 # --- the rollout -------------------------------------------------------------------------
 
 
@@ -112,7 +111,6 @@ class Rollout:
             bytes=view.bytes_total,
             reason=last.failure_reason if last is not None else None,
         )
-
 
 
 def collect(rollout: Rollout, size: int, seconds: float, rss: int | None, name: str) -> DemoResult:

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -56,12 +56,10 @@ from tedge_firmware.errors import (
     SmartRestError,
     StoreError,
 )
-from tedge_firmware.gateway.cache_keeper import CacheKeeper
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.durable import sha256_of_file
 from tedge_firmware.shell.log_limits import LogLimiter
-from tedge_firmware.shell.store import fetch_store, operation_store
-from tedge_firmware.shell.timers import Timers
+from tedge_firmware.shell.store import RecordStore
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +89,26 @@ class Publisher(Protocol):
         retain: bool = False,
         when_done: Callable[[bool], None] | None = None,
     ) -> None: ...
+
+
+class TimerPort(Protocol):
+    """Timers by key: arming a key again replaces its timer; `fire` runs on the event loop."""
+
+    def arm(self, key: str, seconds: float, fire: Callable[[], None]) -> None: ...
+
+    def cancel(self, key: str) -> None: ...
+
+    def cancel_all(self) -> None: ...
+
+
+class CacheUpkeep(Protocol):
+    """Keeps the cache within its limits; `request()` asks for a pass (see CacheKeeper)."""
+
+    def start(self) -> None: ...
+
+    def request(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class DownloadedFile(Protocol):
@@ -206,6 +224,43 @@ class PluginOptions:
     resend_after_session_loss: tuple[float, ...] = (5.0, 30.0)
 
 
+@dataclass(frozen=True)
+class PluginSettings:
+    """What the plugin needs to know of the configuration, and nothing else."""
+
+    device_id: str
+    file_transfer_base_url: str  # what a child's url starts with, without the trailing /
+    tenant_host: str | None  # the JWT goes to this host only; None: to no one
+    child_update_timeout: int  # seconds a child may stay silent
+    options: PluginOptions = field(default_factory=PluginOptions)
+
+    @classmethod
+    def from_tedge(
+        cls, config: TedgeConfig, device_id: str, options: PluginOptions | None = None
+    ) -> PluginSettings:
+        return cls(
+            device_id=device_id,
+            file_transfer_base_url=config.file_transfer_base_url(),
+            tenant_host=config.tenant_host,
+            child_update_timeout=config.child_update_timeout,
+            options=options or PluginOptions(),
+        )
+
+
+@dataclass(frozen=True)
+class PluginPorts:
+    """Everything the plugin does I/O with, built by the service (or by a test)."""
+
+    publisher: Publisher
+    fetcher: Fetcher
+    operations: RecordStore[OperationRecord]  # data.path/firmware/<op_id>
+    fetching: RecordStore[FetchRecord]  # operations waiting for their firmware
+    cache: FirmwareCache
+    cache_keeper: CacheUpkeep
+    timers: TimerPort
+    clock: Callable[[], float]  # monotonic seconds (the event loop's time)
+
+
 class JwtBroker:
     """Gets a JWT over MQTT (`c8y/s/uat` → `71,<token>` on `c8y/s/dat`) without blocking the loop.
 
@@ -263,33 +318,26 @@ class _Fetch:
 class FirmwarePlugin:
     """The orchestrator. Feed it with `submit()`, run it with `run()`."""
 
-    def __init__(
-        self,
-        config: TedgeConfig,
-        device_id: str,
-        *,
-        publisher: Publisher,
-        fetcher: Fetcher,
-        options: PluginOptions | None = None,
-    ) -> None:
-        self.config = config
-        self.device_id = device_id
-        self.publisher = publisher
-        self.fetcher = fetcher
-        self.options = options or PluginOptions()
-        self.base_url = config.file_transfer_base_url()
-        self.store = operation_store(config.firmware_dir)
-        self.fetching = fetch_store(config.firmware_dir)
-        self.cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
+    def __init__(self, settings: PluginSettings, ports: PluginPorts) -> None:
+        self.settings = settings
+        self.device_id = settings.device_id
+        self.publisher = ports.publisher
+        self.fetcher = ports.fetcher
+        self.store = ports.operations
+        self.fetching = ports.fetching
+        self.cache = ports.cache
+        self.cache_keeper = ports.cache_keeper
+        self.timers = ports.timers
+        self.clock = ports.clock
+        self.jwt = JwtBroker(self.publisher, settings.options)
         self.fetches: dict[str, _Fetch] = {}
-        self.cache_keeper = CacheKeeper(
-            self.cache, config.cache_limits, pinned=lambda: self.fetches.keys()
-        )
-        self.jwt = JwtBroker(publisher, self.options)
-        self.timers = Timers()
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
         self.operations: dict[str, LiveOperation] = {}
         self.peer_errors = LogLimiter(log)  # what a peer can make us log, once a minute
+
+    def fetching_file_ids(self) -> Collection[str]:
+        """The FILE_IDs being fetched: the cache keeper must not evict them meanwhile."""
+        return self.fetches.keys()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -542,7 +590,7 @@ class FirmwarePlugin:
 
     async def _obtain(self, file_id: str, url: str) -> str:
         entry = self.cache.entry(file_id)
-        await asyncio.to_thread(self.config.cache_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(entry.parent.mkdir, parents=True, exist_ok=True)
         cached = await asyncio.to_thread(self._cached_sha256, file_id)
         if cached is not None:
             log.info("firmware found in cache %s for %s", entry, url)
@@ -564,7 +612,7 @@ class FirmwarePlugin:
 
     def _is_tenant_url(self, url: str) -> bool:
         """JWT only for the tenant's own host (port ignored), never for anyone else."""
-        tenant = self.config.tenant_host
+        tenant = self.settings.tenant_host
         try:
             host = urlsplit(url.strip()).hostname
         except ValueError:
@@ -597,7 +645,7 @@ class FirmwarePlugin:
                 name=operation.name,
                 version=operation.version,
                 cloud_url=operation.cloud_url,
-                child_url=f"{self.base_url}/"
+                child_url=f"{self.settings.file_transfer_base_url}/"
                 + self.cache.relative_path(operation.child_id, operation.file_id),
                 sha256=sha256,
                 attempt=operation.attempt,
@@ -658,9 +706,8 @@ class FirmwarePlugin:
     def _arm_timeout(self, operation: LiveOperation) -> None:
         operation.timer_generation += 1
         fired = TimerFired(operation.op_id, operation.timer_generation)
-        self.timers.arm(
-            operation.op_id, self.config.child_update_timeout, lambda: self.submit(fired)
-        )
+        timeout = self.settings.child_update_timeout
+        self.timers.arm(operation.op_id, timeout, lambda: self.submit(fired))
 
     def _on_request_refused(self, op_id: str) -> None:
         operation = self.operations.get(op_id)
@@ -675,7 +722,7 @@ class FirmwarePlugin:
     def _on_broker_session_lost(self) -> None:
         """The broker restarted without our session: children's answers and Cumulocity's
         operations sent meanwhile are gone. Ask again, as after a restart of our own."""
-        now = asyncio.get_running_loop().time()
+        now = self.clock()
         waiting = self._unanswered(since=now)
         log.warning(
             "the MQTT broker lost our session (it restarted without saving it): sending %d "
@@ -687,7 +734,7 @@ class FirmwarePlugin:
             self._resend(operation)
         self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
         again = ResendUnanswered(since=now)
-        for index, delay in enumerate(self.options.resend_after_session_loss):
+        for index, delay in enumerate(self.settings.options.resend_after_session_loss):
             self.timers.arm(f"broker-session-{index}", delay, lambda: self.submit(again))
 
     def _unanswered(self, since: float) -> list[LiveOperation]:
@@ -743,7 +790,7 @@ class FirmwarePlugin:
 
     def _apply_response(self, operation: LiveOperation, response: FirmwareUpdateResponse) -> None:
         log.info("child reports %s %s", response.status.value, operation.context())
-        operation.heard_at = asyncio.get_running_loop().time()
+        operation.heard_at = self.clock()
         match response.status:
             case ChildStatus.EXECUTING:
                 self._transition(operation, Event.EXECUTING)
@@ -755,13 +802,10 @@ class FirmwarePlugin:
 
     def _on_timeout(self, op_id: str, generation: int) -> None:
         operation = self.operations.get(op_id)
-        if (
-            operation is None
-            or operation.state.ended
-            or operation.timer_generation != generation
-        ):
+        if operation is None or operation.state.ended or operation.timer_generation != generation:
             return
-        reason = timeout_reason(operation.child_id, self.config.child_update_timeout, op_id)
+        timeout = self.settings.child_update_timeout
+        reason = timeout_reason(operation.child_id, timeout, op_id)
         self._abort(operation, reason)
 
     # ---- ending operations --------------------------------------------------------------

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import resource
 import ssl
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tedge_firmware.core import topics
 from tedge_firmware.core.config import CONFIG_FILE_NAME, TedgeConfig
 from tedge_firmware.core.retry import RetryPolicy
 from tedge_firmware.errors import ConfigError
+from tedge_firmware.gateway.cache_keeper import CacheKeeper
 from tedge_firmware.gateway.lifecycle import cancel_tasks, until_stopped
 from tedge_firmware.gateway.plugin import (
     PLUGIN_SUBSCRIPTIONS,
@@ -28,14 +30,20 @@ from tedge_firmware.gateway.plugin import (
     FirmwarePlugin,
     Incoming,
     PluginOptions,
+    PluginPorts,
+    PluginSettings,
+    Publisher,
     health_down,
     health_up,
 )
 from tedge_firmware.gateway.registration import RegistrationOptions, serve_registration
+from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.config_file import resolve_device_id
 from tedge_firmware.shell.downloader import Downloader
 from tedge_firmware.shell.file_transfer import FileTransferServer
 from tedge_firmware.shell.mqtt import Message, MqttSession, MqttSettings, Will
+from tedge_firmware.shell.store import fetch_store, operation_store
+from tedge_firmware.shell.timers import Timers
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +167,7 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
             PLUGIN_SUBSCRIPTIONS,
             on_connect=on_connect,
         )
-        plugin = FirmwarePlugin(
-            config, device_id, publisher=session, fetcher=downloader, options=options.plugin
-        )
+        plugin = build_plugin(config, device_id, session, downloader, options.plugin)
         plugin.recover()
         log.info(
             "firmware plugin started: device=%s broker=%s:%d data=%s",
@@ -185,6 +191,33 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
             await cancel_tasks([pump])  # no new work from MQTT while stopping
         await _shutdown(session, plugin, downloader, file_transfer)
         await cancel_tasks(tasks)
+
+
+def build_plugin(
+    config: TedgeConfig,
+    device_id: str,
+    publisher: Publisher,
+    downloader: Downloader,
+    options: PluginOptions,
+) -> FirmwarePlugin:
+    """The plugin and its ports, as `tedge.toml` says (call it on the running event loop)."""
+    cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
+
+    def being_fetched() -> Collection[str]:
+        return plugin.fetching_file_ids()
+
+    ports = PluginPorts(
+        publisher=publisher,
+        fetcher=downloader,
+        operations=operation_store(config.firmware_dir),
+        fetching=fetch_store(config.firmware_dir),
+        cache=cache,
+        cache_keeper=CacheKeeper(cache, config.cache_limits, pinned=being_fetched),
+        timers=Timers(),
+        clock=asyncio.get_running_loop().time,
+    )
+    plugin = FirmwarePlugin(PluginSettings.from_tedge(config, device_id, options), ports)
+    return plugin
 
 
 async def _pump(session: MqttSession, plugin: FirmwarePlugin) -> None:

@@ -50,8 +50,7 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 from urllib.parse import unquote_to_bytes
@@ -144,35 +143,6 @@ def _checked_segments(decoded: bytes) -> list[str]:
 
 def _bad_path(why: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=f"The file path {why}.\n")
-
-
-# --- Validators and ranges (pure) ---------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def parse_http_date(value: str) -> datetime | None:
-    """An HTTP date, or None when the text is not one."""
-    try:
-        return parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-
-
 
 
 # --- File system (blocking: run in worker threads) -----------------------------------------

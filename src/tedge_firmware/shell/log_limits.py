@@ -100,9 +100,9 @@ class LogLimiter:
             del self._kinds[oldest]
 
 
-def _call_later(delay: float, callback: Callable[[Hashable], None], kind: Hashable) -> (
-    asyncio.TimerHandle | None
-):
+def _call_later(
+    delay: float, callback: Callable[[Hashable], None], kind: Hashable
+) -> asyncio.TimerHandle | None:
     """A timer on the running loop; None outside of one (the next line then summarises)."""
     try:
         loop = asyncio.get_running_loop()

@@ -407,7 +407,9 @@ class MqttSession:
         return True
 
     async def close(
-        self, final: Message | None = None, timeout: float = 5.0  # noqa: ASYNC109 (agreed API)
+        self,
+        final: Message | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109 (agreed API)
     ) -> None:
         """Flush the outbox (and then `final`, e.g. health "down"), then disconnect cleanly.
 
@@ -628,7 +630,10 @@ class MqttSession:
         will = None
         if settings.will is not None:
             topic, payload, qos, retain = (
-                settings.will.topic, settings.will.payload, settings.will.qos, settings.will.retain
+                settings.will.topic,
+                settings.will.payload,
+                settings.will.qos,
+                settings.will.retain,
             )
             will = aiomqtt.Will(topic, payload, qos, retain)
         client = _Client(

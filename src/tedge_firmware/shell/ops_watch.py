@@ -218,7 +218,6 @@ class OperationsDirectory:
         return _shown(str(directory / operation))
 
 
-
 def _entries(directory: Path, unreadable: set[str]) -> list[os.DirEntry[str]]:
     """The entries of `directory`; none when it is missing or unreadable (logged once)."""
     try:

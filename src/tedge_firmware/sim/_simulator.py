@@ -375,8 +375,7 @@ class C8ySimulator:
             if operation.status.final:
                 reason = f" ({operation.failure_reason!r})" if operation.failure_reason else ""
                 raise SimulatorError(
-                    f"operation {op_id} ended {operation.status.value}{reason}, "
-                    f"not {wanted.value}"
+                    f"operation {op_id} ended {operation.status.value}{reason}, not {wanted.value}"
                 )
             return None
 
@@ -389,7 +388,9 @@ class C8ySimulator:
             ) from None
 
     async def wait_finished(
-        self, op_id: str, timeout: float = DEFAULT_TIMEOUT  # noqa: ASYNC109
+        self,
+        op_id: str,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
     ) -> Operation:
         """Wait until operation `op_id` is SUCCESSFUL or FAILED; return it."""
 
@@ -416,7 +417,9 @@ class C8ySimulator:
         return await self.wait_until(registered, timeout)
 
     async def wait_for_bulk(
-        self, bulk_id: str, timeout: float = DEFAULT_TIMEOUT  # noqa: ASYNC109
+        self,
+        bulk_id: str,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
     ) -> BulkProgress:
         """Wait until every operation of the bulk operation was created and has finished."""
 
