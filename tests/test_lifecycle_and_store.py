@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 from pathlib import Path
 
 import pytest
 
 from tedge_firmware.core.operation import FetchRecord
+from tedge_firmware.errors import StoreError
 from tedge_firmware.gateway.lifecycle import on_loop_exception
-from tedge_firmware.shell.store import fetch_store
+from tedge_firmware.shell.store import StoreWriter, fetch_store
 
 
 async def test_a_socket_watch_that_raced_a_close_is_one_debug_line(caplog: pytest.LogCaptureFixture) -> None:
@@ -91,3 +93,65 @@ def test_write_atomically_never_writes_through_a_link_in_the_temp_files_place(tm
     with pytest.raises(OSError):
         write_atomically(tmp_path / "state.json", b"data")
     assert elsewhere.read_bytes() == b"not yours"
+
+
+# --- StoreWriter: writes off the event loop, in order ---------------------------------------
+
+
+async def test_a_slow_write_does_not_hold_the_event_loop(tmp_path: Path) -> None:
+    writer = StoreWriter()
+    gate = threading.Event()
+    results: list[StoreError | None] = []
+    writer.submit(lambda: (gate.wait(5), None)[1], results.append)
+    # The loop goes on while the write waits in its thread.
+    async with asyncio.timeout(5):
+        await asyncio.sleep(0.01)
+    assert results == []
+    gate.set()
+    async with asyncio.timeout(5):
+        await writer.close()
+    assert results == [None]
+
+
+async def test_writes_and_their_callbacks_keep_the_order_they_were_submitted(tmp_path: Path) -> None:
+    store = fetch_store(tmp_path)
+    writer = StoreWriter()
+    seen: list[str] = []
+    record = FetchRecord("op1", "child1", "fw", "1.0", "http://x/fw", 1)
+    for index in range(20):
+        writer.submit(lambda: store.save(record), lambda error, index=index: seen.append(f"save {index} {error}"))
+        writer.submit(lambda: store.delete("op1"), lambda error, index=index: seen.append(f"delete {index} {error}"))
+    async with asyncio.timeout(5):
+        await writer.close()
+    assert seen == [f"{kind} {i} None" for i in range(20) for kind in ("save", "delete")]
+    assert not store.path("op1").exists()
+
+
+async def test_a_failed_write_reaches_its_callback_as_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    store = fetch_store(tmp_path / "file")
+    writer = StoreWriter()
+    errors: list[StoreError | None] = []
+    record = FetchRecord("op1", "child1", "fw", "1.0", "http://x/fw", 1)
+    writer.submit(lambda: store.save(record), errors.append)
+    writer.submit(lambda: 1 / 0 and None, errors.append)  # a bug: logged, then a StoreError
+    async with asyncio.timeout(5):
+        await writer.close()
+    assert [type(error) for error in errors] == [StoreError, StoreError]
+    assert "Creating the file failed" in str(errors[0])
+    assert "division by zero" in str(errors[1])
+
+
+async def test_drain_waits_for_the_writes_that_callbacks_submit(tmp_path: Path) -> None:
+    writer = StoreWriter()
+    done: list[int] = []
+
+    def then_again(error: StoreError | None) -> None:
+        writer.submit(lambda: None, lambda error: done.append(2))
+        done.append(1)
+
+    writer.submit(lambda: None, then_again)
+    async with asyncio.timeout(5):
+        await writer.drain()
+    assert done == [1, 2]
+    await writer.close()

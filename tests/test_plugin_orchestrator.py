@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tedge_firmware.core import smartrest
-from tedge_firmware.core.operation import file_id_for_url
+from tedge_firmware.core.operation import OperationRecord, file_id_for_url
+from tedge_firmware.errors import StoreError
 from tedge_firmware.gateway.plugin import (
     BrokerSessionLost,
     DownloadedFile,
@@ -30,11 +32,12 @@ from tedge_firmware.gateway.plugin import (
     PluginOptions,
     PluginPorts,
     PluginSettings,
+    RecordWriter,
     ResendUnanswered,
     TimerFired,
 )
 from tedge_firmware.shell.cache import FirmwareCache
-from tedge_firmware.shell.store import fetch_store, operation_store
+from tedge_firmware.shell.store import RecordStore, StoreWriter, fetch_store, operation_store
 
 CLOUD_URL = "http://cloud.example/fw.bin"
 FILE_ID = file_id_for_url(CLOUD_URL)
@@ -112,6 +115,26 @@ class BlockedFetcher:
         raise AssertionError("unreachable")
 
 
+class InlineWriter:
+    """Writes at once, on the caller's stack, and records what was written."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def submit(self, write: Callable[[], None], then: Callable[[StoreError | None], None] | None = None) -> None:
+        self.writes += 1
+        error = None
+        try:
+            write()
+        except StoreError as failure:
+            error = failure
+        if then is not None:
+            then(error)
+
+    async def close(self) -> None:
+        pass
+
+
 @dataclass
 class Clock:
     now: float = 1000.0
@@ -181,8 +204,11 @@ class Rig:
         return sorted(p.name for p in self.firmware_dir.iterdir() if p.is_file())
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+def make_rig(
+    tmp_path: Path,
+    writer: RecordWriter | None = None,
+    operations: RecordStore[OperationRecord] | None = None,
+) -> Rig:
     firmware_dir = tmp_path / "firmware"
     cache = FirmwareCache(tmp_path / "cache", tmp_path / "file-transfer")
     publisher, timers, fetcher, clock = RecordingPublisher(), RecordingTimers(), BlockedFetcher(), Clock()
@@ -196,17 +222,24 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     ports = PluginPorts(
         publisher=publisher,
         fetcher=fetcher,
-        operations=operation_store(firmware_dir),
+        operations=operations or operation_store(firmware_dir),
         fetching=fetch_store(firmware_dir),
+        writer=writer or InlineWriter(),
         cache=cache,
         cache_keeper=CountingUpkeep(),
         timers=timers,
         clock=clock,
     )
     plugin = FirmwarePlugin(settings, ports)
-    yield Rig(plugin, publisher, timers, fetcher, clock, cache, firmware_dir)
+    return Rig(plugin, publisher, timers, fetcher, clock, cache, firmware_dir)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    made = make_rig(tmp_path)
+    yield made
     async with asyncio.timeout(WAIT):
-        await plugin.close()
+        await made.plugin.close()
 
 
 async def test_a_silent_child_fails_its_operation_when_the_timer_fires(rig: Rig) -> None:
@@ -347,3 +380,43 @@ async def test_the_fetch_input_comes_from_the_fetch_task(rig: Rig, tmp_path: Pat
     assert isinstance(done, FetchDone) and done.file_id == FILE_ID and done.reason is None
     assert done.sha256 == hashlib.sha256(b"cached firmware").hexdigest()
     assert rig.fetcher.urls == []
+
+
+class GatedStore(RecordStore[OperationRecord]):
+    """An operation store whose writes wait until the test opens the gate (a slow disk)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, OperationRecord.from_json)
+        self.gate = threading.Event()
+
+    def save(self, record: OperationRecord) -> None:
+        assert self.gate.wait(WAIT), "the gate was never opened"
+        super().save(record)
+
+
+async def test_the_request_goes_out_once_its_file_is_on_disk_and_the_loop_never_waits(
+    tmp_path: Path,
+) -> None:
+    store = GatedStore(tmp_path / "firmware")
+    writer = StoreWriter()
+    rig = make_rig(tmp_path, writer=writer, operations=store)
+    try:
+        rig.new_operation()
+        async with asyncio.timeout(WAIT):
+            await writer.drain()  # the download record (not gated); the fetch starts after it
+        assert rig.plugin.fetching_file_ids() == {FILE_ID}
+        rig.firmware_ready()  # returns while the write waits for the disk
+        assert rig.requests() == []
+        assert rig.operation_files() == []
+        rig.respond("unknown-op", "successful")  # inputs are still handled meanwhile
+        store.gate.set()
+        async with asyncio.timeout(WAIT):
+            await writer.drain()
+        [request] = rig.requests()
+        assert rig.operation_files() == [request["id"]]
+        assert list((rig.firmware_dir / ".fetching").iterdir()) == []
+    finally:
+        store.gate.set()
+        async with asyncio.timeout(WAIT):
+            await writer.close()
+            await rig.plugin.close()

@@ -4,7 +4,13 @@ One loop consumes one queue of typed inputs (an MQTT message, a finished fetch, 
 a request the broker refuses) and decides; the I/O that takes time (downloads,
 hashing, waiting for a JWT) runs in tasks that answer with inputs on the same queue, so a slow
 download never delays a child's response. Decisions about one operation are in
-`core.operation.step`; this module executes them.
+`core.operation.step`; this module executes them. Everything it does I/O with comes in
+`PluginPorts` (built by `gateway.service`, or by a test with fakes), and what it needs of the
+configuration in `PluginSettings`.
+
+Operation files are written by the `RecordWriter` in a thread of its own, in order, so the loop
+never waits for a disk; whatever must follow a write (the request to the child, the final
+lines for Cumulocity) is published from the write's callback, once the file is on disk.
 
 Nothing a peer sends stops the loop: each payload is bounded in size, a `c8y/s/ds` payload is
 split into one input per record, the loop lets other tasks run every few inputs, and errors
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -99,6 +106,18 @@ class TimerPort(Protocol):
     def cancel(self, key: str) -> None: ...
 
     def cancel_all(self) -> None: ...
+
+
+class RecordWriter(Protocol):
+    """Runs store writes off the event loop, in order; `then(error)` runs on the loop once the
+    write is done (see `StoreWriter`)."""
+
+    def submit(
+        self, write: Callable[[], None], then: Callable[[StoreError | None], None] | None = None
+    ) -> None: ...
+
+    async def close(self) -> None:
+        """Wait for every write submitted (and those their callbacks submit), then stop."""
 
 
 class CacheUpkeep(Protocol):
@@ -255,6 +274,7 @@ class PluginPorts:
     fetcher: Fetcher
     operations: RecordStore[OperationRecord]  # data.path/firmware/<op_id>
     fetching: RecordStore[FetchRecord]  # operations waiting for their firmware
+    writer: RecordWriter  # every write of the two stores goes through it
     cache: FirmwareCache
     cache_keeper: CacheUpkeep
     timers: TimerPort
@@ -325,6 +345,7 @@ class FirmwarePlugin:
         self.fetcher = ports.fetcher
         self.store = ports.operations
         self.fetching = ports.fetching
+        self.writer = ports.writer
         self.cache = ports.cache
         self.cache_keeper = ports.cache_keeper
         self.timers = ports.timers
@@ -542,12 +563,14 @@ class FirmwarePlugin:
             operation.cloud_url,
             operation.context(),
         )
-        self._save_fetching(operation)
-        self._join_fetch(operation)
+        # On disk before the download starts: a restart meanwhile resumes it for this operation.
+        self._save_fetching(operation, and_then=lambda: self._join_fetch(operation))
 
     # ---- fetching the firmware (single flight per FILE_ID) ------------------------------
 
-    def _save_fetching(self, operation: LiveOperation) -> None:
+    def _save_fetching(
+        self, operation: LiveOperation, and_then: Callable[[], None] | None = None
+    ) -> None:
         record = FetchRecord(
             operation_id=operation.op_id,
             child_id=operation.child_id,
@@ -556,11 +579,15 @@ class FirmwarePlugin:
             cloud_url=operation.cloud_url,
             attempt=operation.attempt,
         )
-        try:
-            self.fetching.save(record)
-        except StoreError as error:
-            # the operation goes on; only a restart during its download would lose it
-            log.warning("%s %s", error, operation.context())
+
+        def saved(error: StoreError | None) -> None:
+            if error is not None:
+                # the operation goes on; only a restart during its download would lose it
+                log.warning("%s %s", error, operation.context())
+            if and_then is not None and self._is_live(operation):
+                and_then()
+
+        self.writer.submit(functools.partial(self.fetching.save, record), saved)
 
     def _join_fetch(self, operation: LiveOperation) -> None:
         fetch = self.fetches.get(operation.file_id)
@@ -637,24 +664,10 @@ class FirmwarePlugin:
     # ---- requests to the child ----------------------------------------------------------
 
     def _send_first_request(self, operation: LiveOperation, sha256: str) -> None:
+        """Publish the firmware for the child, write the operation file, then (once it is on
+        disk) send the request."""
         try:
             self.cache.publish(operation.child_id, operation.file_id)
-            operation.record = OperationRecord(
-                operation_id=operation.op_id,
-                child_id=operation.child_id,
-                name=operation.name,
-                version=operation.version,
-                cloud_url=operation.cloud_url,
-                child_url=f"{self.settings.file_transfer_base_url}/"
-                + self.cache.relative_path(operation.child_id, operation.file_id),
-                sha256=sha256,
-                attempt=operation.attempt,
-            )
-            self.store.save(operation.record)
-            self.fetching.delete(operation.op_id)
-        except StoreError as error:
-            self._abort(operation, str(error))
-            return
         except FileNotFoundError:
             # evicted between the download (or cache hit) and now, e.g. by `cache prune`
             log.info(
@@ -666,23 +679,53 @@ class FirmwarePlugin:
         except OSError as error:
             self._abort(operation, f"Cannot publish the firmware to the child: {error}")
             return
-        operation.state = step(operation.state, Event.READY).state
-        self._publish_request(operation)
+        base_url = self.settings.file_transfer_base_url
+        record = OperationRecord(
+            operation_id=operation.op_id,
+            child_id=operation.child_id,
+            name=operation.name,
+            version=operation.version,
+            cloud_url=operation.cloud_url,
+            child_url=f"{base_url}/"
+            + self.cache.relative_path(operation.child_id, operation.file_id),
+            sha256=sha256,
+            attempt=operation.attempt,
+        )
+
+        def write() -> None:
+            self.store.save(record)
+            self.fetching.delete(operation.op_id)
+
+        def written(error: StoreError | None) -> None:
+            if not self._is_live(operation) or operation.state is not State.FETCHING:
+                return  # ended while the file was written
+            if error is not None:
+                self._abort(operation, str(error))
+                return
+            operation.record = record
+            operation.state = step(operation.state, Event.READY).state
+            self._publish_request(operation, operation.record)
+
+        self.writer.submit(write, written)
+
+    def _is_live(self, operation: LiveOperation) -> bool:
+        return self.operations.get(operation.op_id) is operation and not operation.state.ended
 
     def _resend(self, operation: LiveOperation) -> None:
         """Publish the same request again with the incremented attempt (persisted first)."""
         assert operation.record is not None
-        operation.record = dataclasses.replace(operation.record, attempt=operation.attempt)
-        try:
-            self.store.save(operation.record)
-        except StoreError as error:
-            log.error("%s %s", error, operation.context())
+        record = operation.record = dataclasses.replace(operation.record, attempt=operation.attempt)
         operation.state = step(operation.state, Event.RESENT).state
-        self._publish_request(operation)
 
-    def _publish_request(self, operation: LiveOperation) -> None:
-        record = operation.record
-        assert record is not None
+        def written(error: StoreError | None) -> None:
+            if error is not None:
+                log.error("%s %s", error, operation.context())
+            if self._is_live(operation):
+                self._publish_request(operation, record)
+
+        self.writer.submit(functools.partial(self.store.save, record), written)
+
+    def _publish_request(self, operation: LiveOperation, record: OperationRecord) -> None:
         request = FirmwareUpdateRequest(
             operation_id=record.operation_id,
             attempt=record.attempt,
@@ -836,19 +879,29 @@ class FirmwarePlugin:
         download record instead: a restart before the broker has the lines fetches again and
         reports anew, and no file needs writing now.
         """
-        owed = [*operation.owed, *lines]
-        if requested:
-            try:
-                self.store.save(self._record_of(operation, to_cloud=owed))
-            except StoreError as error:
-                log.error(
-                    "%s: a restart now would not resend the result %s", error, operation.context()
-                )
-            self.fetching.delete(operation.op_id)
+        new_lines = list(lines)
+        # Owed at once: no acknowledgement can forget the operation before they are out.
+        operation.owed.extend(new_lines)
         self.timers.cancel(operation.op_id)
         self._unpublish_unless_used(operation)
         log.info("operation %s %s", operation.state.value, operation.context())
-        self._owe(operation, owed[len(operation.owed) :])
+        if not requested:
+            self._publish_owed(operation, new_lines)
+            return
+        record = self._record_of(operation, to_cloud=operation.owed)
+
+        def write() -> None:
+            self.store.save(record)
+            self.fetching.delete(operation.op_id)
+
+        def written(error: StoreError | None) -> None:
+            if error is not None:
+                log.error(
+                    "%s: a restart now would not resend the result %s", error, operation.context()
+                )
+            self._publish_owed(operation, new_lines)
+
+        self.writer.submit(write, written)
 
     def _record_of(self, operation: LiveOperation, to_cloud: Iterable[str]) -> OperationRecord:
         """The operation's file as it must be now."""
@@ -859,10 +912,15 @@ class FirmwarePlugin:
 
     def _owe(self, operation: LiveOperation, lines: Iterable[str]) -> None:
         """Publish lines for Cumulocity; each one is owed until the broker acknowledged it."""
+        new_lines = list(lines)
+        operation.owed.extend(new_lines)
+        self._publish_owed(operation, new_lines)
+        if not operation.owed and operation.state.ended:
+            self._forget(operation)
+
+    def _publish_owed(self, operation: LiveOperation, lines: Iterable[str]) -> None:
         op_id = operation.op_id
         for line in lines:
-            operation.owed.append(line)
-
             # Handled at once, not queued behind other inputs: the sooner the file records the
             # acknowledgement, the smaller the window in which a kill -9 makes a restart send a
             # line the broker already has (also while the session flushes at shutdown).
@@ -871,8 +929,6 @@ class FirmwarePlugin:
 
             topic = topics.c8y_upstream(operation.child_id)
             self.publisher.publish(topic, line, when_done=delivered)
-        if not operation.owed and operation.state.ended:
-            self._forget(operation)
 
     def _on_delivered(self, op_id: str, line: str, acknowledged: bool) -> None:
         """The broker acknowledged (or refused) a line for Cumulocity that `op_id` owed."""
@@ -892,17 +948,24 @@ class FirmwarePlugin:
             self._forget(operation)
         elif operation.state is State.EXECUTING and operation.record is not None:
             # Cumulocity has the 501: a restart must not announce the operation again
-            try:
-                operation.record = self._record_of(operation, to_cloud=())
-                self.store.save(operation.record)
-            except StoreError as error:
-                log.warning("%s %s", error, operation.context())
+            record = operation.record = self._record_of(operation, to_cloud=())
+
+            def written(error: StoreError | None) -> None:
+                if error is not None:
+                    log.warning("%s %s", error, operation.context())
+
+            self.writer.submit(functools.partial(self.store.save, record), written)
 
     def _forget(self, operation: LiveOperation) -> None:
         """The broker has every line the operation owed: its file goes."""
-        self.operations.pop(operation.op_id, None)
-        self.store.delete(operation.op_id)
-        self.fetching.delete(operation.op_id)
+        op_id = operation.op_id
+        self.operations.pop(op_id, None)
+
+        def delete() -> None:
+            self.store.delete(op_id)
+            self.fetching.delete(op_id)
+
+        self.writer.submit(delete)
         log.debug("result delivered, operation forgotten %s", operation.context())
 
     def _unpublish_unless_used(self, operation: LiveOperation) -> None:

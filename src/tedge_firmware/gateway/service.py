@@ -42,7 +42,7 @@ from tedge_firmware.shell.config_file import resolve_device_id
 from tedge_firmware.shell.downloader import Downloader
 from tedge_firmware.shell.file_transfer import FileTransferServer
 from tedge_firmware.shell.mqtt import Message, MqttSession, MqttSettings, Will
-from tedge_firmware.shell.store import fetch_store, operation_store
+from tedge_firmware.shell.store import StoreWriter, fetch_store, operation_store
 from tedge_firmware.shell.timers import Timers
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,7 @@ def build_plugin(
         fetcher=downloader,
         operations=operation_store(config.firmware_dir),
         fetching=fetch_store(config.firmware_dir),
+        writer=StoreWriter(),
         cache=cache,
         cache_keeper=CacheKeeper(cache, config.cache_limits, pinned=being_fetched),
         timers=Timers(),
@@ -247,6 +248,8 @@ async def _shutdown(
                     final=Message(topics.health_topic(), health_down().encode(), retain=True),
                     timeout=2.0,
                 )
+            if plugin is not None:
+                await plugin.writer.close()  # what the flush acknowledged, on disk
             await downloader.close()
             if file_transfer is not None:
                 await file_transfer.stop()

@@ -5,10 +5,15 @@
 restart resumes the download instead of losing the operation. A corrupt file never stops the
 service: it is moved aside to `.corrupt/` and logged, so an operator can look at it.
 `scan()` reads the same files without changing anything, for `tedge-firmware ops list`.
+`StoreWriter` runs the writes of a service in a thread of their own, so that the event loop
+never waits for a disk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,3 +139,47 @@ def operation_store(firmware_dir: Path) -> RecordStore[OperationRecord]:
 
 def fetch_store(firmware_dir: Path) -> RecordStore[FetchRecord]:
     return RecordStore(firmware_dir / FETCHING_DIR, FetchRecord.from_json)
+
+
+Written = Callable[[StoreError | None], None]
+
+
+class StoreWriter:
+    """Runs store writes in one thread of its own, in the order they were submitted.
+
+    `submit(write, then)` returns at once; `then(error)` runs on the event loop once `write`
+    has finished (durable, for a `RecordStore.save`), with its StoreError or None. Callbacks
+    run in the order of the writes, so whoever publishes in `then` announces only what is on
+    disk, and a later write (a delete) never overtakes an earlier one (a save).
+    """
+
+    def __init__(self) -> None:
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._pending: set[asyncio.Future[None]] = set()
+
+    def submit(self, write: Callable[[], None], then: Written | None = None) -> None:
+        future = asyncio.get_running_loop().run_in_executor(self._thread, write)
+        self._pending.add(future)
+        future.add_done_callback(functools.partial(self._done, then))
+
+    def _done(self, then: Written | None, future: asyncio.Future[None]) -> None:
+        self._pending.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None and not isinstance(error, StoreError):
+            log.error("unexpected error while writing", exc_info=error)
+            error = StoreError(f"unexpected error while writing: {error}")
+        if then is not None:
+            then(error)
+
+    async def drain(self) -> None:
+        """Wait for every write submitted so far, and for those their callbacks submit."""
+        # A future's done callbacks run in the order they were added: `_done` before gather's.
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Wait for every write, then stop the thread (a later submit() is an error)."""
+        await self.drain()
+        self._thread.shutdown(wait=False)
