@@ -32,6 +32,8 @@ def test_help_loads_neither_the_services_nor_the_simulator_nor_the_demo() -> Non
         "from tedge_firmware.cli.main import main_group\n"
         "assert CliRunner().invoke(main_group, ['--help']).exit_code == 0"
     )
-    heavy = ("aiohttp", "aiomqtt", "paho", "rich", "cryptography", "watchfiles", "asyncio")
+    # tomlkit and logging.config: only a command that reads tedge.toml or logs needs them.
+    heavy = ("aiohttp", "aiomqtt", "paho", "rich", "cryptography", "watchfiles", "asyncio", "tomlkit")
     ours = ("tedge_firmware.sim", "tedge_firmware.demo", "tedge_firmware.connector", "tedge_firmware.gateway.plugin")
     assert sorted(name for name in loaded if name.split(".")[0] in heavy or name.startswith(ours)) == []
+    assert "logging.config" not in loaded

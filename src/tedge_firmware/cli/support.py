@@ -12,7 +12,6 @@ import click
 
 from tedge_firmware.core.config import DEFAULT_CONFIG_DIR, TedgeConfig
 from tedge_firmware.errors import BrokerAuthError, TedgeFirmwareError
-from tedge_firmware.shell.config_file import load_config
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -28,6 +27,8 @@ def load_or_exit(config_dir: Path, *, given: bool = False) -> TedgeConfig:
             f"the configuration directory {config_dir} (--config-dir) does not exist: "
             f"create it (mkdir -p {config_dir}) or give the directory of your tedge.toml"
         )
+    from tedge_firmware.shell.config_file import load_config  # tomlkit: not for `--help`
+
     try:
         return load_config(config_dir)
     except TedgeFirmwareError as error:
