@@ -135,6 +135,26 @@ class InlineWriter:
         pass
 
 
+class HeldWriter:
+    """Keeps writes until the test releases them, in order (a disk that is behind)."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Callable[[], None], Callable[[StoreError | None], None] | None]] = []
+
+    def submit(self, write: Callable[[], None], then: Callable[[StoreError | None], None] | None = None) -> None:
+        self.held.append((write, then))
+
+    def release(self) -> None:
+        while self.held:
+            write, then = self.held.pop(0)
+            write()
+            if then is not None:
+                then(None)
+
+    async def close(self) -> None:
+        self.release()
+
+
 @dataclass
 class Clock:
     now: float = 1000.0
@@ -420,3 +440,45 @@ async def test_the_request_goes_out_once_its_file_is_on_disk_and_the_loop_never_
         async with asyncio.timeout(WAIT):
             await writer.close()
             await rig.plugin.close()
+
+
+def sent_order(rig: Rig) -> list[str]:
+    """Requests and 500s in the order they were published, as "req <child> <attempt>" / "500"."""
+    order = []
+    for sent in rig.publisher.sent:
+        if sent.topic.endswith("/commands/req/firmware_update"):
+            order.append(f"req {sent.topic.split('/')[1]} {json.loads(sent.payload)['attempt']}")
+        elif sent.payload == smartrest.get_pending_operations():
+            order.append("500")
+    return order
+
+
+async def test_after_a_session_loss_the_500_follows_the_requests_still_being_written(
+    tmp_path: Path,
+) -> None:
+    # A child that subscribes once it sees the gateway back must get no request from before.
+    writer = HeldWriter()
+    rig = make_rig(tmp_path, writer=writer)
+    rig.new_operation()
+    writer.release()
+    rig.firmware_ready()
+    writer.release()
+    rig.handle(BrokerSessionLost())
+    assert sent_order(rig) == ["req child1 1"]  # nothing before the write is done
+    writer.release()
+    assert sent_order(rig) == ["req child1 1", "req child1 2", "500"]
+    await rig.plugin.close()
+
+
+async def test_after_a_restart_the_500_follows_the_requests_still_being_written(tmp_path: Path) -> None:
+    first = make_rig(tmp_path)
+    first.new_operation()
+    first.firmware_ready()
+    await first.plugin.close()
+    writer = HeldWriter()
+    rig = make_rig(tmp_path, writer=writer)
+    rig.plugin.recover()
+    assert sent_order(rig) == []
+    writer.release()
+    assert sent_order(rig) == ["req child1 2", "500"]
+    await rig.plugin.close()

@@ -398,7 +398,7 @@ class FirmwarePlugin:
                 operation = self._live(fetch.operation_id, fetch, attempt=fetch.attempt)
                 log.info("resuming the firmware download after restart %s", operation.context())
                 self._join_fetch(operation)
-        self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
+        self.writer.submit(_nothing_to_write, lambda _error: self._ask_for_pending_operations())
         self.cache_keeper.start()
 
     def _usable_child(self, child_id: str, path: Path) -> bool:
@@ -775,10 +775,15 @@ class FirmwarePlugin:
         for operation in waiting:
             operation.attempt += 1
             self._resend(operation)
-        self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
+        # After the re-sent requests (the writer keeps order): a child that subscribes once
+        # it sees the gateway back must not get a request from before its subscription.
+        self.writer.submit(_nothing_to_write, lambda _error: self._ask_for_pending_operations())
         again = ResendUnanswered(since=now)
         for index, delay in enumerate(self.settings.options.resend_after_session_loss):
             self.timers.arm(f"broker-session-{index}", delay, lambda: self.submit(again))
+
+    def _ask_for_pending_operations(self) -> None:
+        self.publisher.publish(topics.C8Y_UPSTREAM, smartrest.get_pending_operations())
 
     def _unanswered(self, since: float) -> list[LiveOperation]:
         """Operations waiting for their child that heard nothing from it since `since`."""
@@ -988,3 +993,7 @@ def health_up() -> str:
 
 def health_down() -> str:
     return json.dumps({"pid": os.getpid(), "status": "down"}, sort_keys=True, separators=(",", ":"))
+
+
+def _nothing_to_write() -> None:
+    """A write that only marks a place in the writer's order."""
