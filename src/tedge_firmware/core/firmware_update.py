@@ -18,12 +18,19 @@ Decisions a device maker may want to know about:
   nothing against whoever can publish requests, and would break gateways behind NAT.
 - `attempt` defaults to 1, `name` and `version` to "" when missing (they are informative).
 - Unknown extra keys are ignored both ways, as thin-edge does.
+
+thin-edge 1.x/2.x commands (`te/`, reference "thin-edge-te-firmware" §2-§3) are the second half
+of this module: a retained `te/<entity>/cmd/firmware_update/<cmd-id>` whose payload is the whole
+command, `{"status", "remoteUrl", "tedgeUrl"?, "name", "version", ...}`. Whoever moves the
+command re-publishes the whole payload with a new `status`: `TeCommand.moved_to` keeps every
+field it was given, in order, and changes only the ones named. An empty payload clears it.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -128,12 +135,18 @@ def parse_response(payload: bytes) -> FirmwareUpdateResponse:
     return FirmwareUpdateResponse(operation_id=op_id, status=child_status, reason=reason)
 
 
-def _json_object(payload: bytes) -> dict[str, object] | str:
-    """The payload's JSON object, or what is wrong with it."""
+def _json_object(payload: bytes, *, strict_numbers: bool = False) -> dict[str, object] | str:
+    """The payload's JSON object, or what is wrong with it. `strict_numbers` refuses NaN and
+    Infinity, which could not be written back as JSON."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         return f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}"
     try:
-        document = json.loads(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        document = (
+            json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+            if strict_numbers
+            else json.loads(text)
+        )
     except UnicodeDecodeError:
         return "payload is not UTF-8"
     except (ValueError, RecursionError) as error:  # ValueError: also a 5,000-digit number
@@ -141,6 +154,17 @@ def _json_object(payload: bytes) -> dict[str, object] | str:
     if not isinstance(document, dict):
         return "payload is not a JSON object"
     return document
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:50]} is out of range")
+    return value
 
 
 def _is_usable_id(value: str) -> bool:
@@ -180,3 +204,141 @@ def _url_problem(url: str) -> str | None:
         return "'url' contains spaces"
     problem = firmware_url_problem(url)
     return None if problem is None else f"'url' is an {problem}"
+
+
+# ---- thin-edge 1.x/2.x `te/` commands ------------------------------------------------------
+
+TE_COMMAND_FILTER = "te/+/+/+/+/cmd/firmware_update/+"
+TE_INIT, TE_EXECUTING, TE_SUCCESSFUL, TE_FAILED = "init", "executing", "successful", "failed"
+# States with a meaning to thin-edge itself: a participant's own state must be none of them.
+TE_RESERVED_STATES = frozenset({TE_INIT, "scheduled", TE_EXECUTING, TE_SUCCESSFUL, TE_FAILED})
+TE_FINAL_STATES = frozenset({TE_SUCCESSFUL, TE_FAILED})
+_TE_STATE = re.compile(r"[a-z][a-z0-9_-]{0,63}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class TeCommandTopic:
+    """`te/<entity>/cmd/firmware_update/<cmd_id>`, with `entity` the four-level topic id of
+    the device (`device/<name>//` for thin-edge's default scheme)."""
+
+    entity: str
+    cmd_id: str
+
+    @property
+    def topic(self) -> str:
+        return f"te/{self.entity}/cmd/firmware_update/{self.cmd_id}"
+
+    @property
+    def device_name(self) -> str | None:
+        """`<name>` of a `device/<name>//` entity; None for any other entity."""
+        parts = self.entity.split("/")
+        if parts[0] == "device" and parts[1] and parts[2:] == ["", ""]:
+            return parts[1]
+        return None
+
+
+def parse_te_command_topic(topic: str) -> TeCommandTopic:
+    """The entity and command id of a `te/` firmware_update command topic; MessageError when
+    the topic is not one (wrong shape, empty or path-like command id)."""
+    parts = topic.split("/")
+    if len(parts) != 8 or parts[0] != "te" or parts[5:7] != ["cmd", "firmware_update"]:
+        raise MessageError(f"not a te/<entity>/cmd/firmware_update/<id> topic: {topic[:200]!r}")
+    cmd_id = parts[7]
+    if not _is_usable_id(cmd_id) or cmd_id in (".", ".."):
+        raise MessageError(f"unusable command id in {topic[:200]!r}")
+    return TeCommandTopic("/".join(parts[1:5]), cmd_id)
+
+
+def te_state_problem(state: str) -> str | None:
+    """Why `state` cannot be a participant's own state of the command, or None."""
+    if not _TE_STATE.fullmatch(state):
+        return f"{state!r} is not a state name (lowercase letters, digits, '_' and '-')"
+    if state in TE_RESERVED_STATES:
+        return f"{state!r} is a state thin-edge itself gives a meaning to"
+    return None
+
+
+@dataclass(frozen=True)
+class TeCommand:
+    """One state of a `te/` firmware_update command: the whole payload, order kept.
+
+    Only `status` is required to read one; `download()` checks what a download needs.
+    """
+
+    fields: dict[str, object]
+
+    @property
+    def status(self) -> str:
+        status = self.fields["status"]
+        assert isinstance(status, str)
+        return status
+
+    def text(self, key: str) -> str | None:
+        value = self.fields.get(key)
+        return value if isinstance(value, str) else None
+
+    def download(self) -> TeDownload:
+        """What to fetch for this command; MessageError names the field that is wrong."""
+        for key in ("remoteUrl", "name", "version"):
+            if not isinstance(self.fields.get(key), str):
+                raise MessageError(f"'{key}' is missing or not a string")
+        remote_url = self.text("remoteUrl") or ""
+        problem = _url_problem(remote_url)
+        if problem is not None:
+            raise MessageError(problem.replace("'url'", "'remoteUrl'"))
+        tedge_url = self.fields.get("tedgeUrl")
+        if tedge_url is not None:
+            if not isinstance(tedge_url, str):
+                raise MessageError("'tedgeUrl' is not a string")
+            problem = _url_problem(tedge_url)
+            if problem is not None:
+                raise MessageError(problem.replace("'url'", "'tedgeUrl'"))
+        return TeDownload(
+            remote_url=remote_url,
+            tedge_url=tedge_url,
+            name=self.text("name") or "",
+            version=self.text("version") or "",
+        )
+
+    def moved_to(self, status: str, **changes: object) -> str:
+        """The whole payload in its next state, as JSON: every field kept, `status` and the
+        `changes` set (new keys at the end)."""
+        document = {**self.fields, "status": status, **changes}
+        text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape: keep it escaped
+            text = json.dumps(document, separators=(",", ":"))
+        return text
+
+    def failed(self, reason: str) -> str:
+        return self.moved_to(TE_FAILED, reason=one_line(reason))
+
+
+@dataclass(frozen=True)
+class TeDownload:
+    """The firmware a command asks for: fetched from `tedge_url` (thin-edge's proxy) when
+    there is one, else `remote_url`; cached under `remote_url`."""
+
+    remote_url: str
+    tedge_url: str | None
+    name: str
+    version: str
+
+    @property
+    def source_url(self) -> str:
+        return self.tedge_url or self.remote_url
+
+
+def parse_te_command(payload: bytes) -> TeCommand | None:
+    """A command payload; None for the empty payload that clears the command. MessageError
+    says what is wrong (not JSON, no `status`, NaN, ...)."""
+    if not payload:
+        return None
+    document = _json_object(payload, strict_numbers=True)
+    if isinstance(document, str):
+        raise MessageError(document)
+    status = document.get("status")
+    if not isinstance(status, str) or not status or _CONTROL.search(status):
+        raise MessageError("'status' is missing or not a printable string")
+    return TeCommand(document)
