@@ -11,8 +11,8 @@ except that the apply steps of one child run one at a time. An operation task:
 2. downloads the file (`DOWNLOADING`: the shared downloader resumes with Range/If-Range after
    cuts and across restarts, with stall timeout and retries) and checks its SHA-256
    (`DOWNLOADED`);
-3. records `APPLYING`, runs the apply step, records `SUCCESSFUL` or `FAILED` and only then
-   reports it; the file is removed, the record kept for re-sent requests.
+3. records `APPLYING`, runs the apply step, records `SUCCESSFUL` or `FAILED`, removes the
+   file and only then reports it; the record is kept for re-sent requests.
 
 Decisions about what a request or a record found at start-up calls for are pure
 (`_state.on_request`, `_state.on_restart`); this module executes them.
@@ -562,6 +562,12 @@ class Connector:
             await asyncio.to_thread(self._store.save, final)
         except OSError as error:
             self._log.error("cannot record the end of the operation: %s %s", error, op.context)
+        # The files go before the status: whoever sees the end sees them gone (and the final
+        # record, already saved, no longer needs them).
+        try:
+            await asyncio.to_thread(self._store.discard_files, final.child_id, final.operation_id)
+        except OSError as error:
+            self._log.warning("cannot remove the operation's files: %s %s", error, op.context)
         # Only now is a re-sent request answered from the final record (until then: executing).
         self._ended[op.key] = final
         self._active.pop(op.key, None)
@@ -570,10 +576,6 @@ class Connector:
         self._report(final)
         suffix = f": {final.reason}" if final.reason else ""
         self._log.info("operation %s%s %s", final.phase.value, suffix, op.context)
-        try:
-            await asyncio.to_thread(self._store.discard_files, final.child_id, final.operation_id)
-        except OSError as error:
-            self._log.warning("cannot remove the operation's files: %s %s", error, op.context)
 
     # ---- helpers --------------------------------------------------------------------------
 
