@@ -102,6 +102,11 @@ VALID: dict[str, tuple[str, object]] = {
     "firmware.registration.cloud_list_timeout": ("2", 2),
     "firmware.cache.max_size": ("2GiB", 2 * 2**30),
     "firmware.cache.max_age": ("2592000", 2592000),
+    "c8y.proxy.bind.port": ("8101", 8101),
+    "c8y.proxy.client.host": ("gateway.lan", "gateway.lan"),
+    "c8y.proxy.client.port": ("8102", 8102),
+    "firmware.te.download_state": ("fw_cache", "fw_cache"),
+    "firmware.te.downloaded_state": ("fw-cached", "fw-cached"),
 }
 
 DEFAULTS: dict[str, object] = {
@@ -134,6 +139,11 @@ DEFAULTS: dict[str, object] = {
     "firmware.registration.cloud_list_timeout": 5,
     "firmware.cache.max_size": None,
     "firmware.cache.max_age": None,
+    "c8y.proxy.bind.port": 8001,
+    "c8y.proxy.client.host": "127.0.0.1",
+    "c8y.proxy.client.port": 8001,
+    "firmware.te.download_state": "gateway_download",
+    "firmware.te.downloaded_state": "gateway_downloaded",
 }
 
 
@@ -171,6 +181,30 @@ def test_defaults_in_the_config_record() -> None:
     assert config.tmp_path == Path("/tmp")
     assert (config.child_update_timeout, config.download_parallel) == (3600, 4)
     assert config.cache_limits.unlimited
+    assert (config.c8y_proxy_host, config.c8y_proxy_port) == ("127.0.0.1", 8001)
+    assert (config.te_download_state, config.te_downloaded_state) == (
+        "gateway_download",
+        "gateway_downloaded",
+    )
+
+
+def test_the_proxy_client_port_follows_the_bind_port() -> None:
+    assert from_doc({"c8y": {"proxy": {"bind": {"port": 9001}}}}).c8y_proxy_port == 9001
+
+
+@pytest.mark.parametrize(
+    "bad", ["executing", "init", "successful", "failed", "scheduled", "Gateway", "a b", "", "x" * 80]
+)
+def test_te_states_that_thin_edge_uses_or_cannot_be_states_are_refused(bad: str) -> None:
+    for key in ("firmware.te.download_state", "firmware.te.downloaded_state"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate_value(key, bad)
+
+
+def test_the_two_te_states_must_differ() -> None:
+    doc = {"firmware": {"te": {"download_state": "fw", "downloaded_state": "fw"}}}
+    with pytest.raises(ConfigError, match=r"both 'fw' \(in /x/tedge.toml\)"):
+        from_doc(doc)
 
 
 def test_every_key_reaches_the_config_record() -> None:
@@ -204,6 +238,8 @@ def test_every_key_reaches_the_config_record() -> None:
     assert (config.cache_max_size, config.cache_max_age) == (2 * 2**30, 2592000)
     assert (config.cache_limits.max_size, config.cache_limits.max_age) == (2 * 2**30, 2592000)
     assert config.c8y_operations_dir == CONFIG_DIR / "operations" / "c8y"
+    assert (config.c8y_proxy_host, config.c8y_proxy_port) == ("gateway.lan", 8102)
+    assert (config.te_download_state, config.te_downloaded_state) == ("fw_cache", "fw-cached")
 
 
 def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:

@@ -21,21 +21,20 @@ import pytest
 from tedge_firmware.core import smartrest
 from tedge_firmware.core.operation import OperationRecord, file_id_for_url
 from tedge_firmware.errors import StoreError
+from tedge_firmware.gateway.fetches import FetchDone
 from tedge_firmware.gateway.plugin import (
     BrokerSessionLost,
-    DownloadedFile,
     DownstreamRecord,
-    FetchDone,
     FirmwarePlugin,
     Incoming,
     Input,
     PluginOptions,
     PluginPorts,
     PluginSettings,
-    RecordWriter,
     ResendUnanswered,
     TimerFired,
 )
+from tedge_firmware.gateway.ports import DownloadedFile, RecordWriter
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.store import RecordStore, StoreWriter, fetch_store, operation_store
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tedge_firmware.core.cache_policy import CacheLimits
+from tedge_firmware.core.firmware_update import te_state_problem
 from tedge_firmware.core.units import parse_size
 from tedge_firmware.errors import ConfigError
 
@@ -95,6 +96,15 @@ def _is_ipv6(text: str) -> bool:
 _port = _int_in(1, 65535, "a port number (1-65535)")
 _seconds = _int_in(1, 10 * 365 * 24 * 3600, "a positive whole number of seconds")
 _count = _int_in(1, 1024, "a whole number from 1 to 1024")
+
+
+def _te_state(key: str, value: object) -> str:
+    """A state of the `te/` firmware_update command that only tedge-firmware uses."""
+    state = _text(key, value)
+    problem = te_state_problem(state)
+    if problem is not None:
+        raise ConfigError(f"invalid value for '{key}': {problem}")
+    return state
 
 
 def _size(key: str, value: object) -> int:
@@ -215,6 +225,14 @@ KEYS: tuple[KeySpec, ...] = (
     ),
     KeySpec("http.cert_path", _path, "TLS certificate of the file-transfer service (https)"),
     KeySpec("http.key_path", _path, "TLS private key of the file-transfer service"),
+    KeySpec("c8y.proxy.bind.port", _port, "Port of thin-edge's Cumulocity proxy", "8001"),
+    KeySpec(
+        "c8y.proxy.client.host",
+        _host,
+        "Host of thin-edge's Cumulocity proxy in a te/ command's tedgeUrl",
+        "127.0.0.1",
+    ),
+    KeySpec("c8y.proxy.client.port", _port, "Port in that tedgeUrl; default: c8y.proxy.bind.port"),
     KeySpec("data.path", _path, "Data directory (cache, firmware, file-transfer)", "/var/tedge"),
     KeySpec("tmp.path", _path, "Temporary directory", "/tmp"),
     KeySpec(
@@ -249,6 +267,18 @@ KEYS: tuple[KeySpec, ...] = (
         "Seconds a cached firmware is kept after its last use",
     ),
     KeySpec(
+        "firmware.te.download_state",
+        _te_state,
+        "State of a te/ firmware_update command that tedge-firmware owns: it downloads then",
+        "gateway_download",
+    ),
+    KeySpec(
+        "firmware.te.downloaded_state",
+        _te_state,
+        "State tedge-firmware moves a te/ command to once the child's copy is ready",
+        "gateway_downloaded",
+    ),
+    KeySpec(
         "firmware.registration.cloud_list_timeout",
         _seconds,
         "Seconds to wait for the cloud's list of children (106) before registering all",
@@ -270,6 +300,7 @@ _TABLE_NAMES: frozenset[str] = frozenset(
 DERIVED_FROM: dict[str, tuple[str, ...]] = {
     "c8y.http": ("c8y.url",),
     "mqtt.client.port": ("mqtt.bind.port",),
+    "c8y.proxy.client.port": ("c8y.proxy.bind.port",),
     "http.bind.address": ("mqtt.external.bind.address", "mqtt.bind.address"),
 }
 CONFIG_DIR_PLACEHOLDER = "<config-dir>"
@@ -411,6 +442,10 @@ class TedgeConfig:
     download_stall_timeout: int
     download_retry_budget: int
     registration_cloud_list_timeout: int
+    c8y_proxy_host: str = "127.0.0.1"
+    c8y_proxy_port: int = 8001
+    te_download_state: str = "gateway_download"
+    te_downloaded_state: str = "gateway_downloaded"
     cache_max_size: int | None = None
     cache_max_age: int | None = None
 
@@ -507,6 +542,13 @@ def config_from_document(
     def get(name: str) -> Any:
         return effective_value(name, raw, config_dir, source)
 
+    download_state = get("firmware.te.download_state")
+    downloaded_state = get("firmware.te.downloaded_state")
+    if download_state == downloaded_state:
+        raise ConfigError(
+            f"firmware.te.download_state and firmware.te.downloaded_state are both "
+            f"{download_state!r} (in {source}): a command must move to another state"
+        )
     return TedgeConfig(
         config_dir=config_dir,
         device_id=get("device.id"),
@@ -536,6 +578,10 @@ def config_from_document(
         download_stall_timeout=get("firmware.download.stall_timeout"),
         download_retry_budget=get("firmware.download.retry_budget"),
         registration_cloud_list_timeout=get("firmware.registration.cloud_list_timeout"),
+        c8y_proxy_host=get("c8y.proxy.client.host"),
+        c8y_proxy_port=get("c8y.proxy.client.port"),
+        te_download_state=download_state,
+        te_downloaded_state=downloaded_state,
         cache_max_size=get("firmware.cache.max_size"),
         cache_max_age=get("firmware.cache.max_age"),
     )

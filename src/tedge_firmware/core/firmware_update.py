@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 
 from tedge_firmware.core.text import one_line
-from tedge_firmware.core.urls import firmware_url_problem
+from tedge_firmware.core.urls import firmware_url_problem, is_proxy_url_for
 from tedge_firmware.errors import MessageError
 
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -287,12 +287,8 @@ class TeCommand:
         if problem is not None:
             raise MessageError(problem.replace("'url'", "'remoteUrl'"))
         tedge_url = self.fields.get("tedgeUrl")
-        if tedge_url is not None:
-            if not isinstance(tedge_url, str):
-                raise MessageError("'tedgeUrl' is not a string")
-            problem = _url_problem(tedge_url)
-            if problem is not None:
-                raise MessageError(problem.replace("'url'", "'tedgeUrl'"))
+        if tedge_url is not None and not isinstance(tedge_url, str):
+            raise MessageError("'tedgeUrl' is not a string")
         return TeDownload(
             remote_url=remote_url,
             tedge_url=tedge_url,
@@ -317,17 +313,21 @@ class TeCommand:
 
 @dataclass(frozen=True)
 class TeDownload:
-    """The firmware a command asks for: fetched from `tedge_url` (thin-edge's proxy) when
-    there is one, else `remote_url`; cached under `remote_url`."""
+    """The firmware a command asks for, cached under `remote_url`."""
 
     remote_url: str
     tedge_url: str | None
     name: str
     version: str
 
-    @property
-    def source_url(self) -> str:
-        return self.tedge_url or self.remote_url
+    def source_url(self, proxy_host: str, proxy_port: int) -> str:
+        """Where to fetch it: `tedge_url` when it is thin-edge's Cumulocity proxy (at
+        `proxy_host:proxy_port`) for `remote_url`, else `remote_url` itself."""
+        if self.tedge_url is not None and is_proxy_url_for(
+            self.tedge_url, self.remote_url, proxy_host, proxy_port
+        ):
+            return self.tedge_url
+        return self.remote_url
 
 
 def parse_te_command(payload: bytes) -> TeCommand | None:

@@ -50,3 +50,25 @@ def _host_problem(host: str) -> str | None:
     except UnicodeError:
         return f"invalid url: the host name {host[:100]!r} is not a valid DNS name"
     return None
+
+
+def is_proxy_url_for(tedge_url: str, remote_url: str, proxy_host: str, proxy_port: int) -> bool:
+    """Whether `tedge_url` is thin-edge's Cumulocity proxy URL for `remote_url`: the proxy's
+    host and port, `/c8y` followed by the remote path, the same query.
+
+    Only such a `tedgeUrl` is fetched in place of `remoteUrl`: the file is cached under
+    `remoteUrl`, so a `tedgeUrl` pointing anywhere else could put other bytes under its name.
+    """
+    try:
+        local, remote = urlsplit(tedge_url), urlsplit(remote_url)
+        local_port = local.port or (443 if local.scheme == "https" else 80)
+    except ValueError:
+        return False
+    remote_path = remote.path or "/"
+    return (
+        local.scheme in ("http", "https")
+        and (local.hostname or "").lower() == proxy_host.strip("[]").lower()
+        and local_port == proxy_port
+        and local.path.rstrip("/") == f"/c8y{remote_path}".rstrip("/")
+        and local.query == remote.query
+    )

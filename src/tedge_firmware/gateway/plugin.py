@@ -35,8 +35,6 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-from urllib.parse import urlsplit
 
 from tedge_firmware.core import smartrest, topics
 from tedge_firmware.core.config import TedgeConfig
@@ -56,15 +54,16 @@ from tedge_firmware.core.operation import (
     step,
     timeout_reason,
 )
-from tedge_firmware.errors import (
-    InputError,
-    JwtError,
-    OperationFailed,
-    SmartRestError,
-    StoreError,
+from tedge_firmware.errors import InputError, SmartRestError, StoreError
+from tedge_firmware.gateway.fetches import FetchDone, FirmwareFetches, JwtBroker
+from tedge_firmware.gateway.ports import (
+    CacheUpkeep,
+    Fetcher,
+    Publisher,
+    RecordWriter,
+    TimerPort,
 )
 from tedge_firmware.shell.cache import FirmwareCache
-from tedge_firmware.shell.durable import sha256_of_file
 from tedge_firmware.shell.log_limits import LogLimiter
 from tedge_firmware.shell.store import RecordStore
 
@@ -83,66 +82,6 @@ PLUGIN_SUBSCRIPTIONS = (
 )
 
 
-class Publisher(Protocol):
-    """Where outgoing MQTT messages go (the MQTT session's outbox). `when_done(True)` once the
-    broker acknowledged the message, `when_done(False)` if the broker refuses it."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes | str,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        when_done: Callable[[bool], None] | None = None,
-    ) -> None: ...
-
-
-class TimerPort(Protocol):
-    """Timers by key: arming a key again replaces its timer; `fire` runs on the event loop."""
-
-    def arm(self, key: str, seconds: float, fire: Callable[[], None]) -> None: ...
-
-    def cancel(self, key: str) -> None: ...
-
-    def cancel_all(self) -> None: ...
-
-
-class RecordWriter(Protocol):
-    """Runs store writes off the event loop, in order; `then(error)` runs on the loop once the
-    write is done (see `StoreWriter`)."""
-
-    def submit(
-        self, write: Callable[[], None], then: Callable[[StoreError | None], None] | None = None
-    ) -> None: ...
-
-    async def close(self) -> None:
-        """Wait for every write submitted (and those their callbacks submit), then stop."""
-
-
-class CacheUpkeep(Protocol):
-    """Keeps the cache within its limits; `request()` asks for a pass (see CacheKeeper)."""
-
-    def start(self) -> None: ...
-
-    def request(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class DownloadedFile(Protocol):
-    @property
-    def sha256(self) -> str: ...
-
-
-class Fetcher(Protocol):
-    """Downloads a url into `target` (atomically), raising DownloadError on failure."""
-
-    async def download(
-        self, url: str, target: Path, *, token: str | None = None
-    ) -> DownloadedFile: ...
-
-
 # ---- inputs of the loop -------------------------------------------------------------------
 
 
@@ -150,13 +89,6 @@ class Fetcher(Protocol):
 class Incoming:
     topic: str
     payload: bytes
-
-
-@dataclass(frozen=True)
-class FetchDone:
-    file_id: str
-    sha256: str | None
-    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -281,60 +213,6 @@ class PluginPorts:
     clock: Callable[[], float]  # monotonic seconds (the event loop's time)
 
 
-class JwtBroker:
-    """Gets a JWT over MQTT (`c8y/s/uat` → `71,<token>` on `c8y/s/dat`) without blocking the loop.
-
-    Concurrent callers share one request. A malformed answer or none in time is a JwtError.
-    """
-
-    def __init__(self, publisher: Publisher, options: PluginOptions) -> None:
-        self._publisher = publisher
-        self._options = options
-        self._waiter: asyncio.Future[str] | None = None
-        self._request: asyncio.Task[str] | None = None
-
-    async def token(self) -> str:
-        if self._request is None or self._request.done():
-            self._request = asyncio.create_task(self._fetch(), name="jwt-request")
-        return await asyncio.shield(self._request)
-
-    async def _fetch(self) -> str:
-        loop = asyncio.get_running_loop()
-        for attempt in range(1, self._options.jwt_attempts + 1):
-            self._waiter = loop.create_future()
-            self._publisher.publish(topics.C8Y_JWT_REQUEST, b"")
-            try:
-                async with asyncio.timeout(self._options.jwt_timeout):
-                    return await self._waiter
-            except TimeoutError:
-                log.warning("no JWT token on %s (attempt %d)", topics.C8Y_JWT_RESPONSE, attempt)
-            finally:
-                self._waiter = None
-        raise JwtError("Failed to retrieve JWT token.")
-
-    def on_response(self, payload: bytes) -> None:
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            log.debug("JWT answer on %s that nobody asked for: ignored", topics.C8Y_JWT_RESPONSE)
-            return
-        try:
-            token = smartrest.parse_jwt_response(payload.decode("utf-8").strip())
-        except (UnicodeDecodeError, SmartRestError) as error:
-            waiter.set_exception(
-                JwtError(f"Failed to retrieve JWT token: malformed answer ({error})")
-            )
-            return
-        waiter.set_result(token)
-
-
-@dataclass
-class _Fetch:
-    """One download in flight and the operations waiting for it."""
-
-    waiting: set[str] = field(default_factory=set)
-    task: asyncio.Task[None] | None = None
-
-
 class FirmwarePlugin:
     """The orchestrator. Feed it with `submit()`, run it with `run()`."""
 
@@ -342,7 +220,6 @@ class FirmwarePlugin:
         self.settings = settings
         self.device_id = settings.device_id
         self.publisher = ports.publisher
-        self.fetcher = ports.fetcher
         self.store = ports.operations
         self.fetching = ports.fetching
         self.writer = ports.writer
@@ -350,15 +227,17 @@ class FirmwarePlugin:
         self.cache_keeper = ports.cache_keeper
         self.timers = ports.timers
         self.clock = ports.clock
-        self.jwt = JwtBroker(self.publisher, settings.options)
-        self.fetches: dict[str, _Fetch] = {}
+        jwt = JwtBroker(self.publisher, settings.options.jwt_timeout, settings.options.jwt_attempts)
+        self.fetches = FirmwareFetches(
+            ports.fetcher, self.cache, jwt, settings.tenant_host, report=self.submit
+        )
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
         self.operations: dict[str, LiveOperation] = {}
         self.peer_errors = LogLimiter(log)  # what a peer can make us log, once a minute
 
     def fetching_file_ids(self) -> Collection[str]:
         """The FILE_IDs being fetched: the cache keeper must not evict them meanwhile."""
-        return self.fetches.keys()
+        return self.fetches.file_ids()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -442,10 +321,7 @@ class FirmwarePlugin:
         self.peer_errors.flush()
         self.timers.cancel_all()
         await self.cache_keeper.close()
-        tasks = [fetch.task for fetch in self.fetches.values() if fetch.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.fetches.close()
 
     # ---- dispatch -----------------------------------------------------------------------
 
@@ -470,7 +346,7 @@ class FirmwarePlugin:
         if topic == topics.C8Y_DOWNSTREAM:
             self._on_smartrest(payload)
         elif topic == topics.C8Y_JWT_RESPONSE:
-            self.jwt.on_response(payload[: smartrest.MAX_DOWNSTREAM_BYTES])
+            self.fetches.jwt.on_response(payload[: smartrest.MAX_DOWNSTREAM_BYTES])
         elif topic in (topics.HEALTH_CHECK, topics.health_check_topic()):
             self.publish_health()
         elif topic.startswith("tedge/") and topic.endswith("/commands/res/firmware_update"):
@@ -590,67 +466,10 @@ class FirmwarePlugin:
         self.writer.submit(functools.partial(self.fetching.save, record), saved)
 
     def _join_fetch(self, operation: LiveOperation) -> None:
-        fetch = self.fetches.get(operation.file_id)
-        if fetch is None:
-            fetch = _Fetch()
-            self.fetches[operation.file_id] = fetch
-            fetch.task = asyncio.create_task(
-                self._fetch(operation.file_id, operation.cloud_url),
-                name=f"fetch-{operation.file_id[:12]}",
-            )
-        fetch.waiting.add(operation.op_id)
-
-    async def _fetch(self, file_id: str, url: str) -> None:
-        try:
-            sha256 = await self._obtain(file_id, url)
-        except OperationFailed as error:
-            self.submit(FetchDone(file_id, None, error.reason))
-        except asyncio.CancelledError:
-            raise
-        except (
-            Exception
-        ) as error:  # a bug or an unmapped error must fail the operations, not hang them
-            log.exception("fetching %s failed unexpectedly", url)
-            self.submit(FetchDone(file_id, None, f"Download from {url} failed with {error}"))
-        else:
-            self.submit(FetchDone(file_id, sha256, None))
-
-    async def _obtain(self, file_id: str, url: str) -> str:
-        entry = self.cache.entry(file_id)
-        await asyncio.to_thread(entry.parent.mkdir, parents=True, exist_ok=True)
-        cached = await asyncio.to_thread(self._cached_sha256, file_id)
-        if cached is not None:
-            log.info("firmware found in cache %s for %s", entry, url)
-            return cached
-        token = await self.jwt.token() if self._is_tenant_url(url) else None
-        result = await self.fetcher.download(url, entry, token=token)
-        return result.sha256
-
-    def _cached_sha256(self, file_id: str) -> str | None:
-        """The digest of the cached entry, counted as a use; None when it is not (or no
-        longer: evicted meanwhile) in the cache."""
-        if not self.cache.is_cached(file_id):
-            return None
-        try:
-            self.cache.touch(file_id)
-            return sha256_of_file(self.cache.entry(file_id))
-        except FileNotFoundError:
-            return None
-
-    def _is_tenant_url(self, url: str) -> bool:
-        """JWT only for the tenant's own host (port ignored), never for anyone else."""
-        tenant = self.settings.tenant_host
-        try:
-            host = urlsplit(url.strip()).hostname
-        except ValueError:
-            return False
-        return tenant is not None and host is not None and host.lower() == tenant
+        self.fetches.join(operation.file_id, operation.cloud_url, waiter=operation.op_id)
 
     def _on_fetch_done(self, done: FetchDone) -> None:
-        fetch = self.fetches.pop(done.file_id, None)
-        if fetch is None:
-            return
-        for op_id in sorted(fetch.waiting):
+        for op_id in self.fetches.finish(done):
             operation = self.operations.get(op_id)
             if operation is None or operation.state.ended:
                 continue

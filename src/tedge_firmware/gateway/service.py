@@ -32,10 +32,10 @@ from tedge_firmware.gateway.plugin import (
     PluginOptions,
     PluginPorts,
     PluginSettings,
-    Publisher,
     health_down,
     health_up,
 )
+from tedge_firmware.gateway.ports import Publisher
 from tedge_firmware.gateway.registration import RegistrationOptions, serve_registration
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.config_file import resolve_device_id

@@ -1,0 +1,191 @@
+"""Firmware downloads into the cache, one per FILE_ID whoever needs it (single flight).
+
+Legacy operations and `te/` commands alike `join` the fetch of the file they need, named by a
+waiter key of their own; the fetch runs in a task and answers with one `FetchDone` input on the
+orchestrator's queue; `finish` then hands back every waiter. A waiter that no longer needs the
+file `leave`s; the last one to leave cancels the download (its partial file stays, and a later
+fetch of the same file resumes it).
+
+The JWT goes only to the tenant's own host (port ignored), whatever URL the file comes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from tedge_firmware.core import smartrest, topics
+from tedge_firmware.errors import JwtError, OperationFailed, SmartRestError
+from tedge_firmware.gateway.ports import Fetcher, Publisher
+from tedge_firmware.shell.cache import FirmwareCache
+from tedge_firmware.shell.durable import sha256_of_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchDone:
+    """A fetch ended: `sha256` of the cached file, or None and the `reason` it failed."""
+
+    file_id: str
+    sha256: str | None
+    reason: str | None
+
+
+class JwtBroker:
+    """Gets a JWT over MQTT (`c8y/s/uat` → `71,<token>` on `c8y/s/dat`) without blocking the loop.
+
+    Concurrent callers share one request. A malformed answer or none in time is a JwtError.
+    """
+
+    def __init__(self, publisher: Publisher, timeout: float, attempts: int) -> None:
+        self._publisher = publisher
+        self._timeout = timeout
+        self._attempts = attempts
+        self._waiter: asyncio.Future[str] | None = None
+        self._request: asyncio.Task[str] | None = None
+
+    async def token(self) -> str:
+        if self._request is None or self._request.done():
+            self._request = asyncio.create_task(self._fetch(), name="jwt-request")
+        return await asyncio.shield(self._request)
+
+    async def _fetch(self) -> str:
+        loop = asyncio.get_running_loop()
+        for attempt in range(1, self._attempts + 1):
+            self._waiter = loop.create_future()
+            self._publisher.publish(topics.C8Y_JWT_REQUEST, b"")
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await self._waiter
+            except TimeoutError:
+                log.warning("no JWT token on %s (attempt %d)", topics.C8Y_JWT_RESPONSE, attempt)
+            finally:
+                self._waiter = None
+        raise JwtError("Failed to retrieve JWT token.")
+
+    def on_response(self, payload: bytes) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            log.debug("JWT answer on %s that nobody asked for: ignored", topics.C8Y_JWT_RESPONSE)
+            return
+        try:
+            token = smartrest.parse_jwt_response(payload.decode("utf-8").strip())
+        except (UnicodeDecodeError, SmartRestError) as error:
+            waiter.set_exception(
+                JwtError(f"Failed to retrieve JWT token: malformed answer ({error})")
+            )
+            return
+        waiter.set_result(token)
+
+
+@dataclass
+class _Fetch:
+    """One download in flight and who waits for it."""
+
+    waiting: set[str] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+
+class FirmwareFetches:
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        cache: FirmwareCache,
+        jwt: JwtBroker,
+        tenant_host: str | None,
+        report: Callable[[FetchDone], None],
+    ) -> None:
+        """`report` puts a FetchDone on the orchestrator's queue."""
+        self._fetcher = fetcher
+        self._cache = cache
+        self.jwt = jwt
+        self._tenant_host = tenant_host
+        self._report = report
+        self._fetches: dict[str, _Fetch] = {}
+
+    def file_ids(self) -> Collection[str]:
+        """The FILE_IDs being fetched: the cache keeper must not evict them meanwhile."""
+        return self._fetches.keys()
+
+    def join(self, file_id: str, url: str, waiter: str) -> None:
+        """Wait for `file_id` (cached under that name), downloading it from `url` unless a
+        fetch of it runs already."""
+        fetch = self._fetches.get(file_id)
+        if fetch is None:
+            fetch = self._fetches[file_id] = _Fetch()
+            fetch.task = asyncio.create_task(
+                self._fetch(file_id, url), name=f"fetch-{file_id[:12]}"
+            )
+        fetch.waiting.add(waiter)
+
+    def leave(self, file_id: str, waiter: str) -> None:
+        """`waiter` no longer needs the file; the download stops when nobody does."""
+        fetch = self._fetches.get(file_id)
+        if fetch is None:
+            return
+        fetch.waiting.discard(waiter)
+        if not fetch.waiting:
+            del self._fetches[file_id]
+            if fetch.task is not None:
+                fetch.task.cancel()
+            log.info("download of %s stopped: nothing waits for it any more", file_id)
+
+    def finish(self, done: FetchDone) -> list[str]:
+        """The waiters of a fetch that reported `done`, in a stable order; [] when it had
+        been stopped meanwhile."""
+        fetch = self._fetches.pop(done.file_id, None)
+        return [] if fetch is None else sorted(fetch.waiting)
+
+    async def close(self) -> None:
+        tasks = [fetch.task for fetch in self._fetches.values() if fetch.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fetch(self, file_id: str, url: str) -> None:
+        try:
+            sha256 = await self._obtain(file_id, url)
+        except OperationFailed as error:
+            self._report(FetchDone(file_id, None, error.reason))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug or an unmapped error fails the waiters, never hangs
+            log.exception("fetching %s failed unexpectedly", url)
+            self._report(FetchDone(file_id, None, f"Download from {url} failed with {error}"))
+        else:
+            self._report(FetchDone(file_id, sha256, None))
+
+    async def _obtain(self, file_id: str, url: str) -> str:
+        entry = self._cache.entry(file_id)
+        await asyncio.to_thread(entry.parent.mkdir, parents=True, exist_ok=True)
+        cached = await asyncio.to_thread(self._cached_sha256, file_id)
+        if cached is not None:
+            log.info("firmware found in cache %s for %s", entry, url)
+            return cached
+        token = await self.jwt.token() if self.is_tenant_url(url) else None
+        result = await self._fetcher.download(url, entry, token=token)
+        return result.sha256
+
+    def _cached_sha256(self, file_id: str) -> str | None:
+        """The digest of the cached entry, counted as a use; None when it is not (or no
+        longer: evicted meanwhile) in the cache."""
+        if not self._cache.is_cached(file_id):
+            return None
+        try:
+            self._cache.touch(file_id)
+            return sha256_of_file(self._cache.entry(file_id))
+        except FileNotFoundError:
+            return None
+
+    def is_tenant_url(self, url: str) -> bool:
+        """JWT only for the tenant's own host (port ignored), never for anyone else."""
+        tenant = self._tenant_host
+        try:
+            host = urlsplit(url.strip()).hostname
+        except ValueError:
+            return False
+        return tenant is not None and host is not None and host.lower() == tenant

@@ -1,0 +1,71 @@
+"""The ports of the gateway's orchestrator: what it does I/O with, as protocols. The service
+plugs in the real shells; tests plug in recording fakes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from tedge_firmware.errors import StoreError
+
+
+class Publisher(Protocol):
+    """Where outgoing MQTT messages go (the MQTT session's outbox). `when_done(True)` once the
+    broker acknowledged the message, `when_done(False)` if the broker refuses it."""
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        when_done: Callable[[bool], None] | None = None,
+    ) -> None: ...
+
+
+class TimerPort(Protocol):
+    """Timers by key: arming a key again replaces its timer; `fire` runs on the event loop."""
+
+    def arm(self, key: str, seconds: float, fire: Callable[[], None]) -> None: ...
+
+    def cancel(self, key: str) -> None: ...
+
+    def cancel_all(self) -> None: ...
+
+
+class RecordWriter(Protocol):
+    """Runs store writes off the event loop, in order; `then(error)` runs on the loop once the
+    write is done (see `StoreWriter`)."""
+
+    def submit(
+        self, write: Callable[[], None], then: Callable[[StoreError | None], None] | None = None
+    ) -> None: ...
+
+    async def close(self) -> None:
+        """Wait for every write submitted (and those their callbacks submit), then stop."""
+
+
+class CacheUpkeep(Protocol):
+    """Keeps the cache within its limits; `request()` asks for a pass (see CacheKeeper)."""
+
+    def start(self) -> None: ...
+
+    def request(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class DownloadedFile(Protocol):
+    @property
+    def sha256(self) -> str: ...
+
+
+class Fetcher(Protocol):
+    """Downloads a url into `target` (atomically, resuming a partial file), raising
+    DownloadError on failure."""
+
+    async def download(
+        self, url: str, target: Path, *, token: str | None = None
+    ) -> DownloadedFile: ...
