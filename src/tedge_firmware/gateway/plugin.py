@@ -39,6 +39,7 @@ from pathlib import Path
 from tedge_firmware.core import smartrest, topics
 from tedge_firmware.core.config import TedgeConfig
 from tedge_firmware.core.firmware_update import (
+    TE_COMMAND_FILTER,
     ChildStatus,
     FirmwareUpdateRequest,
     FirmwareUpdateResponse,
@@ -63,6 +64,7 @@ from tedge_firmware.gateway.ports import (
     RecordWriter,
     TimerPort,
 )
+from tedge_firmware.gateway.te_participant import TeParticipant, TeSettings
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.log_limits import LogLimiter
 from tedge_firmware.shell.store import RecordStore
@@ -79,6 +81,7 @@ PLUGIN_SUBSCRIPTIONS = (
     topics.FIRMWARE_RESPONSES,
     topics.HEALTH_CHECK,
     topics.health_check_topic(),
+    TE_COMMAND_FILTER,
 )
 
 
@@ -184,6 +187,7 @@ class PluginSettings:
     tenant_host: str | None  # the JWT goes to this host only; None: to no one
     child_update_timeout: int  # seconds a child may stay silent
     options: PluginOptions = field(default_factory=PluginOptions)
+    te: TeSettings = field(default_factory=TeSettings)
 
     @classmethod
     def from_tedge(
@@ -195,6 +199,12 @@ class PluginSettings:
             tenant_host=config.tenant_host,
             child_update_timeout=config.child_update_timeout,
             options=options or PluginOptions(),
+            te=TeSettings(
+                download_state=config.te_download_state,
+                downloaded_state=config.te_downloaded_state,
+                proxy_host=config.c8y_proxy_host,
+                proxy_port=config.c8y_proxy_port,
+            ),
         )
 
 
@@ -234,6 +244,16 @@ class FirmwarePlugin:
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
         self.operations: dict[str, LiveOperation] = {}
         self.peer_errors = LogLimiter(log)  # what a peer can make us log, once a minute
+        self.te = TeParticipant(
+            settings.te,
+            self.publisher,
+            self.cache,
+            self.fetches,
+            settings.file_transfer_base_url,
+            cache_keeper=self.cache_keeper,
+            used_by_legacy=self._legacy_uses,
+            peer_errors=self.peer_errors,
+        )
 
     def fetching_file_ids(self) -> Collection[str]:
         """The FILE_IDs being fetched: the cache keeper must not evict them meanwhile."""
@@ -351,6 +371,8 @@ class FirmwarePlugin:
             self.publish_health()
         elif topic.startswith("tedge/") and topic.endswith("/commands/res/firmware_update"):
             self._on_child_response(topic, payload)
+        elif topic.startswith("te/"):
+            self.te.on_command(topic, payload)
         else:
             log.debug("message on %s ignored", topic)
 
@@ -469,7 +491,8 @@ class FirmwarePlugin:
         self.fetches.join(operation.file_id, operation.cloud_url, waiter=operation.op_id)
 
     def _on_fetch_done(self, done: FetchDone) -> None:
-        for op_id in self.fetches.finish(done):
+        waiters = self.fetches.finish(done)
+        for op_id in waiters:
             operation = self.operations.get(op_id)
             if operation is None or operation.state.ended:
                 continue
@@ -477,6 +500,7 @@ class FirmwarePlugin:
                 self._abort(operation, done.reason or f"Download from {operation.cloud_url} failed")
             else:
                 self._send_first_request(operation, done.sha256)
+        self.te.on_fetch_done(done, waiters)
         if done.sha256 is not None:
             self.cache_keeper.request()  # the cache grew; the new entry is published by now
 
@@ -793,16 +817,18 @@ class FirmwarePlugin:
         log.debug("result delivered, operation forgotten %s", operation.context())
 
     def _unpublish_unless_used(self, operation: LiveOperation) -> None:
-        """Remove the operation's published link unless a live operation of the child uses it."""
-        still_used = any(
-            not other.state.ended
-            and other.child_id == operation.child_id
-            and other.file_id == operation.file_id
-            for other in self.operations.values()
-        )
-        if not still_used:
+        """Remove the operation's published link unless a live operation or `te/` command of
+        the child uses it."""
+        copy = (operation.child_id, operation.file_id)
+        if not self._legacy_uses(*copy) and not self.te.uses(*copy):
             self.cache.unpublish(operation.child_id, operation.file_id)
             self.cache_keeper.request()  # the entry may be free to go now
+
+    def _legacy_uses(self, child_id: str, file_id: str) -> bool:
+        return any(
+            not op.state.ended and op.child_id == child_id and op.file_id == file_id
+            for op in self.operations.values()
+        )
 
 
 def health_up() -> str:
