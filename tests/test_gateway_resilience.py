@@ -308,3 +308,65 @@ async def test_a_child_that_comes_back_late_after_the_broker_lost_everything_get
                 assert (again["id"], again["attempt"]) == (request["id"], 3)
                 await child.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
                 assert await child.sequence(us(), 3) == [E501, INSTALLED, E503]
+
+
+# --- te/ commands: the broker keeps the command, so a crash or a broker restart redoes our step
+
+
+TE_COMMAND = "te/device/te-child///cmd/firmware_update/c8y-mapper-42"
+TE_PAYLOAD = json.dumps({"status": "gateway_download", "remoteUrl": U, "name": "fw", "version": "1"})
+
+
+async def test_kill_9_during_the_te_hand_over_hands_over_once_after_the_restart(
+    tmp_path: Path, broker: Broker
+) -> None:
+    data = tmp_path / "data"
+    link = data / "file-transfer" / "te-child" / "firmware_update" / K
+    async with LinkProxy(broker.port) as proxy, observer(broker.port, [TE_COMMAND, "c8y/s/us"]) as obs:
+        with gateway_process(tmp_path, proxy.port) as gateway:  # the firmware of U is cached
+            gateway.start()
+            assert await obs.next("c8y/s/us", timeout=20) == b"500"  # connected and subscribed
+            # what the gateway publishes now reaches no one; what it receives still arrives
+            proxy.freeze(upstream=True, downstream=False)
+            await obs.publish(TE_COMMAND, TE_PAYLOAD, retain=True)
+            assert await obs.next(TE_COMMAND) == TE_PAYLOAD.encode()
+            assert await eventually(link.is_symlink, timeout=20)  # handed over, not yet published
+            gateway.kill()
+            proxy.cut()  # what the frozen link held is lost with the process
+            proxy.thaw()
+            gateway.start()
+            moved = json.loads(await obs.next(TE_COMMAND, timeout=20))
+            assert moved["status"] == "gateway_downloaded"
+            assert str(moved["tedgeUrl"]).endswith(f"/te-child/firmware_update/{K}")
+            await obs.silence(1.0, [TE_COMMAND])  # once
+            assert gateway.terminate() == 0
+    assert "Traceback" not in (tmp_path / "gateway.log").read_text()
+
+
+async def test_a_te_download_completes_across_a_broker_restart(
+    tmp_path: Path, broker: Broker, config_dir: Path
+) -> None:
+    from harness import FirmwareServer
+
+    cloud = FirmwareServer(files={"fw.bin": b"te firmware"}, gates={"fw.bin": asyncio.Event()})
+    await cloud.start()
+    gateway = Gateway(config_dir, tmp_path / "data")
+    command = {"status": "gateway_download", "remoteUrl": cloud.url("fw.bin"), "name": "fw", "version": "1"}
+    try:
+        await gateway.start()
+        async with observer(broker.port, [TE_COMMAND]) as obs:
+            await obs.publish(TE_COMMAND, json.dumps(command), retain=True)
+            async with asyncio.timeout(10):
+                await cloud.arrivals["fw.bin"].wait()
+        broker.stop()  # saves its state: the retained command survives
+        broker.start()
+        async with observer(broker.port, [TE_COMMAND]) as obs:
+            assert json.loads(await obs.next(TE_COMMAND)) == command  # retained
+            cloud.gates["fw.bin"].set()
+            moved = json.loads(await obs.next(TE_COMMAND, timeout=20))
+            assert moved["status"] == "gateway_downloaded"
+            await obs.silence(1.0)  # once, although the command came again after the restart
+        assert cloud.count("fw.bin") == 1
+    finally:
+        await gateway.stop()
+        await cloud.stop()

@@ -100,3 +100,41 @@ async def test_kill_9_during_download_resumes_after_restart(
         finally:
             if process.process is not None and process.process.poll() is None:
                 process.kill()
+
+
+async def test_kill_9_during_a_te_download_resumes_and_completes_every_waiting_command(
+    tmp_path: Path, broker: Broker, origin: tuple[int, bytes]
+) -> None:
+    port, content = origin
+    config_dir = tmp_path / "etc"
+    data = tmp_path / "data"
+    write_config(config_dir, data, broker.port, free_port())
+    process = GatewayProcess(config_dir, tmp_path / "gateway.log")
+    children = ["te-a", "te-b", "te-c"]
+    commands = {child: f"te/device/{child}///cmd/firmware_update/c8y-mapper-7" for child in children}
+    async with FaultProxy(port) as proxy, observer(broker.port, ["te/+/+/+/+/cmd/firmware_update/+"]) as obs:
+        proxy.plan(Fault.stall(STALL_AFTER))
+        url = proxy.url("/big.bin")
+        part = data / "cache" / f"{file_id_for_url(url)}.part"
+        process.start()
+        try:
+            for where in commands.values():
+                payload = {"status": "gateway_download", "remoteUrl": url, "name": "big", "version": "2.0"}
+                await obs.publish(where, json.dumps(payload), retain=True)
+            for where in commands.values():
+                await obs.next(where)  # our own, retained
+            await proxy.wait_faults(1)
+            await wait_for_size(part, STALL_AFTER - (2 << 20))
+            process.kill()
+            proxy.release_stalls()
+            process.start()  # the retained commands come back in our state
+            moved = [json.loads(await obs.next(where, timeout=60)) for where in commands.values()]
+            assert {m["status"] for m in moved} == {"gateway_downloaded"}
+            assert {m["sha256"] for m in moved} == {sha256(content)}
+            assert (data / "cache" / file_id_for_url(url)).read_bytes() == content
+            assert proxy.bytes_to_client <= SIZE * 1.05, proxy.bytes_to_client
+            assert process.terminate() == 0
+        finally:
+            if process.process is not None and process.process.poll() is None:
+                process.kill()
+    assert "Traceback" not in (tmp_path / "gateway.log").read_text()

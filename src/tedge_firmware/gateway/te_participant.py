@@ -97,6 +97,9 @@ class TeParticipant:
         self._peer_errors = peer_errors
         self.waiting: dict[str, _Waiting] = {}  # by command topic
         self.handed: dict[str, Copy] = {}  # commands whose tedgeUrl is a copy of ours
+        # What we moved on, by topic, until the command ends: the same command in our state
+        # again is a stale copy (queued for our session, or re-sent) of what we served.
+        self.served: dict[str, TeCommand] = {}
 
     def uses(self, child_id: str, file_id: str) -> bool:
         """Whether a live command needs the copy published for `child_id`."""
@@ -137,6 +140,9 @@ class TeParticipant:
         known = self.waiting.get(where.topic)
         if known is not None and known.command == command:
             return  # the retained command again (a re-subscription): its fetch runs
+        if self.served.get(where.topic) == command:
+            log.debug("te/ command %s in our state again, as we served it: ignored", where.topic)
+            return
         self._stop_waiting(where.topic, "it came again with other fields")
         child_id = where.device_name
         if child_id is None:
@@ -197,6 +203,7 @@ class TeParticipant:
             return
         topic = waiting.where.topic
         self.handed[topic] = (waiting.child_id, waiting.file_id)
+        self.served[topic] = waiting.command
         moved = waiting.command.moved_to(
             self.settings.downloaded_state,
             tedgeUrl=self._copy_url(waiting.child_id, waiting.file_id),
@@ -212,6 +219,7 @@ class TeParticipant:
 
     def _fail(self, where: TeCommandTopic, command: TeCommand, reason: str) -> None:
         log.error("te/ command failed: %s cmd=%s entity=%s", reason, where.cmd_id, where.entity)
+        self.served[where.topic] = command
         self._publisher.publish(where.topic, command.failed(reason), retain=True)
 
     # ---- the copies handed to children --------------------------------------------------
@@ -230,6 +238,7 @@ class TeParticipant:
             self.handed[where.topic] = (child_id, file_id)
 
     def _end(self, topic: str) -> None:
+        self.served.pop(topic, None)
         copy = self.handed.pop(topic, None)
         if copy is None or self.uses(*copy) or self._used_by_legacy(*copy):
             return
