@@ -25,6 +25,7 @@ def test_all_is_pinned_and_sorted() -> None:
         "Phase",
         "Progress",
         "ProgressHook",
+        "TeStates",
         "TedgeFirmwareError",
         "VerifyStep",
     ]

@@ -2,7 +2,7 @@
 
     tedge-firmware connector --child-id ID [--child-id ID2 ...] --apply-command CMD
         [--verify-command CMD] [--config-dir DIR | --mqtt-host H --mqtt-port P]
-        [--work-dir D] [--apply-timeout S] [--register] ...
+        [--work-dir D] [--apply-timeout S] [--register] [--protocol legacy|te] ...
 
 The broker comes from `<config-dir>/tedge.toml` (`mqtt.client.*`, TLS included) unless
 `--mqtt-host`/`--mqtt-port` are given; with only those, no configuration file is read.
@@ -136,6 +136,15 @@ def _seconds_or_none(value: float) -> float | None:
     help="Seconds a download may keep failing without progress before the operation fails.",
 )
 @click.option("--register", is_flag=True, help="Declare c8y_Firmware for every child.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["legacy", "te"]),
+    default="legacy",
+    show_default=True,
+    help="legacy: thin-edge 0.x requests (tedge/<child>/commands/...); te: thin-edge 1.x/2.x "
+    "commands (te/device/<child>///cmd/firmware_update/+), with the gateway's download step "
+    "(its states from firmware.te.* in tedge.toml when a config dir is read).",
+)
 @click.option("--debug", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def connector_command(
@@ -154,6 +163,7 @@ def connector_command(
     download_stall_timeout: float,
     download_retry_budget: float,
     register: bool,
+    protocol: str,
     debug: bool,
 ) -> None:
     """A child-device connector: receives firmware_update requests, downloads (resuming) and
@@ -166,7 +176,7 @@ def connector_command(
     """
     # Imported here: the SDK pulls in aiohttp and aiomqtt, which `tedge-firmware --help` and the
     # other commands do not need.
-    from tedge_firmware.connector import Command, Connector, DownloadSettings
+    from tedge_firmware.connector import Command, Connector, DownloadSettings, TeStates
 
     configure_logging(debug)
     config = config_for_broker(ctx, config_dir, mqtt_host, mqtt_port)
@@ -188,6 +198,10 @@ def connector_command(
             ),
             heartbeat=_seconds_or_none(heartbeat),
             register=use_network_api,
+            protocol=protocol,
+            te_states=TeStates()
+            if config is None
+            else TeStates(config.te_download_state, config.te_downloaded_state),
         )
     except ValueError as error:
         fail(str(error))

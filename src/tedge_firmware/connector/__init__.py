@@ -22,6 +22,10 @@ requests. You write the apply step::
         ).run()
     )
 
+With `protocol="te"` the same connector serves thin-edge 1.x/2.x commands
+(`te/device/<child>///cmd/firmware_update/<id>`): it moves each command to the gateway's
+download state and installs the gateway's copy once the gateway hands it over (`TeStates`).
+
 The same, without Python: `tedge-firmware connector --child-id child1 --apply-command CMD`.
 Everything here is async; blocking work in a callback belongs in `asyncio.to_thread`.
 """
@@ -38,6 +42,7 @@ from tedge_firmware.connector._model import (
     VerifyStep,
 )
 from tedge_firmware.connector._state import Phase
+from tedge_firmware.connector._te import TeStates
 from tedge_firmware.errors import BrokerAuthError, ConfigError, TedgeFirmwareError
 
 __all__ = [
@@ -52,6 +57,7 @@ __all__ = [
     "Phase",
     "Progress",
     "ProgressHook",
+    "TeStates",
     "TedgeFirmwareError",
     "VerifyStep",
 ]

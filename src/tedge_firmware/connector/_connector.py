@@ -66,15 +66,22 @@ from tedge_firmware.connector._state import (
     sha256_mismatch,
 )
 from tedge_firmware.connector._store import StepFiles, Store
+from tedge_firmware.connector._te import TeStates, request_of
 from tedge_firmware.core import topics
 from tedge_firmware.core.firmware_update import (
+    TE_FAILED,
+    TE_SUCCESSFUL,
     BadRequest,
     ChildStatus,
+    FirmwareUpdateRequest,
     FirmwareUpdateResponse,
+    TeCommand,
     parse_request,
+    parse_te_command,
+    parse_te_command_topic,
 )
 from tedge_firmware.core.text import one_line
-from tedge_firmware.errors import ConfigError, OperationFailed, TedgeFirmwareError
+from tedge_firmware.errors import ConfigError, MessageError, OperationFailed, TedgeFirmwareError
 from tedge_firmware.shell.downloader import PART_SUFFIX, Downloader
 from tedge_firmware.shell.durable import sha256_of_file
 from tedge_firmware.shell.mqtt import MqttSession
@@ -124,6 +131,10 @@ class Connector:
       (None: only the first one).
     - `on_progress`: called with a `Progress` on every phase change and while downloading.
     - `register`: publish the thin-edge capability message for every child at start-up.
+    - `protocol`: `"legacy"` (thin-edge 0.x requests on `tedge/<child>/commands/req/...`, the
+      default) or `"te"` (thin-edge 1.x/2.x commands `te/device/<child>///cmd/firmware_update/+`
+      with the gateway's download step, see `TeStates`; the capability is always published).
+    - `te_states`: the gateway's two states of a `te/` command (its `firmware.te.*` keys).
     - `retention`: seconds an ended operation's record is kept (a re-sent request for it is
       answered from it, never applied again).
     - `logger`: where to log (default `tedge_firmware.connector`); no handlers are installed.
@@ -143,9 +154,14 @@ class Connector:
         on_progress: ProgressHook | None = None,
         register: bool = False,
         retention: float = DEFAULT_RETENTION_S,
+        protocol: str = "legacy",
+        te_states: TeStates = TeStates(),  # noqa: B008 (frozen)
         logger: logging.Logger | None = None,
     ) -> None:
         self._children = _checked_children(child_ids)
+        if protocol not in ("legacy", "te"):
+            raise ValueError(f"protocol must be 'legacy' or 'te', not {protocol!r}")
+        self._te = te_states if protocol == "te" else None
         if not (isinstance(apply, Command) or callable(apply)):
             raise ValueError("apply must be an async callable or a Command")
         if verify is not None and not (isinstance(verify, Command) or callable(verify)):
@@ -158,9 +174,9 @@ class Connector:
         self._verify = verify
         self._settings = mqtt_settings(broker, self._children)
         self._download = download
-        self._heartbeat = heartbeat
+        self._heartbeat = heartbeat if self._te is None else None  # te: the state says it
         self._on_progress = on_progress
-        self._register = register
+        self._register = register or self._te is not None
         self._retention = retention
         self._log = logger or _log
         self._store = Store(Path(work_dir))
@@ -210,9 +226,11 @@ class Connector:
 
     async def _serve(self) -> None:
         records = await asyncio.to_thread(self._load)
-        session = MqttSession(
-            self._settings, [topics.firmware_request_topic(c) for c in self._children]
-        )
+        if self._te is None:
+            filters = [topics.firmware_request_topic(child) for child in self._children]
+        else:
+            filters = [topics.te_command_filter(child) for child in self._children]
+        session = MqttSession(self._settings, filters)
         self._session = session
         self._session_created.set()
         if self._register:
@@ -300,6 +318,10 @@ class Connector:
             self._start(record, new=False)
             return
         self._ended[key] = record
+        if action is RestartAction.REPORT and record.command is not None:
+            # Only if the command is still where we left it: its retained state comes back
+            # (REPORT_AGAIN); one the mapper cleared meanwhile must not be revived.
+            return
         if action is RestartAction.REPORT:
             self._log.info("reporting %s again after a restart %s", record.phase.value, context)
             self._report(record)
@@ -329,6 +351,9 @@ class Connector:
                 self._log.exception("unexpected error with a message on %s", message.topic[:200])
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if self._te is not None:
+            self._on_te_command(self._te, topic, payload)
+            return
         child = topics.child_id_of_request_topic(topic, self._children)
         if child is None:
             self._log.debug("message on %s ignored", topic[:200])
@@ -337,6 +362,38 @@ class Connector:
         if isinstance(parsed, BadRequest):
             self._on_bad_request(child, parsed)
             return
+        self._on_request(child, parsed)
+
+    def _on_te_command(self, states: TeStates, topic: str, payload: bytes) -> None:
+        try:
+            where = parse_te_command_topic(topic)
+            command = parse_te_command(payload)
+        except MessageError as error:
+            self._log.warning("te/ command on %s ignored: %s", topic[:200], error)
+            return
+        child = where.device_name
+        if child not in self._children or command is None:
+            return  # not ours, or cleared
+        following = states.next_state(command.status)
+        if following is not None:
+            self._log.info(
+                "te/ command %s moved to %s op_id=%s child=%s",
+                command.status,
+                following,
+                where.cmd_id,
+                child,
+            )
+            self._publish_te(topic, command.moved_to(following))
+        elif command.status == states.downloaded_state:
+            parsed = request_of(where.cmd_id, command)
+            if isinstance(parsed, BadRequest):
+                self._on_bad_request(child, parsed, command)
+            else:
+                self._on_request(child, parsed, command)
+
+    def _on_request(
+        self, child: str, parsed: FirmwareUpdateRequest, command: TeCommand | None = None
+    ) -> None:
         key = (child, parsed.operation_id)
         running = self._active.get(key)
         known = running.record if running is not None else self._ended.get(key)
@@ -350,19 +407,19 @@ class Connector:
                     parsed.attempt,
                     context,
                 )
-                self._start(new_record(child, parsed, time.time()), new=True)
+                fields = None if command is None else command.fields
+                self._start(new_record(child, parsed, time.time(), fields), new=True)
             case RequestAction.ACKNOWLEDGE:
                 assert running is not None
                 running.attempt = max(running.attempt, parsed.attempt)
                 self._log.info(
                     "request re-sent (attempt %d) while running %s", parsed.attempt, context
                 )
-                self._publish(
-                    child,
-                    FirmwareUpdateResponse(parsed.operation_id, ChildStatus.EXECUTING).to_json(),
-                )
+                self._acknowledge(running.record)
             case RequestAction.REPORT_AGAIN:
                 assert known is not None
+                if known.command is not None and known.reported:
+                    return  # the broker has it; a stale copy of the command must not revive it
                 self._log.info(
                     "request re-sent (attempt %d) for an operation already %s: reporting it "
                     "again, not doing it again %s",
@@ -372,7 +429,9 @@ class Connector:
                 )
                 self._report(known)
 
-    def _on_bad_request(self, child: str, bad: BadRequest) -> None:
+    def _on_bad_request(
+        self, child: str, bad: BadRequest, command: TeCommand | None = None
+    ) -> None:
         if bad.operation_id is None:
             self._log.warning(
                 "unusable firmware_update request for child=%s ignored: %s", child, bad.problem
@@ -385,6 +444,10 @@ class Connector:
             return
         self._log.error("invalid firmware_update request: %s %s", bad.problem, context)
         reason = f"Invalid firmware_update request: {bad.problem}"
+        if command is not None:
+            topic = topics.te_command_topic(child, bad.operation_id)
+            self._publish_te(topic, command.failed(reason))
+            return
         self._publish(
             child, FirmwareUpdateResponse(bad.operation_id, ChildStatus.FAILED, reason).to_json()
         )
@@ -417,10 +480,7 @@ class Connector:
     async def _work(self, op: _Operation, new: bool) -> OperationRecord:
         if new:
             await self._save(op, op.record)
-        self._publish(
-            op.record.child_id,
-            FirmwareUpdateResponse(op.record.operation_id, ChildStatus.EXECUTING).to_json(),
-        )
+        self._acknowledge(op.record)
         self._notify(op)
         heartbeat = self._start_heartbeat(op)
         try:
@@ -617,10 +677,26 @@ class Connector:
     def _step_files(self, op: _Operation, step: str) -> StepFiles:
         return self._store.step_files(op.record.child_id, op.record.operation_id, step)
 
+    def _acknowledge(self, record: OperationRecord) -> None:
+        """`executing` for a legacy request; a `te/` command is executing already."""
+        if record.command is None:
+            response = FirmwareUpdateResponse(record.operation_id, ChildStatus.EXECUTING)
+            self._publish(record.child_id, response.to_json())
+
     def _report(self, record: OperationRecord) -> None:
-        status = ChildStatus.SUCCESSFUL if record.phase is Phase.SUCCESSFUL else ChildStatus.FAILED
-        response = FirmwareUpdateResponse(record.operation_id, status, record.reason)
-        self._publish(record.child_id, response.to_json())
+        if record.command is not None:
+            command = TeCommand(record.command)
+            topic = topics.te_command_topic(record.child_id, record.operation_id)
+            if record.phase is Phase.SUCCESSFUL:
+                self._publish_te(topic, command.moved_to(TE_SUCCESSFUL))
+            else:
+                self._publish_te(topic, command.failed(record.reason or TE_FAILED))
+        else:
+            status = (
+                ChildStatus.SUCCESSFUL if record.phase is Phase.SUCCESSFUL else ChildStatus.FAILED
+            )
+            response = FirmwareUpdateResponse(record.operation_id, status, record.reason)
+            self._publish(record.child_id, response.to_json())
         if not record.reported:
             self._spawn(self._confirm_reported(record))
 
@@ -645,6 +721,11 @@ class Connector:
     def _publish(self, child: str, payload: str) -> None:
         assert self._session is not None
         self._session.publish(topics.firmware_response_topic(child), payload)
+
+    def _publish_te(self, topic: str, payload: str) -> None:
+        """A `te/` command in its next state: the whole payload, retained."""
+        assert self._session is not None
+        self._session.publish(topic, payload, retain=True)
 
     def _start_heartbeat(self, op: _Operation) -> asyncio.Task[None] | None:
         if self._heartbeat is None:

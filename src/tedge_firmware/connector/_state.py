@@ -102,6 +102,9 @@ class OperationRecord:
     reported: bool = False
     updated_at: float = 0.0
     process: ProcessIdentity | None = None
+    # A `te/` command's whole payload as the gateway handed it over (None: a legacy request):
+    # the final status re-publishes it with every field kept.
+    command: dict[str, Any] | None = None
 
 
 class RequestAction(enum.Enum):
@@ -117,8 +120,14 @@ class RestartAction(enum.Enum):
     NOTHING = "nothing"
 
 
-def new_record(child_id: str, request: FirmwareUpdateRequest, now: float) -> OperationRecord:
+def new_record(
+    child_id: str,
+    request: FirmwareUpdateRequest,
+    now: float,
+    command: dict[str, Any] | None = None,
+) -> OperationRecord:
     return OperationRecord(
+        command=command,
         child_id=child_id,
         operation_id=request.operation_id,
         attempt=request.attempt,
@@ -210,6 +219,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "reported": (bool,),
     "updated_at": (int, float),
     "process": (dict, type(None)),
+    "command": (dict, type(None)),
 }
 _PROCESS_FIELDS: dict[str, tuple[type, ...]] = {
     "pid": (int,),
@@ -232,6 +242,8 @@ def decode_record(data: bytes) -> OperationRecord:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"not a JSON record: {error}") from None
+    if isinstance(document, dict):
+        document.setdefault("command", None)  # written before `te/` support
     fields = _checked(document, _FIELDS, "record")
     try:
         phase = Phase(fields["phase"])

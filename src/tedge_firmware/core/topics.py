@@ -59,6 +59,15 @@ def firmware_declaration_topic(child_id: str) -> str:
     return f"te/device/{child_id}///cmd/firmware_update"
 
 
+def te_command_filter(child_id: str) -> str:
+    """Every `te/` firmware_update command of a child (thin-edge 1.x/2.x)."""
+    return f"te/device/{child_id}///cmd/firmware_update/+"
+
+
+def te_command_topic(child_id: str, cmd_id: str) -> str:
+    return f"te/device/{child_id}///cmd/firmware_update/{cmd_id}"
+
+
 def child_id_of_request_topic(topic: str, children: Collection[str]) -> str | None:
     """The child a firmware_update request topic is for, when it is one of `children`."""
     prefix, suffix = "tedge/", "/commands/req/firmware_update"
