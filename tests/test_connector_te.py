@@ -236,3 +236,32 @@ async def test_the_cli_in_te_mode_updates_a_child_and_a_kill_9_before_the_hand_o
         await gateway.stop()
     assert applied.read_text().split() == [SHA, "-"]
     assert "Traceback" not in process.log()
+
+
+async def test_a_legacy_connector_registered_over_te_gets_its_requests_at_its_external_id(
+    tmp_path: Path, broker: Broker, cloud: FirmwareServer, gateway: Gateway
+) -> None:
+    # As thin-edge's python-tedge-agent: it declares itself on te/, the gateway registers it
+    # as <main>:device:<child> and addresses its legacy requests there.
+    xid = "parent-device:device:child1"
+    applied = Applied()
+    url = cloud.url("fw.bin")
+    watched = ["c8y/s/us", f"c8y/s/us/{xid}", f"tedge/{xid}/commands/res/firmware_update"]
+    await gateway.start()
+    try:
+        child = connector(broker, tmp_path / "work", "child1", apply=applied, register=True)
+        async with observer(broker.port, watched) as obs, serving(child):
+            assert await obs.next(f"c8y/s/us/{xid}", timeout=20) == b"114,c8y_Firmware\n"
+            assert ("c8y/s/us", f"101,{xid},child1,thin-edge.io-child".encode()) in obs.log
+            await obs.publish("c8y/s/ds", f"515,{xid},img,4,{url}")
+            answers = [json.loads(await obs.next(f"tedge/{xid}/commands/res/firmware_update")) for _ in range(2)]
+            assert [a["status"] for a in answers] == ["executing", "successful"]
+            assert await obs.sequence(f"c8y/s/us/{xid}", 3) == [
+                b"501,c8y_Firmware\n",
+                f"115,img,4,{url}".encode(),
+                b"503,c8y_Firmware,\n",
+            ]
+    finally:
+        await gateway.stop()
+    [(firmware, seen)] = applied.calls
+    assert (firmware.child_id, seen) == ("child1", CONTENT)

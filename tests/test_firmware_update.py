@@ -188,17 +188,23 @@ def test_any_http_host_is_allowed() -> None:
 
 
 @pytest.mark.parametrize(
-    ("topic", "child"),
+    ("topic", "addressee"),
     [
-        ("tedge/c1/commands/req/firmware_update", "c1"),
+        ("tedge/c1/commands/req/firmware_update", ("c1", "c1")),
+        ("tedge/gw:device:c1/commands/req/firmware_update", ("c1", "gw:device:c1")),
+        ("tedge/a:b:device:c1/commands/req/firmware_update", ("c1", "a:b:device:c1")),
+        ("tedge/gw:device:c2/commands/req/firmware_update", None),
+        ("tedge/gw:device:c1x/commands/req/firmware_update", None),
+        ("tedge/gw:c1/commands/req/firmware_update", None),
         ("tedge/c2/commands/req/firmware_update", None),
         ("tedge/c1/commands/res/firmware_update", None),
         ("tedge/c1/x/commands/req/firmware_update", None),
+        ("tedge/x/gw:device:c1/commands/req/firmware_update", None),
         ("te/c1/commands/req/firmware_update", None),
     ],
 )
-def test_child_id_of_request_topic(topic: str, child: str | None) -> None:
-    assert topics.child_id_of_request_topic(topic, ("c1",)) == child
+def test_request_addressee(topic: str, addressee: tuple[str, str] | None) -> None:
+    assert topics.request_addressee(topic, ("c1",)) == addressee
 
 
 @pytest.mark.parametrize(

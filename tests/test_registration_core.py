@@ -312,3 +312,35 @@ def test_unknown_or_invalid_commands(command: str) -> None:
 def test_hostile_payloads(payload: bytes) -> None:
     with pytest.raises(InputError):
         parse_declaration("te/device/child1///cmd/firmware_update", payload)
+
+
+# --- thin-edge's identity scheme for children declared over te/ -------------------------------
+
+
+def test_a_child_declared_over_te_is_named_by_thin_edges_external_id() -> None:
+    declared = parse_declaration("te/device/child1///cmd/firmware_update", b"{}", "gw")
+    assert declared == Declaration("gw:device:child1", "c8y_Firmware", True)
+    # the main device stays the main device
+    assert parse_declaration("te/device/main///cmd/restart", b"{}", "gw").device is None
+
+
+def test_an_external_id_over_the_length_limit_is_refused() -> None:
+    with pytest.raises(TopicError, match="longer than"):
+        parse_declaration("te/device/" + "c" * 190 + "///cmd/firmware_update", b"{}", "g" * 20)
+
+
+def test_a_te_child_is_registered_with_its_own_name_and_a_file_child_with_its_id() -> None:
+    from tedge_firmware.core.registration import register_child
+
+    assert register_child("gw:device:child1", "gw").payload == "101,gw:device:child1,child1,thin-edge.io-child"
+    assert register_child("child1", "gw").payload == "101,child1,child1,thin-edge.io-child"
+    assert register_child("other:device:child1", "gw").payload == "101,other:device:child1,other:device:child1,thin-edge.io-child"
+    assert register_child("gw:device:", "gw").payload == "101,gw:device:,gw:device:,thin-edge.io-child"
+
+
+def test_the_registrar_names_te_children_in_their_101() -> None:
+    registrar = Registrar("gw")
+    children = {"gw:device:a": DeviceOperations(frozenset({("c8y_Firmware", 1, 0, 0)}))}
+    registrar.start(Snapshot(children=children))
+    out = registrar.on_cloud_list([])
+    assert out[0].payload == "101,gw:device:a,a,thin-edge.io-child"

@@ -44,8 +44,13 @@ TOPICS = (US, "c8y/s/us/+")
 DEVICE_ID = "parent-device"  # write_config's device.id
 
 
-def r101(child: str) -> tuple[str, bytes]:
-    return (US, f"101,{child},{child},thin-edge.io-child".encode())
+def r101(child: str, name: str | None = None) -> tuple[str, bytes]:
+    return (US, f"101,{child},{name or child},thin-edge.io-child".encode())
+
+
+def te(child: str) -> str:
+    """The external id of a child registered over te/, as thin-edge's mapper gives it."""
+    return f"{DEVICE_ID}:device:{child}"
 
 
 def r114(operations: list[str], child: str | None = None) -> tuple[str, bytes]:
@@ -289,7 +294,7 @@ async def test_an_unusable_operations_directory_is_reported_once_and_survived(
         assert reg.task is not None and not reg.task.done()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert sum("cannot create" in line and "trying again" in line for line in errors) == 1
-    assert any("declaring c8y_Firmware for child=child1 failed" in line for line in errors)
+    assert any(f"declaring c8y_Firmware for child={te('child1')} failed" in line for line in errors)
     assert sum("cannot read" in r.getMessage() for r in caplog.records) <= 1
 
 
@@ -301,17 +306,17 @@ async def test_a_child_declares_and_withdraws_over_mqtt(reg: Registration, broke
         await started(reg, obs)
         mark = len(obs.log)
         await obs.publish(declaration("child9", "firmware_update"), "{}", retain=True)
-        await expect(obs, mark, [r101("child9"), r114(["c8y_Firmware"], "child9")])
-        assert (reg.root / "child9" / "c8y_Firmware").read_bytes() == b""
+        await expect(obs, mark, [r101(te("child9"), "child9"), r114(["c8y_Firmware"], te("child9"))])
+        assert (reg.root / te("child9") / "c8y_Firmware").read_bytes() == b""
         mark = len(obs.log)
         for command in ("restart", "c8y_Custom", "log_upload"):
             await obs.publish(declaration("child9", command), '{"types": ["x"]}', retain=True)
-        await expect(obs, mark, [r114(["c8y_Custom", "c8y_Firmware", "c8y_LogfileRequest", "c8y_Restart"], "child9")])
+        await expect(obs, mark, [r114(["c8y_Custom", "c8y_Firmware", "c8y_LogfileRequest", "c8y_Restart"], te("child9"))])
         await obs.silence(0.5)
         mark = len(obs.log)
         await obs.publish(declaration("child9", "restart"), b"", retain=True)  # withdraw
-        await expect(obs, mark, [r114(["c8y_Custom", "c8y_Firmware", "c8y_LogfileRequest"], "child9")])
-        assert not (reg.root / "child9" / "c8y_Restart").exists()
+        await expect(obs, mark, [r114(["c8y_Custom", "c8y_Firmware", "c8y_LogfileRequest"], te("child9"))])
+        assert not (reg.root / te("child9") / "c8y_Restart").exists()
         # the main device, as thin-edge 1.x names it
         mark = len(obs.log)
         await obs.publish(declaration("main", "software_update"), "{}", retain=True)
@@ -329,13 +334,13 @@ async def test_retained_declarations_are_applied_at_start_and_not_repeated(tmp_p
             await obs.publish(declaration("child7", "firmware_update"), "{}", retain=True)
             await obs.publish(declaration("child7", "restart"), "{}", retain=True)
             await reg.start()
-            await expect(obs, 0, [r101("child7"), r114(["c8y_Firmware", "c8y_Restart"], "child7")])
+            await expect(obs, 0, [r101(te("child7"), "child7"), r114(["c8y_Firmware", "c8y_Restart"], te("child7"))])
             await obs.silence(0.5)
             await reg.stop()
             # a restart: the retained declarations come again, the files are there: no change
             mark = len(obs.log)
             await reg.start()
-            await expect(obs, mark, [(US, b"105"), r101("child7"), r114(["c8y_Firmware", "c8y_Restart"], "child7")])
+            await expect(obs, mark, [(US, b"105"), r101(te("child7"), "child7"), r114(["c8y_Firmware", "c8y_Restart"], te("child7"))])
             await obs.silence(0.5)
             for command in ("firmware_update", "restart"):
                 await obs.publish(declaration("child7", command), b"", retain=True)
@@ -373,9 +378,9 @@ async def test_hostile_declarations_change_nothing(reg: Registration, broker: Br
             await obs.publish(topic, payload)
         # the service is still there and working
         await obs.publish(declaration("child1", "firmware_update"), "{}")
-        await expect(obs, mark, [r101("child1"), r114(["c8y_Firmware"], "child1")])
+        await expect(obs, mark, [r101(te("child1"), "child1"), r114(["c8y_Firmware"], te("child1"))])
         await obs.silence(0.5)
-        assert tree(reg.config_dir) == sorted([*before, "operations/c8y/child1", "operations/c8y/child1/c8y_Firmware"])
+        assert tree(reg.config_dir) == sorted([*before, f"operations/c8y/{te('child1')}", f"operations/c8y/{te('child1')}/c8y_Firmware"])
     await reg.stop()  # the count of lines left out comes with the stop at the latest
     ignored = [r.getMessage() for r in caplog.records if "ignored a declaration" in r.getMessage()]
     # each kind of error once, then one line with the count of the others (repeated input
@@ -395,12 +400,12 @@ async def test_a_declaration_through_a_symlinked_child_directory_is_refused(
     async with observer(broker.port, TOPICS) as obs:
         await started(reg, obs)
         mark = len(obs.log)
-        (reg.root / "linked").symlink_to(outside)  # a child directory, as far as reading goes
-        await expect(obs, mark, [r101("linked")])
+        (reg.root / te("linked")).symlink_to(outside)  # a child directory, as far as reading goes
+        await expect(obs, mark, [r101(te("linked"), "linked")])
         mark = len(obs.log)
         await obs.publish(declaration("linked", "firmware_update"), "{}")
         await obs.publish(declaration("child1", "firmware_update"), "{}")
-        await expect(obs, mark, [r101("child1"), r114(["c8y_Firmware"], "child1")])
+        await expect(obs, mark, [r101(te("child1"), "child1"), r114(["c8y_Firmware"], te("child1"))])
         await obs.silence(0.3)
     assert list(outside.iterdir()) == []
     assert "is a symlink, which is never written through" in caplog.text
@@ -421,7 +426,7 @@ async def test_registration_command(tmp_path: Path, broker: Broker) -> None:
             await expect(obs, 0, [(US, b"105"), r101("child-a"), r114(["c8y_Firmware"], "child-a")], timeout=20)
             mark = len(obs.log)
             await obs.publish(declaration("child-b", "firmware_update"), "{}")
-            await expect(obs, mark, [r101("child-b"), r114(["c8y_Firmware"], "child-b")])
+            await expect(obs, mark, [r101(te("child-b"), "child-b"), r114(["c8y_Firmware"], te("child-b"))])
             started_at = time.monotonic()
             process.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(process.wait, 10) == 0
@@ -452,22 +457,24 @@ async def test_a_child_registers_over_mqtt_then_gets_a_firmware_update(tmp_path:
             mark = len(obs.log)
             await obs.publish(declaration(CHILD, "firmware_update"), "{}", retain=True)
             await obs.next(US)
-            assert await obs.next(us()) == b"114,c8y_Firmware\n"
-            assert obs.log[mark : mark + 2] == [r101(CHILD), r114(["c8y_Firmware"], CHILD)]
-            assert (config_dir / "operations" / "c8y" / CHILD / "c8y_Firmware").is_file()
+            assert await obs.next(us(te(CHILD))) == b"114,c8y_Firmware\n"
+            assert obs.log[mark : mark + 2] == [r101(te(CHILD), CHILD), r114(["c8y_Firmware"], te(CHILD))]
+            assert (config_dir / "operations" / "c8y" / te(CHILD) / "c8y_Firmware").is_file()
+            # as thin-edge's python-tedge-agent does: registered over te/, it takes legacy
+            # requests addressed to its external id
 
             url = cloud.url("image.bin")
-            await obs.publish("c8y/s/ds", f"515,{CHILD},image,1.0,{url}")
-            request = json.loads(await obs.next(req_topic()))
+            await obs.publish("c8y/s/ds", f"515,{te(CHILD)},image,1.0,{url}")
+            request = json.loads(await obs.next(req_topic(te(CHILD))))
             async with aiohttp.ClientSession() as http, http.get(request["url"]) as response:
                 assert response.status == 200
                 body = await response.read()
             assert body == cloud.files["image.bin"] and request["sha256"] == sha256(body)
-            await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "executing"}))
-            await obs.publish(res_topic(), json.dumps({"id": request["id"], "status": "successful"}))
-            assert await obs.sequence(us(), 3) == [E501, f"115,image,1.0,{url}".encode(), E503]
+            await obs.publish(res_topic(te(CHILD)), json.dumps({"id": request["id"], "status": "executing"}))
+            await obs.publish(res_topic(te(CHILD)), json.dumps({"id": request["id"], "status": "successful"}))
+            assert await obs.sequence(us(te(CHILD)), 3) == [E501, f"115,image,1.0,{url}".encode(), E503]
             await obs.publish(declaration(CHILD, "firmware_update"), b"", retain=True)
-            assert await obs.next(us()) == b"114\n"
+            assert await obs.next(us(te(CHILD))) == b"114\n"
     finally:
         with contextlib.suppress(Exception):
             await gateway.stop()

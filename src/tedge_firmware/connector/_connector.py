@@ -227,7 +227,8 @@ class Connector:
     async def _serve(self) -> None:
         records = await asyncio.to_thread(self._load)
         if self._te is None:
-            filters = [topics.firmware_request_topic(child) for child in self._children]
+            # every address: a child's own id, or the gateway's external id for it
+            filters = [topics.firmware_request_topic("+")]
         else:
             filters = [topics.te_command_filter(child) for child in self._children]
         session = MqttSession(self._settings, filters)
@@ -354,15 +355,16 @@ class Connector:
         if self._te is not None:
             self._on_te_command(self._te, topic, payload)
             return
-        child = topics.child_id_of_request_topic(topic, self._children)
-        if child is None:
+        addressee = topics.request_addressee(topic, self._children)
+        if addressee is None:
             self._log.debug("message on %s ignored", topic[:200])
             return
+        child, address = addressee
         parsed = parse_request(payload)
         if isinstance(parsed, BadRequest):
-            self._on_bad_request(child, parsed)
+            self._on_bad_request(child, parsed, address=address)
             return
-        self._on_request(child, parsed)
+        self._on_request(child, parsed, address=address)
 
     def _on_te_command(self, states: TeStates, topic: str, payload: bytes) -> None:
         try:
@@ -392,7 +394,12 @@ class Connector:
                 self._on_request(child, parsed, command)
 
     def _on_request(
-        self, child: str, parsed: FirmwareUpdateRequest, command: TeCommand | None = None
+        self,
+        child: str,
+        parsed: FirmwareUpdateRequest,
+        command: TeCommand | None = None,
+        *,
+        address: str | None = None,
     ) -> None:
         key = (child, parsed.operation_id)
         running = self._active.get(key)
@@ -408,7 +415,8 @@ class Connector:
                     context,
                 )
                 fields = None if command is None else command.fields
-                self._start(new_record(child, parsed, time.time(), fields), new=True)
+                record = new_record(child, parsed, time.time(), fields, address)
+                self._start(record, new=True)
             case RequestAction.ACKNOWLEDGE:
                 assert running is not None
                 running.attempt = max(running.attempt, parsed.attempt)
@@ -430,7 +438,12 @@ class Connector:
                 self._report(known)
 
     def _on_bad_request(
-        self, child: str, bad: BadRequest, command: TeCommand | None = None
+        self,
+        child: str,
+        bad: BadRequest,
+        command: TeCommand | None = None,
+        *,
+        address: str | None = None,
     ) -> None:
         if bad.operation_id is None:
             self._log.warning(
@@ -449,7 +462,8 @@ class Connector:
             self._publish_te(topic, command.failed(reason))
             return
         self._publish(
-            child, FirmwareUpdateResponse(bad.operation_id, ChildStatus.FAILED, reason).to_json()
+            address or child,
+            FirmwareUpdateResponse(bad.operation_id, ChildStatus.FAILED, reason).to_json(),
         )
 
     # ---- one operation --------------------------------------------------------------------
@@ -681,7 +695,7 @@ class Connector:
         """`executing` for a legacy request; a `te/` command is executing already."""
         if record.command is None:
             response = FirmwareUpdateResponse(record.operation_id, ChildStatus.EXECUTING)
-            self._publish(record.child_id, response.to_json())
+            self._publish(record.address or record.child_id, response.to_json())
 
     def _report(self, record: OperationRecord) -> None:
         if record.command is not None:
@@ -696,7 +710,7 @@ class Connector:
                 ChildStatus.SUCCESSFUL if record.phase is Phase.SUCCESSFUL else ChildStatus.FAILED
             )
             response = FirmwareUpdateResponse(record.operation_id, status, record.reason)
-            self._publish(record.child_id, response.to_json())
+            self._publish(record.address or record.child_id, response.to_json())
         if not record.reported:
             self._spawn(self._confirm_reported(record))
 
@@ -718,9 +732,10 @@ class Connector:
         if self._ended.get(key) is record:
             self._ended[key] = reported
 
-    def _publish(self, child: str, payload: str) -> None:
+    def _publish(self, address: str, payload: str) -> None:
+        """A response on `tedge/<address>/commands/res/firmware_update`."""
         assert self._session is not None
-        self._session.publish(topics.firmware_response_topic(child), payload)
+        self._session.publish(topics.firmware_response_topic(address), payload)
 
     def _publish_te(self, topic: str, payload: str) -> None:
         """A `te/` command in its next state: the whole payload, retained."""
@@ -735,10 +750,7 @@ class Connector:
     async def _beat(self, op: _Operation, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)  # a period, not a wait for an event
-            self._publish(
-                op.record.child_id,
-                FirmwareUpdateResponse(op.record.operation_id, ChildStatus.EXECUTING).to_json(),
-            )
+            self._acknowledge(op.record)
 
     async def _watch_download(self, op: _Operation, target: Path) -> None:
         """Tell the progress hook how many bytes are on disk, every `progress_interval`."""

@@ -105,6 +105,10 @@ class OperationRecord:
     # A `te/` command's whole payload as the gateway handed it over (None: a legacy request):
     # the final status re-publishes it with every field kept.
     command: dict[str, Any] | None = None
+    # The `<address>` of `tedge/<address>/commands/req/...` the request came on, when it is
+    # not the child id (the gateway's external id for a child registered over `te/`):
+    # responses go back there.
+    address: str | None = None
 
 
 class RequestAction(enum.Enum):
@@ -125,9 +129,11 @@ def new_record(
     request: FirmwareUpdateRequest,
     now: float,
     command: dict[str, Any] | None = None,
+    address: str | None = None,
 ) -> OperationRecord:
     return OperationRecord(
         command=command,
+        address=None if address == child_id else address,
         child_id=child_id,
         operation_id=request.operation_id,
         attempt=request.attempt,
@@ -220,6 +226,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "updated_at": (int, float),
     "process": (dict, type(None)),
     "command": (dict, type(None)),
+    "address": (str, type(None)),
 }
 _PROCESS_FIELDS: dict[str, tuple[type, ...]] = {
     "pid": (int,),
@@ -244,6 +251,7 @@ def decode_record(data: bytes) -> OperationRecord:
         raise ValueError(f"not a JSON record: {error}") from None
     if isinstance(document, dict):
         document.setdefault("command", None)  # written before `te/` support
+        document.setdefault("address", None)
     fields = _checked(document, _FIELDS, "record")
     try:
         phase = Phase(fields["phase"])

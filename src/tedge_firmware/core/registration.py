@@ -146,8 +146,11 @@ def request_child_list() -> Publish:
     return Publish(topics.C8Y_UPSTREAM, REQUEST_CHILD_LIST)
 
 
-def register_child(child_id: str) -> Publish:
-    return Publish(topics.C8Y_UPSTREAM, smartrest.register_child(child_id))
+def register_child(child_id: str, main_device_id: str | None = None) -> Publish:
+    """`101` for a child; one registered over `te/` (`<main>:device:<name>`) is named `<name>`,
+    as thin-edge's mapper names it."""
+    name = topics.te_child_name(child_id, main_device_id)
+    return Publish(topics.C8Y_UPSTREAM, smartrest.register_child(child_id, name))
 
 
 def declare_operations(device: Device, operations: list[str]) -> Publish:
@@ -184,7 +187,8 @@ class Phase(enum.Enum):
 class Registrar:
     """Decides which SmartREST messages to send; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, main_device_id: str | None = None) -> None:
+        self.main_device_id = main_device_id
         self.phase = Phase.IDLE
         self._snapshot = Snapshot()
         self._announced: set[str] = set()  # children the cloud knows (listed, or 101 sent)
@@ -240,7 +244,7 @@ class Registrar:
         out: list[Publish] = []
         if child not in self._announced:
             self._announced.add(child)
-            out.append(register_child(child))
+            out.append(register_child(child, self.main_device_id))
             if after.files:
                 out.append(declare_operations(child, after.operations))
         elif before != after:
@@ -250,7 +254,11 @@ class Registrar:
     def _register_all(self, registered: set[str]) -> list[Publish]:
         self.phase = Phase.RUNNING
         children = sorted(self._snapshot.children)
-        out = [register_child(child) for child in children if child not in registered]
+        out = [
+            register_child(child, self.main_device_id)
+            for child in children
+            if child not in registered
+        ]
         out += [
             declare_operations(child, self._snapshot.children[child].operations)
             for child in children
@@ -288,7 +296,9 @@ def operation_for_command(command: str) -> str:
 
 
 def declaration_device(topic: str, main_device_id: str | None = None) -> tuple[Device, str]:
-    """`te/device/<name>///cmd/<command>` → (device, command); TopicError otherwise."""
+    """`te/device/<name>///cmd/<command>` → (device, command); TopicError otherwise. A child
+    is named by the external id thin-edge's mapper gives it, `<main_device_id>:device:<name>`
+    (its operations directory has that name)."""
     parts = topic.split("/")
     if len(parts) != 7 or parts[:2] != ["te", "device"] or parts[3:6] != ["", "", "cmd"]:
         raise TopicError(f"not a te/device/<child>///cmd/<command> topic: {topic!r}")
@@ -298,7 +308,13 @@ def declaration_device(topic: str, main_device_id: str | None = None) -> tuple[D
     problem = child_dir_problem(name, main_device_id)
     if problem is not None:
         raise TopicError(problem)
-    return name, command
+    if main_device_id is None:
+        return name, command  # without the main device's id there is no thin-edge external id
+    external_id = topics.te_child_external_id(main_device_id, name)
+    problem = topics.child_id_problem(external_id)
+    if problem is not None:
+        raise TopicError(problem)
+    return external_id, command
 
 
 def parse_declaration(topic: str, payload: bytes, main_device_id: str | None = None) -> Declaration:

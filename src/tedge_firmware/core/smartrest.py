@@ -139,10 +139,9 @@ def set_installed_firmware(name: str, version: str, url: str) -> str:
     return ",".join(["115", *(quote_field(field) for field in (name, version, url))])
 
 
-def register_child(child_id: str) -> str:
-    """`101,<id>,<id>,thin-edge.io-child` (no newline)."""
-    quoted = quote_field(child_id)
-    return f"101,{quoted},{quoted},thin-edge.io-child"
+def register_child(child_id: str, name: str | None = None) -> str:
+    """`101,<id>,<name>,thin-edge.io-child` (no newline); the name defaults to the id."""
+    return f"101,{quote_field(child_id)},{quote_field(name or child_id)},thin-edge.io-child"
 
 
 def supported_operations(operations: list[str]) -> str:

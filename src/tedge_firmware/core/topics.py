@@ -68,13 +68,38 @@ def te_command_topic(child_id: str, cmd_id: str) -> str:
     return f"te/device/{child_id}///cmd/firmware_update/{cmd_id}"
 
 
-def child_id_of_request_topic(topic: str, children: Collection[str]) -> str | None:
-    """The child a firmware_update request topic is for, when it is one of `children`."""
+TE_CHILD_INFIX = ":device:"
+
+
+def te_child_external_id(main_device_id: str, name: str) -> str:
+    """The Cumulocity external id thin-edge's mapper gives the child `device/<name>//`."""
+    return f"{main_device_id}{TE_CHILD_INFIX}{name}"
+
+
+def te_child_name(external_id: str, main_device_id: str | None) -> str | None:
+    """`<name>` of an external id `<main_device_id>:device:<name>`; None for any other id."""
+    if main_device_id is None:
+        return None
+    prefix = f"{main_device_id}{TE_CHILD_INFIX}"
+    name = external_id[len(prefix) :] if external_id.startswith(prefix) else ""
+    return name or None
+
+
+def request_addressee(topic: str, children: Collection[str]) -> tuple[str, str] | None:
+    """(child, address) of a firmware_update request topic `tedge/<address>/commands/req/...`
+    for one of `children`: the address is the child's id itself, or the external id a
+    gateway gives a child registered over `te/` (`<main device id>:device:<child>`, as
+    thin-edge's python-tedge-agent accepts it). None for any other topic."""
     prefix, suffix = "tedge/", "/commands/req/firmware_update"
     if not topic.startswith(prefix) or not topic.endswith(suffix):
         return None
-    child = topic[len(prefix) : -len(suffix)]
-    return child if child in children else None
+    address = topic[len(prefix) : -len(suffix)]
+    if address in children:
+        return address, address
+    _, infix, name = address.rpartition(TE_CHILD_INFIX)
+    if infix and name in children and "/" not in address:
+        return name, address
+    return None
 
 
 def mqtt_text_problem(text: str) -> str | None:

@@ -88,7 +88,7 @@ class ChildRegistration:
         self.session = session
         self.directory = directory
         self.watcher = watcher
-        self.registrar = Registrar()
+        self.registrar = Registrar(directory.main_device_id)
         self._cloud_list_timeout = cloud_list_timeout
         self._declaration_delay = declaration_delay
         self._inputs: asyncio.Queue[_Input] = asyncio.Queue()
