@@ -31,6 +31,10 @@ async def test_fifty_children_one_cloud_download(broker: Broker, tmp_path: Path,
         digest = await asyncio.to_thread(lambda: hashlib.sha256(firmware.path.read_bytes()).hexdigest())
         applied[firmware.child_id].append(digest)
 
+    def xid(child: str) -> str:
+        """Declared over te/, a child has thin-edge's external id in Cumulocity."""
+        return f"parent-device:device:{child}"
+
     connector = Connector(
         *CHILDREN,
         apply=apply,
@@ -47,10 +51,10 @@ async def test_fifty_children_one_cloud_download(broker: Broker, tmp_path: Path,
             url = sim.add_file("fleet.bin", CONTENT)
 
             def all_registered() -> bool:
-                return all((device := sim.device(c)) is not None and device.supports(FIRMWARE) for c in CHILDREN)
+                return all((device := sim.device(xid(c))) is not None and device.supports(FIRMWARE) for c in CHILDREN)
 
             await sim.wait_until(all_registered, timeout=20)
-            bulk = sim.bulk_firmware_operation(CHILDREN, "fleet", "2.0", url)
+            bulk = sim.bulk_firmware_operation([xid(c) for c in CHILDREN], "fleet", "2.0", url)
             progress = await sim.wait_for_bulk(bulk.id, timeout=30)
         finally:
             connector.stop()
@@ -58,11 +62,11 @@ async def test_fifty_children_one_cloud_download(broker: Broker, tmp_path: Path,
                 await serving
             await gateway.stop()
     assert (progress.successful, progress.failed, progress.total) == (50, 0, 50)
-    assert all(sim.operations_of(child)[-1].status is OperationStatus.SUCCESSFUL for child in CHILDREN)
+    assert all(sim.operations_of(xid(child))[-1].status is OperationStatus.SUCCESSFUL for child in CHILDREN)
     expected = hashlib.sha256(CONTENT).hexdigest()
     assert applied == {child: [expected] for child in CHILDREN}  # each applied once, the right bytes
     for child in CHILDREN:
-        firmware = sim.inventory[child].firmware
+        firmware = sim.inventory[xid(child)].firmware
         assert firmware is not None and (firmware.name, firmware.version, firmware.url) == ("fleet", "2.0", url)
     files = sim.stats.files["fleet.bin"]
     assert files.statuses == (200,) and files.complete == 1  # one cloud download for 50 children

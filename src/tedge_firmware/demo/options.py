@@ -7,6 +7,14 @@ from pathlib import Path
 from typing import Literal
 
 GATEWAY_ID = "demo-gateway"
+
+
+def cloud_id(child: str) -> str:
+    """The demo's children declare themselves over te/: Cumulocity knows them by the external
+    id thin-edge gives such a child."""
+    return f"{GATEWAY_ID}:device:{child}"
+
+
 FIRMWARE_NAME = "demo-firmware"
 FIRMWARE_VERSION = "1.0"
 FAIL_REASON = "demo: flash write error (this child fails on purpose)"

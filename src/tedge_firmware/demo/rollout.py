@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tedge_firmware.demo.children import Fleet
-from tedge_firmware.demo.options import FAIL_REASON, FIRMWARE_NAME, FIRMWARE_VERSION
+from tedge_firmware.demo.options import FAIL_REASON, FIRMWARE_NAME, FIRMWARE_VERSION, cloud_id
 from tedge_firmware.sim import C8ySimulator, Operation, OperationStatus
 
 # --- the result --------------------------------------------------------------------------
@@ -67,7 +67,11 @@ class Rollout:
 
     def start(self, ramp: float) -> None:
         self.sim.bulk_firmware_operation(
-            list(self.fleet.views), FIRMWARE_NAME, FIRMWARE_VERSION, self.url, ramp_seconds=ramp
+            [cloud_id(child) for child in self.fleet.views],
+            FIRMWARE_NAME,
+            FIRMWARE_VERSION,
+            self.url,
+            ramp_seconds=ramp,
         )
 
     def retry_flaky(self) -> None:
@@ -78,10 +82,12 @@ class Rollout:
             last = self.last(child)
             if last is not None and last.status is OperationStatus.FAILED:
                 self.retried.add(child)
-                self.sim.create_firmware_operation(child, FIRMWARE_NAME, FIRMWARE_VERSION, self.url)
+                self.sim.create_firmware_operation(
+                    cloud_id(child), FIRMWARE_NAME, FIRMWARE_VERSION, self.url
+                )
 
     def last(self, child: str) -> Operation | None:
-        operations = self.sim.operations_of(child)
+        operations = self.sim.operations_of(cloud_id(child))
         return operations[-1] if operations else None
 
     def settled(self, child: str) -> bool:
@@ -97,7 +103,7 @@ class Rollout:
 
     def result_of(self, child: str) -> ChildResult:
         view = self.fleet.views[child]
-        operations = self.sim.operations_of(child)
+        operations = self.sim.operations_of(cloud_id(child))
         last = operations[-1] if operations else None
         seconds = None
         if last is not None and last.status.final and last.history:
@@ -120,7 +126,7 @@ def collect(rollout: Rollout, size: int, seconds: float, rss: int | None, name: 
     installed = sum(
         1
         for child in rollout.fleet.views
-        if (device := sim.device(child)) is not None
+        if (device := sim.device(cloud_id(child))) is not None
         and device.firmware is not None
         and device.firmware.version == FIRMWARE_VERSION
     )

@@ -44,7 +44,13 @@ from tedge_firmware.connector import (
 from tedge_firmware.core.units import format_size
 from tedge_firmware.demo.broker import DemoBroker, find_broker
 from tedge_firmware.demo.children import Fleet, child_roles
-from tedge_firmware.demo.options import FIRMWARE_NAME, FIRMWARE_VERSION, GATEWAY_ID, DemoOptions
+from tedge_firmware.demo.options import (
+    FIRMWARE_NAME,
+    FIRMWARE_VERSION,
+    GATEWAY_ID,
+    DemoOptions,
+    cloud_id,
+)
 from tedge_firmware.demo.processes import (
     HOST,
     ChildProcess,
@@ -202,7 +208,7 @@ async def _rollout(
     children = list(fleet.views)
 
     def registered() -> bool:
-        devices = [sim.device(child) for child in children]
+        devices = [sim.device(cloud_id(child)) for child in children]
         return all(device is not None and device.supports(FIRMWARE) for device in devices)
 
     try:

@@ -11,7 +11,13 @@ from rich.live import Live
 from rich.table import Table
 
 from tedge_firmware.core.units import format_size
-from tedge_firmware.demo.options import FIRMWARE_NAME, FIRMWARE_VERSION, MAX_LIVE_ROWS, REFRESH_S
+from tedge_firmware.demo.options import (
+    FIRMWARE_NAME,
+    FIRMWARE_VERSION,
+    MAX_LIVE_ROWS,
+    REFRESH_S,
+    cloud_id,
+)
 from tedge_firmware.demo.processes import (
     ChildProcess,
 )
@@ -53,7 +59,7 @@ def _elapsed(rollout: Rollout, child: str, result: ChildResult) -> str:
     """The time an ended child took; for a running one, the time so far (dimmed)."""
     if result.seconds is not None:
         return f"{result.seconds:.1f} s"
-    operations = rollout.sim.operations_of(child)
+    operations = rollout.sim.operations_of(cloud_id(child))
     if not operations:
         return ""
     return f"[dim]{time.time() - operations[0].created:.1f} s[/]"  # the simulator's clock

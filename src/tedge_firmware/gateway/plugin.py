@@ -56,6 +56,7 @@ from tedge_firmware.core.operation import (
     timeout_reason,
 )
 from tedge_firmware.errors import InputError, SmartRestError, StoreError
+from tedge_firmware.gateway import te_mapper
 from tedge_firmware.gateway.fetches import FetchDone, FirmwareFetches, JwtBroker
 from tedge_firmware.gateway.ports import (
     CacheUpkeep,
@@ -153,6 +154,8 @@ class LiveOperation:
     timer_generation: int = 0
     owed: list[str] = field(default_factory=list)  # lines for Cumulocity not yet acknowledged
     heard_at: float = 0.0  # loop time of the child's last valid response
+    te_command: str | None = None  # the te/ command offered for it (te_mapper), until cleared
+    answered_on: str | None = None  # "legacy" or "te": where the child answered first
 
     def matches(self, request: smartrest.FirmwareRequest) -> bool:
         return (self.child_id, self.name, self.version, self.cloud_url) == (
@@ -188,10 +191,19 @@ class PluginSettings:
     child_update_timeout: int  # seconds a child may stay silent
     options: PluginOptions = field(default_factory=PluginOptions)
     te: TeSettings = field(default_factory=TeSettings)
+    # `tedge-firmware run` without thin-edge's mapper: operations of children registered over
+    # te/ are also offered as te/ commands (gateway/te_mapper). Beside thin-edge's mapper
+    # (`c8y-firmware-plugin`) their 515s are the mapper's.
+    plays_mapper: bool = False
 
     @classmethod
     def from_tedge(
-        cls, config: TedgeConfig, device_id: str, options: PluginOptions | None = None
+        cls,
+        config: TedgeConfig,
+        device_id: str,
+        options: PluginOptions | None = None,
+        *,
+        plays_mapper: bool = False,
     ) -> PluginSettings:
         return cls(
             device_id=device_id,
@@ -205,6 +217,7 @@ class PluginSettings:
                 proxy_host=config.c8y_proxy_host,
                 proxy_port=config.c8y_proxy_port,
             ),
+            plays_mapper=plays_mapper,
         )
 
 
@@ -373,6 +386,8 @@ class FirmwarePlugin:
             self._on_child_response(topic, payload)
         elif topic.startswith("te/"):
             self.te.on_command(topic, payload)
+            if self.settings.plays_mapper:
+                self._on_te_answer(topic, payload)
         else:
             log.debug("message on %s ignored", topic)
 
@@ -428,6 +443,10 @@ class FirmwarePlugin:
             self.peer_errors.log(
                 logging.ERROR, "bad child id", "c8y_Firmware operation ignored: %s", problem
             )
+            return
+        te_child = topics.te_child_name(request.device, self.device_id)
+        if te_child is not None and not self.settings.plays_mapper:
+            log.info("c8y_Firmware for %s, a te/ child: left to thin-edge's mapper", request.device)
             return
         duplicate = next(
             (op for op in self.operations.values() if not op.state.ended and op.matches(request)),
@@ -548,6 +567,7 @@ class FirmwarePlugin:
             operation.record = record
             operation.state = step(operation.state, Event.READY).state
             self._publish_request(operation, operation.record)
+            self._offer_te_command(operation)
 
         self.writer.submit(write, written)
 
@@ -677,7 +697,41 @@ class FirmwarePlugin:
                 child_id,
             )
             return
+        if operation.answered_on is None:
+            operation.answered_on = "legacy"
+            self._clear_te_command(operation)
         self._apply_response(operation, response)
+
+    # ---- te/ commands offered where we play thin-edge's mapper (gateway/te_mapper) ------
+
+    def _offer_te_command(self, operation: LiveOperation) -> None:
+        if not self.settings.plays_mapper or operation.answered_on is not None:
+            return
+        topic = te_mapper.command_topic(self.device_id, operation.child_id, operation.op_id)
+        if topic is None:
+            return
+        operation.te_command = topic
+        command = te_mapper.initial_command(operation.cloud_url, operation.name, operation.version)
+        self.publisher.publish(topic, command, retain=True)
+        log.info("te/ command %s created %s", topic, operation.context())
+
+    def _on_te_answer(self, topic: str, payload: bytes) -> None:
+        response = te_mapper.answer_of(topic, payload)
+        if response is None:
+            return
+        operation = self.operations.get(response.operation_id)
+        if operation is None or operation.state.ended or operation.answered_on == "legacy":
+            return
+        if operation.te_command is None:
+            operation.te_command = topic  # after a restart: the command is there, and ours
+        operation.answered_on = "te"
+        self._apply_response(operation, response)
+
+    def _clear_te_command(self, operation: LiveOperation) -> None:
+        topic, operation.te_command = operation.te_command, None
+        if topic is not None:
+            self.publisher.publish(topic, b"", retain=True)
+            log.info("te/ command %s cleared %s", topic, operation.context())
 
     def _apply_response(self, operation: LiveOperation, response: FirmwareUpdateResponse) -> None:
         log.info("child reports %s %s", response.status.value, operation.context())
@@ -732,6 +786,12 @@ class FirmwarePlugin:
         operation.owed.extend(new_lines)
         self.timers.cancel(operation.op_id)
         self._unpublish_unless_used(operation)
+        if operation.answered_on == "te" and operation.state is State.SUCCESSFUL:
+            twin = te_mapper.twin_topic(self.device_id, operation.child_id)
+            if twin is not None:
+                document = te_mapper.twin(operation.name, operation.version, operation.cloud_url)
+                self.publisher.publish(twin, document, retain=True)
+        self._clear_te_command(operation)
         log.info("operation %s %s", operation.state.value, operation.context())
         if not requested:
             self._publish_owed(operation, new_lines)

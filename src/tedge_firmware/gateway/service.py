@@ -167,7 +167,14 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
             PLUGIN_SUBSCRIPTIONS,
             on_connect=on_connect,
         )
-        plugin = build_plugin(config, device_id, session, downloader, options.plugin)
+        plugin = build_plugin(
+            config,
+            device_id,
+            session,
+            downloader,
+            options.plugin,
+            plays_mapper=options.with_file_transfer,  # `run`: no thin-edge mapper beside us
+        )
         plugin.recover()
         log.info(
             "firmware plugin started: device=%s broker=%s:%d data=%s",
@@ -199,6 +206,8 @@ def build_plugin(
     publisher: Publisher,
     downloader: Downloader,
     options: PluginOptions,
+    *,
+    plays_mapper: bool = False,
 ) -> FirmwarePlugin:
     """The plugin and its ports, as `tedge.toml` says (call it on the running event loop)."""
     cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
@@ -217,7 +226,8 @@ def build_plugin(
         timers=Timers(),
         clock=asyncio.get_running_loop().time,
     )
-    plugin = FirmwarePlugin(PluginSettings.from_tedge(config, device_id, options), ports)
+    settings = PluginSettings.from_tedge(config, device_id, options, plays_mapper=plays_mapper)
+    plugin = FirmwarePlugin(settings, ports)
     return plugin
 
 
