@@ -103,6 +103,7 @@ VALID: dict[str, tuple[str, object]] = {
     "firmware.cache.max_size": ("2GiB", 2 * 2**30),
     "firmware.cache.max_age": ("2592000", 2592000),
     "c8y.proxy.bind.port": ("8101", 8101),
+    "c8y.smartrest.use_operation_id": ("true", True),
     "c8y.proxy.client.host": ("gateway.lan", "gateway.lan"),
     "c8y.proxy.client.port": ("8102", 8102),
     "firmware.te.download_state": ("fw_cache", "fw_cache"),
@@ -140,6 +141,7 @@ DEFAULTS: dict[str, object] = {
     "firmware.cache.max_size": None,
     "firmware.cache.max_age": None,
     "c8y.proxy.bind.port": 8001,
+    "c8y.smartrest.use_operation_id": False,
     "c8y.proxy.client.host": "127.0.0.1",
     "c8y.proxy.client.port": 8001,
     "firmware.te.download_state": "gateway_download",
@@ -201,6 +203,17 @@ def test_te_states_that_thin_edge_uses_or_cannot_be_states_are_refused(bad: str)
             validate_value(key, bad)
 
 
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), ("TRUE", True), (" false ", False)])
+def test_use_operation_id_takes_booleans(value: object, expected: bool) -> None:
+    assert from_doc({"c8y": {"smartrest": {"use_operation_id": value}}}).use_operation_id is expected
+
+
+@pytest.mark.parametrize("bad", ["yes", "1", 1, 0, "", "truee"])
+def test_use_operation_id_refuses_anything_else(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"c8y\.smartrest\.use_operation_id"):
+        from_doc({"c8y": {"smartrest": {"use_operation_id": bad}}})
+
+
 def test_the_two_te_states_must_differ() -> None:
     doc = {"firmware": {"te": {"download_state": "fw", "downloaded_state": "fw"}}}
     with pytest.raises(ConfigError, match=r"both 'fw' \(in /x/tedge.toml\)"):
@@ -239,6 +252,7 @@ def test_every_key_reaches_the_config_record() -> None:
     assert (config.cache_limits.max_size, config.cache_limits.max_age) == (2 * 2**30, 2592000)
     assert config.c8y_operations_dir == CONFIG_DIR / "operations" / "c8y"
     assert (config.c8y_proxy_host, config.c8y_proxy_port) == ("gateway.lan", 8102)
+    assert config.use_operation_id is True
     assert (config.te_download_state, config.te_downloaded_state) == ("fw_cache", "fw-cached")
 
 
@@ -858,6 +872,9 @@ def test_set_every_key_reads_back(tmp_path: Path, name: str, case: tuple[str, ob
     raw = raw_values(doc, {})
     assert effective_value(name, raw, tmp_path, "f") == expected
     stored = raw[name][0]
+    if isinstance(expected, bool):
+        assert stored is expected  # a TOML boolean, as thin-edge writes it
+        return
     assert isinstance(stored, int if isinstance(expected, int) else str)
     assert not isinstance(stored, bool)
 

@@ -98,6 +98,15 @@ _seconds = _int_in(1, 10 * 365 * 24 * 3600, "a positive whole number of seconds"
 _count = _int_in(1, 1024, "a whole number from 1 to 1024")
 
 
+def _bool(key: str, value: object) -> bool:
+    """true/false (a TOML boolean, or the words on the command line and in the environment)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"invalid value for '{key}': {value!r} is not true or false")
+
+
 def _te_state(key: str, value: object) -> str:
     """A state of the `te/` firmware_update command that only tedge-firmware uses."""
     state = _text(key, value)
@@ -225,6 +234,13 @@ KEYS: tuple[KeySpec, ...] = (
     ),
     KeySpec("http.cert_path", _path, "TLS certificate of the file-transfer service (https)"),
     KeySpec("http.key_path", _path, "TLS private key of the file-transfer service"),
+    KeySpec(
+        "c8y.smartrest.use_operation_id",
+        _bool,
+        "Take c8y_Firmware operations from their JSON form and report by operation id "
+        "(504/505/506) instead of by type (501/502/503)",
+        "false",
+    ),
     KeySpec("c8y.proxy.bind.port", _port, "Port of thin-edge's Cumulocity proxy", "8001"),
     KeySpec(
         "c8y.proxy.client.host",
@@ -442,6 +458,7 @@ class TedgeConfig:
     download_stall_timeout: int
     download_retry_budget: int
     registration_cloud_list_timeout: int
+    use_operation_id: bool = False
     c8y_proxy_host: str = "127.0.0.1"
     c8y_proxy_port: int = 8001
     te_download_state: str = "gateway_download"
@@ -578,6 +595,7 @@ def config_from_document(
         download_stall_timeout=get("firmware.download.stall_timeout"),
         download_retry_budget=get("firmware.download.retry_budget"),
         registration_cloud_list_timeout=get("firmware.registration.cloud_list_timeout"),
+        use_operation_id=get("c8y.smartrest.use_operation_id"),
         c8y_proxy_host=get("c8y.proxy.client.host"),
         c8y_proxy_port=get("c8y.proxy.client.port"),
         te_download_state=download_state,

@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,8 @@ RECORD_FIELDS = (
 )
 # Ours, after thin-edge's eight, present only once the operation is announced or ended.
 PROGRESS_FIELDS = ("state", "to_cloud")
+# Ours, present only for an operation taken by its Cumulocity id (`use_operation_id`).
+C8Y_ID_FIELD = "c8y_operation_id"
 # thin-edge's names on disk for the two URLs an operation has; ours in memory say which is which.
 _ATTRIBUTE_OF_FIELD = {"server_url": "cloud_url", "file_transfer_url": "child_url"}
 # A corrupt file must not make us publish a flood: an ended operation owes at most 3 lines.
@@ -86,9 +90,12 @@ class OperationRecord:
     attempt: int
     state: State = dataclasses.field(default_factory=lambda: State.PENDING)
     to_cloud: tuple[str, ...] = ()
+    c8y_id: str | None = None  # the Cumulocity operation's id, when it came by id
 
     def to_json(self) -> str:
         document = _fields_of(self, RECORD_FIELDS)
+        if self.c8y_id is not None:
+            document[C8Y_ID_FIELD] = self.c8y_id
         if self.state is not State.PENDING or self.to_cloud:
             document["state"] = self.state.value
             document["to_cloud"] = list(self.to_cloud)
@@ -97,12 +104,13 @@ class OperationRecord:
     @classmethod
     def from_json(cls, text: str | bytes) -> OperationRecord:
         """Parse an operation file; unknown or missing fields and wrong types are errors."""
-        document = _parse_record(text, RECORD_FIELDS, optional=PROGRESS_FIELDS)
+        document = _parse_record(text, RECORD_FIELDS, optional=(*PROGRESS_FIELDS, C8Y_ID_FIELD))
         state = _recorded_state(document.pop("state", State.PENDING.value))
         to_cloud = _recorded_lines(document.pop("to_cloud", []))
         if to_cloud and not state.ended:
             raise StoreError(f"field 'to_cloud' is not empty while the state is {state.value}")
-        return cls(**_attributes(document), state=state, to_cloud=to_cloud)
+        c8y_id = _recorded_c8y_id(document.pop(C8Y_ID_FIELD, None))
+        return cls(**_attributes(document), state=state, to_cloud=to_cloud, c8y_id=c8y_id)
 
 
 FETCH_FIELDS = ("operation_id", "child_id", "name", "version", "server_url", "attempt")
@@ -120,14 +128,19 @@ class FetchRecord:
     version: str
     cloud_url: str
     attempt: int
+    c8y_id: str | None = None
 
     def to_json(self) -> str:
         document = _fields_of(self, FETCH_FIELDS)
+        if self.c8y_id is not None:
+            document[C8Y_ID_FIELD] = self.c8y_id
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> FetchRecord:
-        return cls(**_attributes(_parse_record(text, FETCH_FIELDS)))
+        document = _parse_record(text, FETCH_FIELDS, optional=(C8Y_ID_FIELD,))
+        c8y_id = _recorded_c8y_id(document.pop(C8Y_ID_FIELD, None))
+        return cls(**_attributes(document), c8y_id=c8y_id)
 
 
 def _fields_of(record: object, fields: tuple[str, ...]) -> dict[str, object]:
@@ -171,6 +184,12 @@ def _recorded_state(value: object) -> State:
         return State(value)
     except ValueError:
         raise StoreError(f"field 'state' {value!r} is not a known state") from None
+
+
+def _recorded_c8y_id(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and smartrest.is_operation_id(value)):
+        return value
+    raise StoreError(f"field {C8Y_ID_FIELD!r} is not a Cumulocity operation id")
 
 
 def _recorded_lines(value: object) -> tuple[str, ...]:
@@ -217,15 +236,25 @@ class Outcome:
     to_cloud: tuple[str, ...]
 
 
-def step(state: State, event: Event, *, reason: str | None = None, installed: str = "") -> Outcome:
+def step(
+    state: State,
+    event: Event,
+    *,
+    reason: str | None = None,
+    installed: str = "",
+    c8y_id: str | None = None,
+) -> Outcome:
     """Decide the next state and the SmartREST lines for Cumulocity.
 
     `reason` is the failure text (FAILED: the child's, ABORTED: ours); `installed` is the `115`
-    line to send on success.
+    line to send on success. With the Cumulocity operation's `c8y_id` (operations taken by id)
+    the status lines name it (`504`/`505`/`506`); without, they name the operation type
+    (`501`/`502`/`503`, which act on the device's oldest operation of that type).
     """
     if state.ended:
         raise InvalidTransition(f"operation already {state.value}, cannot take {event.value}")
-    announce = () if state.announced else (smartrest.set_executing(),)
+    executing, successful, failed = _status_lines(c8y_id)
+    announce = () if state.announced else (executing,)
     match event:
         case Event.READY if state is State.FETCHING:
             return Outcome(State.PENDING, ())
@@ -234,13 +263,23 @@ def step(state: State, event: Event, *, reason: str | None = None, installed: st
         case Event.EXECUTING if state is not State.FETCHING:
             return Outcome(State.EXECUTING, announce)
         case Event.SUCCESSFUL if state is not State.FETCHING:
-            return Outcome(State.SUCCESSFUL, (*announce, installed, smartrest.set_successful()))
+            return Outcome(State.SUCCESSFUL, (*announce, installed, successful))
         case Event.FAILED if state is not State.FETCHING:
             text = reason if reason and reason.strip() else NO_REASON
-            return Outcome(State.FAILED, (*announce, smartrest.set_failed(text)))
+            return Outcome(State.FAILED, (*announce, failed(text)))
         case Event.ABORTED:
-            return Outcome(State.FAILED, (*announce, smartrest.set_failed(reason or "Failed")))
+            return Outcome(State.FAILED, (*announce, failed(reason or "Failed")))
     raise InvalidTransition(f"{event.value} is not allowed while {state.value}")
+
+
+def _status_lines(c8y_id: str | None) -> tuple[str, str, Callable[[str], str]]:
+    if c8y_id is None:
+        return smartrest.set_executing(), smartrest.set_successful(), smartrest.set_failed
+    return (
+        smartrest.set_executing_by_id(c8y_id),
+        smartrest.set_successful_by_id(c8y_id),
+        functools.partial(smartrest.set_failed_by_id, c8y_id),
+    )
 
 
 def timeout_reason(child_id: str, seconds: int, op_id: str) -> str:

@@ -10,6 +10,7 @@ with commas, quotes or newlines can no longer break the line (DESIGN.md item 9).
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 
 from tedge_firmware.core.text import one_line
@@ -21,6 +22,7 @@ MAX_REASON_LENGTH = 500
 # from Cumulocity and is not worth parsing.
 MAX_DOWNSTREAM_BYTES = 64 * 1024
 _NEEDS_QUOTES = frozenset(',"\n\r')
+_OPERATION_ID = re.compile(r"[0-9]{1,20}", re.ASCII)
 
 
 def split_records(payload: str) -> list[str]:
@@ -82,14 +84,25 @@ class FirmwareRequest:
 
 
 def parse_firmware_request(record: str) -> FirmwareRequest:
-    """Parse `515,<device>,<name>,<version>,<url>[,extra…]`; fewer fields is an error."""
+    """Parse `515,<device>,<name>,<version>,<url>[,extra…]`; fewer fields is an error. A
+    `525` (a patch: the same fields, then the version it applies to) parses the same way;
+    `patch_of` tells it apart."""
     fields = parse_fields(record)
-    if len(fields) < 5 or fields[0] != "515":
+    if len(fields) < 5 or fields[0] not in ("515", "525"):
         raise SmartRestError(
             f"Incorrect c8y_Firmware SmartREST payload: expected "
             f"515,<device>,<name>,<version>,<url> but got {len(fields)} field(s)"
         )
     return FirmwareRequest(device=fields[1], name=fields[2], version=fields[3], url=fields[4])
+
+
+def patch_of(record: str) -> str | None:
+    """The version a `525` firmware patch applies to (`?` when it does not say); None for
+    anything else."""
+    fields = parse_fields(record)
+    if not fields or fields[0] != "525":
+        return None
+    return fields[5] if len(fields) > 5 and fields[5] else "?"
 
 
 def parse_jwt_response(record: str) -> str:
@@ -132,6 +145,25 @@ def set_failed(reason: str) -> str:
 
 def set_successful() -> str:
     return f"503,{FIRMWARE_OPERATION},\n"
+
+
+def is_operation_id(text: str) -> bool:
+    """A Cumulocity operation id: digits (at most 20)."""
+    return _OPERATION_ID.fullmatch(text) is not None
+
+
+def set_executing_by_id(c8y_id: str) -> str:
+    """`504,<operation id>`: thin-edge's `c8y.smartrest.use_operation_id = true` form."""
+    return f"504,{quote_field(c8y_id)}\n"
+
+
+def set_failed_by_id(c8y_id: str, reason: str) -> str:
+    text = one_line(reason, MAX_REASON_LENGTH).replace('"', '""')
+    return f'505,{quote_field(c8y_id)},"{text}"\n'
+
+
+def set_successful_by_id(c8y_id: str) -> str:
+    return f"506,{quote_field(c8y_id)}\n"
 
 
 def set_installed_firmware(name: str, version: str, url: str) -> str:

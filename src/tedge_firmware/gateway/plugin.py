@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tedge_firmware.core import smartrest, topics
+from tedge_firmware.core import c8y_operations, smartrest, topics
 from tedge_firmware.core.config import TedgeConfig
 from tedge_firmware.core.firmware_update import (
     TE_COMMAND_FILTER,
@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 
 # The loop lets other tasks (the MQTT session, the file-transfer service) run this often.
 _INPUTS_PER_TURN = 32
+# How long the id of an ended operation is remembered: Cumulocity re-delivers pending
+# operations after a `500` (thin-edge's mapper keeps them for an hour as well).
+_COMPLETED_IDS_KEPT_S = 3600.0
 
 PLUGIN_SUBSCRIPTIONS = (
     topics.C8Y_DOWNSTREAM,
@@ -83,6 +86,7 @@ PLUGIN_SUBSCRIPTIONS = (
     topics.HEALTH_CHECK,
     topics.health_check_topic(),
     TE_COMMAND_FILTER,
+    c8y_operations.OPERATIONS_TOPIC,
 )
 
 
@@ -109,6 +113,13 @@ class DownstreamRecord:
 
 
 @dataclass(frozen=True)
+class JsonOperation:
+    """One `c8y_Firmware` operation of a `c8y/devicecontrol/notifications` payload."""
+
+    operation: c8y_operations.FirmwareOperation
+
+
+@dataclass(frozen=True)
 class RequestRefused:
     """The broker refuses the request to the child (it drops the connection on it)."""
 
@@ -130,6 +141,7 @@ class ResendUnanswered:
 Input = (
     Incoming
     | DownstreamRecord
+    | JsonOperation
     | FetchDone
     | TimerFired
     | RequestRefused
@@ -154,6 +166,7 @@ class LiveOperation:
     timer_generation: int = 0
     owed: list[str] = field(default_factory=list)  # lines for Cumulocity not yet acknowledged
     heard_at: float = 0.0  # loop time of the child's last valid response
+    c8y_id: str | None = None  # the Cumulocity operation's id, when it came by id
     te_command: str | None = None  # the te/ command offered for it (te_mapper), until cleared
     answered_on: str | None = None  # "legacy" or "te": where the child answered first
 
@@ -195,6 +208,8 @@ class PluginSettings:
     # te/ are also offered as te/ commands (gateway/te_mapper). Beside thin-edge's mapper
     # (`c8y-firmware-plugin`) their 515s are the mapper's.
     plays_mapper: bool = False
+    # c8y.smartrest.use_operation_id: operations from their JSON form, reported by id
+    use_operation_id: bool = False
 
     @classmethod
     def from_tedge(
@@ -218,6 +233,7 @@ class PluginSettings:
                 proxy_port=config.c8y_proxy_port,
             ),
             plays_mapper=plays_mapper,
+            use_operation_id=config.use_operation_id,
         )
 
 
@@ -257,6 +273,8 @@ class FirmwarePlugin:
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
         self.operations: dict[str, LiveOperation] = {}
         self.peer_errors = LogLimiter(log)  # what a peer can make us log, once a minute
+        # Cumulocity ids of operations that ended lately (loop time): re-delivered, ignored
+        self.completed_c8y_ids: dict[str, float] = {}
         self.te = TeParticipant(
             settings.te,
             self.publisher,
@@ -330,6 +348,7 @@ class FirmwarePlugin:
             cloud_url=record.cloud_url,
             file_id=file_id_for_url(record.cloud_url),
             attempt=attempt,
+            c8y_id=record.c8y_id,
         )
         self.operations[op_id] = operation
         return operation
@@ -364,6 +383,8 @@ class FirmwarePlugin:
                 self._on_message(topic, payload)
             case DownstreamRecord(record=record):
                 self._on_515(record)
+            case JsonOperation(operation=operation):
+                self._on_json_operation(operation)
             case FetchDone():
                 self._on_fetch_done(item)
             case TimerFired(op_id=op_id, generation=generation):
@@ -378,6 +399,8 @@ class FirmwarePlugin:
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == topics.C8Y_DOWNSTREAM:
             self._on_smartrest(payload)
+        elif topic == c8y_operations.OPERATIONS_TOPIC:
+            self._on_json_operations(payload)
         elif topic == topics.C8Y_JWT_RESPONSE:
             self.fetches.jwt.on_response(payload[: smartrest.MAX_DOWNSTREAM_BYTES])
         elif topic in (topics.HEALTH_CHECK, topics.health_check_topic()):
@@ -420,18 +443,69 @@ class FirmwarePlugin:
             )
             return
         for record in smartrest.split_records(text):
-            if smartrest.template_id(record) == "515":
+            if smartrest.template_id(record) not in ("515", "525"):
+                continue
+            if self.settings.use_operation_id:
+                log.debug("%s ignored: operations are taken by id (JSON)", record[:200])
+            else:
                 self.submit(DownstreamRecord(record))
 
     def _on_515(self, record: str) -> None:
+        """A `515` (or a `525`, a patch: same fields, then the version it applies to)."""
         try:
             request = smartrest.parse_firmware_request(record)
         except SmartRestError as error:
             self.peer_errors.log(logging.ERROR, "bad 515", "%s: %r", error, record[:200])
             return
-        self._on_firmware_request(request)
+        self._on_firmware_request(request, patch_of=smartrest.patch_of(record))
 
-    def _on_firmware_request(self, request: smartrest.FirmwareRequest) -> None:
+    # ---- operations by id (c8y.smartrest.use_operation_id) ------------------------------
+
+    def _on_json_operations(self, payload: bytes) -> None:
+        """Queue each `c8y_Firmware` operation of the payload as an input of its own."""
+        if not self.settings.use_operation_id:
+            return  # the 515 copy is the one we act on
+        for found in c8y_operations.firmware_operations(payload):
+            if isinstance(found, c8y_operations.FirmwareOperation):
+                self.submit(JsonOperation(found))
+            else:
+                self.peer_errors.log(
+                    logging.ERROR,
+                    "bad JSON operation",
+                    "c8y_Firmware operation on %s ignored: %s (id=%s device=%s)",
+                    c8y_operations.OPERATIONS_TOPIC,
+                    found.problem,
+                    found.c8y_id,
+                    found.device,
+                )
+
+    def _on_json_operation(self, found: c8y_operations.FirmwareOperation) -> None:
+        live = next((op for op in self.operations.values() if op.c8y_id == found.c8y_id), None)
+        if live is not None and not live.state.ended:
+            self._again(live)
+            return
+        if live is not None or found.c8y_id in self.completed_c8y_ids:
+            log.info("operation %s delivered again after its end: ignored", found.c8y_id)
+            return
+        request = smartrest.FirmwareRequest(found.device, found.name, found.version, found.url)
+        self._on_firmware_request(request, c8y_id=found.c8y_id, patch_of=found.patch_of)
+
+    def _remember_completed(self, c8y_id: str) -> None:
+        now = self.clock()
+        self.completed_c8y_ids = {
+            known: at
+            for known, at in self.completed_c8y_ids.items()
+            if now - at < _COMPLETED_IDS_KEPT_S
+        }
+        self.completed_c8y_ids[c8y_id] = now
+
+    def _on_firmware_request(
+        self,
+        request: smartrest.FirmwareRequest,
+        *,
+        c8y_id: str | None = None,
+        patch_of: str | None = None,
+    ) -> None:
         if request.device == self.device_id:
             log.warning(
                 "c8y_Firmware for the main device %s is left to its own handler: ignored",
@@ -449,20 +523,15 @@ class FirmwarePlugin:
             log.info("c8y_Firmware for %s, a te/ child: left to thin-edge's mapper", request.device)
             return
         duplicate = next(
-            (op for op in self.operations.values() if not op.state.ended and op.matches(request)),
+            (
+                op
+                for op in self.operations.values()
+                if not op.state.ended and op.c8y_id is None and op.matches(request)
+            ),
             None,
         )
-        if duplicate is not None:
-            duplicate.attempt += 1
-            log.info(
-                "same operation received again, attempt %d %s",
-                duplicate.attempt,
-                duplicate.context(),
-            )
-            if duplicate.state is State.FETCHING:
-                self._save_fetching(duplicate)
-            else:
-                self._resend(duplicate)
+        if duplicate is not None and c8y_id is None:
+            self._again(duplicate)
             return
         operation = LiveOperation(
             op_id=new_operation_id(),
@@ -471,8 +540,14 @@ class FirmwarePlugin:
             version=request.version,
             cloud_url=request.url,
             file_id=file_id_for_url(request.url),
+            c8y_id=c8y_id,
         )
         self.operations[operation.op_id] = operation
+        impossible = c8y_operations.cannot_do(request.name, request.version, request.url, patch_of)
+        if impossible is not None:
+            log.error("%s %s", impossible, operation.context())
+            self._abort(operation, impossible)
+            return
         log.info(
             "new firmware operation name=%s version=%s url=%s %s",
             operation.name,
@@ -482,6 +557,17 @@ class FirmwarePlugin:
         )
         # On disk before the download starts: a restart meanwhile resumes it for this operation.
         self._save_fetching(operation, and_then=lambda: self._join_fetch(operation))
+
+    def _again(self, duplicate: LiveOperation) -> None:
+        """The same operation received again: the request goes out again with attempt + 1."""
+        duplicate.attempt += 1
+        log.info(
+            "same operation received again, attempt %d %s", duplicate.attempt, duplicate.context()
+        )
+        if duplicate.state is State.FETCHING:
+            self._save_fetching(duplicate)
+        else:
+            self._resend(duplicate)
 
     # ---- fetching the firmware (single flight per FILE_ID) ------------------------------
 
@@ -495,6 +581,7 @@ class FirmwarePlugin:
             version=operation.version,
             cloud_url=operation.cloud_url,
             attempt=operation.attempt,
+            c8y_id=operation.c8y_id,
         )
 
         def saved(error: StoreError | None) -> None:
@@ -552,6 +639,7 @@ class FirmwarePlugin:
             + self.cache.relative_path(operation.child_id, operation.file_id),
             sha256=sha256,
             attempt=operation.attempt,
+            c8y_id=operation.c8y_id,
         )
 
         def write() -> None:
@@ -766,7 +854,9 @@ class FirmwarePlugin:
             operation.name, operation.version, operation.cloud_url
         )
         requested = operation.state is not State.FETCHING
-        outcome = step(operation.state, event, reason=reason, installed=installed)
+        outcome = step(
+            operation.state, event, reason=reason, installed=installed, c8y_id=operation.c8y_id
+        )
         operation.state = outcome.state
         if outcome.state.ended:
             self._end(operation, outcome.to_cloud, requested=requested)
@@ -785,6 +875,8 @@ class FirmwarePlugin:
         # Owed at once: no acknowledgement can forget the operation before they are out.
         operation.owed.extend(new_lines)
         self.timers.cancel(operation.op_id)
+        if operation.c8y_id is not None:
+            self._remember_completed(operation.c8y_id)
         self._unpublish_unless_used(operation)
         if operation.answered_on == "te" and operation.state is State.SUCCESSFUL:
             twin = te_mapper.twin_topic(self.device_id, operation.child_id)
