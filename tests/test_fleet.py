@@ -71,3 +71,76 @@ async def test_fifty_children_one_cloud_download(broker: Broker, tmp_path: Path,
     files = sim.stats.files["fleet.bin"]
     assert files.statuses == (200,) and files.complete == 1  # one cloud download for 50 children
     assert sim.errors == []
+
+
+TE_CHILDREN = [f"te-{index:02d}" for index in range(50)]
+LEGACY_CHILDREN = [f"legacy-{index:02d}" for index in range(50)]
+
+
+async def test_fifty_te_and_fifty_legacy_children_update_from_one_cloud_download(
+    broker: Broker, tmp_path: Path, unused_port: int
+) -> None:
+    """`tedge-firmware run` plays thin-edge's mapper for the te/ children (their commands, the
+    gateway's download step) and the legacy plugin for the others, from one cached download."""
+    config_dir, data = tmp_path / "etc", tmp_path / "data"
+    write_config(config_dir, data, broker.port, unused_port)
+    for child in LEGACY_CHILDREN:  # registered by operation files: their ids are their names
+        (config_dir / "operations" / "c8y" / child).mkdir(parents=True)
+        (config_dir / "operations" / "c8y" / child / "c8y_Firmware").touch()
+    applied: dict[str, list[str]] = {child: [] for child in [*TE_CHILDREN, *LEGACY_CHILDREN]}
+
+    async def apply(firmware: Firmware) -> None:
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(firmware.path.read_bytes()).hexdigest())
+        applied[firmware.child_id].append(digest)
+
+    def xid(child: str) -> str:
+        return f"parent-device:device:{child}"
+
+    te_connector = Connector(
+        *TE_CHILDREN,
+        apply=apply,
+        work_dir=tmp_path / "te-children",
+        broker=BrokerSettings(host="127.0.0.1", port=broker.port, client_id="te-children"),
+        download=DownloadSettings(parallel=8),
+        protocol="te",  # registers over te/, takes te/ commands
+    )
+    legacy_connector = Connector(
+        *LEGACY_CHILDREN,
+        apply=apply,
+        work_dir=tmp_path / "legacy-children",
+        broker=BrokerSettings(host="127.0.0.1", port=broker.port, client_id="legacy-children"),
+        download=DownloadSettings(parallel=8),
+    )
+    devices = [xid(child) for child in TE_CHILDREN] + LEGACY_CHILDREN
+    gateway = Gateway(config_dir, data)
+    async with C8ySimulator(mqtt_port=broker.port, gateway_id="parent-device") as sim:
+        await gateway.start()
+        tasks = [asyncio.create_task(c.run()) for c in (te_connector, legacy_connector)]
+        try:
+            url = sim.add_file("mixed.bin", CONTENT)
+
+            def all_registered() -> bool:
+                return all((device := sim.device(d)) is not None and device.supports(FIRMWARE) for d in devices)
+
+            await sim.wait_until(all_registered, timeout=30)
+            bulk = sim.bulk_firmware_operation(devices, "mixed", "3.0", url)
+            progress = await sim.wait_for_bulk(bulk.id, timeout=60)
+        finally:
+            for instance in (te_connector, legacy_connector):
+                instance.stop()
+            async with asyncio.timeout(15):
+                await asyncio.gather(*tasks)
+            await gateway.stop()
+    assert (progress.successful, progress.failed, progress.total) == (100, 0, 100)
+    for device in devices:  # each operation ended once: EXECUTING then SUCCESSFUL, nothing more
+        [operation] = sim.operations_of(device)
+        assert [change.status for change in operation.history] == [
+            OperationStatus.PENDING,
+            OperationStatus.EXECUTING,
+            OperationStatus.SUCCESSFUL,
+        ]
+    expected = hashlib.sha256(CONTENT).hexdigest()
+    assert applied == {child: [expected] for child in applied}  # each applied once
+    files = sim.stats.files["mixed.bin"]
+    assert files.statuses == (200,) and files.complete == 1  # one cloud download for all 100
+    assert sim.errors == []
