@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -112,14 +113,14 @@ def test_a_firmware_operation_is_pending_and_delivered_as_515() -> None:
     t = registered("child1")
     op = t.create_firmware_operation("child1", "image", "1.0", "http://h/image.bin")
     assert (op.id, op.status, op.deliveries) == ("1", P, 0)
-    assert t.deliver(op) == Downstream("c8y/s/ds", "515,child1,image,1.0,http://h/image.bin")
+    assert t.deliver(op) == [Downstream("c8y/s/ds", "515,child1,image,1.0,http://h/image.bin")]
     assert t.operation(op.id).deliveries == 1
 
 
 def test_the_515_quotes_fields_that_need_it() -> None:
     t = registered("child1")
     op = t.create_firmware_operation("child1", 'my "fw", v', "1.0", "http://h/x")
-    assert t.deliver(op).payload == '515,child1,"my ""fw"", v",1.0,http://h/x'
+    assert t.deliver(op)[0].payload == '515,child1,"my ""fw"", v",1.0,http://h/x'
 
 
 @pytest.mark.parametrize(
@@ -328,3 +329,57 @@ def test_every_change_counts() -> None:
 def test_the_gateway_id_must_be_usable() -> None:
     with pytest.raises(ValueError, match="gateway id"):
         Tenant("a/b")
+
+
+# --- operations in their JSON form, statuses by id ---------------------------------------------
+
+
+def test_with_json_operations_each_delivery_carries_the_json_form_too() -> None:
+    t = registered("child1")
+    t.json_operations = True
+    op = t.create_firmware_operation("child1", "image", "1.0", "http://h/image.bin")
+    smartrest_copy, json_copy = t.deliver(op)
+    assert smartrest_copy.topic == "c8y/s/ds"
+    assert json_copy.topic == "c8y/devicecontrol/notifications"
+    document = json.loads(json_copy.payload)
+    assert (document["id"], document["status"]) == (op.id, "PENDING")
+    assert document["c8y_Firmware"] == {"name": "image", "version": "1.0", "url": "http://h/image.bin"}
+    assert document["externalSource"] == {"externalId": "child1", "type": "c8y_Serial"}
+
+
+def test_statuses_by_id_move_the_operation_they_name() -> None:
+    t = registered("child1")
+    first = t.create_firmware_operation("child1", "image", "1.0", "http://h/a")
+    second = t.create_firmware_operation("child1", "image", "2.0", "http://h/b")
+    up(t, "c8y/s/us/child1", f"504,{second.id}")  # not the oldest: by id, that one
+    up(t, "c8y/s/us/child1", f'505,{second.id},"no space"')
+    assert (t.operation(first.id).status, t.operation(second.id).status) == (P, OperationStatus.FAILED)
+    assert t.operation(second.id).failure_reason == "no space"
+    up(t, "c8y/s/us/child1", f"504,{first.id}\n506,{first.id}")
+    assert t.operation(first.id).status is OperationStatus.SUCCESSFUL
+    assert t.violations == []
+
+
+@pytest.mark.parametrize(
+    ("records", "says"),
+    [
+        (["506,1"], "is PENDING, not EXECUTING"),
+        (["504,99"], "no operation '99'"),
+        (["504,1", "504,1"], "is EXECUTING, not PENDING"),
+        (["504,"], "no operation ''"),
+    ],
+)
+def test_statuses_by_id_that_cumulocity_would_refuse_are_violations(records: list[str], says: str) -> None:
+    t = registered("child1", "child2")
+    t.create_firmware_operation("child1", "image", "1.0", "http://h/a")
+    for record in records:
+        up(t, "c8y/s/us/child1", record)
+    assert says in t.violations[-1].message
+
+
+def test_a_status_by_id_for_another_devices_operation_is_a_violation() -> None:
+    t = registered("child1", "child2")
+    op = t.create_firmware_operation("child1", "image", "1.0", "http://h/a")
+    up(t, "c8y/s/us/child2", f"504,{op.id}")
+    assert t.operation(op.id).status is P
+    assert "of this device" in t.violations[-1].message

@@ -12,7 +12,9 @@ binaries over HTTP:
         assert sim.errors == []                        # nothing Cumulocity would refuse
 
 The rules it enforces are described in `tedge_firmware.sim._model`; the HTTP faults in
-`tedge_firmware.sim._files`.
+`tedge_firmware.sim._files`. `json_operations=True` delivers every operation in its JSON form
+too and takes statuses by id. `MapperModelRunner` is a model (not thin-edge) of thin-edge's
+mapper for `te/` children: `tedge_firmware.sim._mapper`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tedge_firmware.errors import SimulatorError
 from tedge_firmware.sim._cloud import DEFAULT_CLIENT_ID, SUBSCRIPTIONS
 from tedge_firmware.sim._control import CONTROL_PREFIX
 from tedge_firmware.sim._files import BINARIES_PATH, FileFaults, FileStats
+from tedge_firmware.sim._mapper import MapperModelRunner, ThinEdgeMapperModel
 from tedge_firmware.sim._model import (
     FIRMWARE,
     BulkOperation,
@@ -58,12 +61,14 @@ __all__ = [
     "FileFaults",
     "FileStats",
     "Firmware",
+    "MapperModelRunner",
     "Operation",
     "OperationStatus",
     "SimStats",
     "SimulatorError",
     "StatusChange",
     "Tenant",
+    "ThinEdgeMapperModel",
     "Violation",
     "make_token",
 ]

@@ -33,6 +33,14 @@ Rules enforced (each breach is a Violation; the record then changes nothing):
   then): recorded and refused with SimulatorError; a bulk operation skips such devices and
   counts them as refused.
 
+With `json_operations`, every delivery also carries the operation's JSON form on
+`c8y/devicecontrol/notifications`, as Cumulocity sends it to MQTT devices, and the "by id"
+templates act on the operation they name, which must belong to the device of the topic:
+
+    504,<id>                  PENDING → EXECUTING
+    505,<id>[,reason]         EXECUTING → FAILED
+    506,<id>[,...]            EXECUTING → SUCCESSFUL
+
 `105` is answered with `106,<children…>` (the device's children, in creation order); `500` on
 `c8y/s/us` re-delivers every PENDING operation of the gateway and its descendants, `500` on
 `c8y/s/us/<device>` those of that device and its descendants. Other templates (measurements,
@@ -46,13 +54,16 @@ operation finished, then SUCCESSFUL when all succeeded, else FAILED.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from tedge_firmware.core import smartrest, topics
+from tedge_firmware.core.c8y_operations import OPERATIONS_TOPIC
 from tedge_firmware.errors import SimulatorError, SmartRestError
 
 FIRMWARE = smartrest.FIRMWARE_OPERATION
@@ -243,7 +254,14 @@ _Handler = Callable[[Device, list[str], str], list[Downstream]]
 class Tenant:
     """The state of the simulated tenant; see the module docstring for the rules."""
 
-    def __init__(self, gateway_id: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        json_operations: bool = False,
+    ) -> None:
+        self.json_operations = json_operations
         problem = topics.child_id_problem(gateway_id)
         if problem is not None:
             raise ValueError(f"gateway id: {problem}")
@@ -269,6 +287,9 @@ class Tenant:
             "501": self._set_executing,
             "502": self._set_failed,
             "503": self._set_successful,
+            "504": self._set_executing_by_id,
+            "505": self._set_failed_by_id,
+            "506": self._set_successful_by_id,
         }
 
     # --- reading ---------------------------------------------------------------------------
@@ -345,14 +366,18 @@ class Tenant:
         """
         return self._create(device_id, name, version, url, bulk_id=None)
 
-    def deliver(self, operation: Operation) -> Downstream:
-        """The `515` that delivers `operation` (to publish); counts one more delivery."""
+    def deliver(self, operation: Operation) -> list[Downstream]:
+        """What delivers `operation` (to publish): its `515`, and its JSON form when the
+        tenant sends that too; counts one more delivery."""
         current = self._operations[operation.id]
         self._operations[operation.id] = replace(current, deliveries=current.deliveries + 1)
         self._changed()
         fields = (current.device, current.name, current.version, current.url)
         line = ",".join(["515", *(smartrest.quote_field(field) for field in fields)])
-        return Downstream(topics.C8Y_DOWNSTREAM, line)
+        out = [Downstream(topics.C8Y_DOWNSTREAM, line)]
+        if self.json_operations:
+            out.append(Downstream(OPERATIONS_TOPIC, json.dumps(_json_form(current))))
+        return out
 
     def new_bulk(
         self, devices: Iterable[str], name: str, version: str, url: str, ramp_seconds: float
@@ -523,7 +548,7 @@ class Tenant:
             for operation in self.operations  # in creation order, across devices
             if operation.device in scope and operation.status is OperationStatus.PENDING
         ]
-        return [self.deliver(operation) for operation in pending]
+        return [message for operation in pending for message in self.deliver(operation)]
 
     def _set_executing(self, device: Device, fields: list[str], record: str) -> list[Downstream]:
         self._transition(device, fields, record, OperationStatus.PENDING, OperationStatus.EXECUTING)
@@ -541,6 +566,46 @@ class Tenant:
             device, fields, record, OperationStatus.EXECUTING, OperationStatus.SUCCESSFUL
         )
         return []
+
+    def _set_executing_by_id(
+        self, device: Device, fields: list[str], record: str
+    ) -> list[Downstream]:
+        self._by_id(device, fields, record, OperationStatus.PENDING, OperationStatus.EXECUTING)
+        return []
+
+    def _set_failed_by_id(self, device: Device, fields: list[str], record: str) -> list[Downstream]:
+        reason = _field(fields, 2)
+        self._by_id(
+            device, fields, record, OperationStatus.EXECUTING, OperationStatus.FAILED, reason
+        )
+        return []
+
+    def _set_successful_by_id(
+        self, device: Device, fields: list[str], record: str
+    ) -> list[Downstream]:
+        self._by_id(device, fields, record, OperationStatus.EXECUTING, OperationStatus.SUCCESSFUL)
+        return []
+
+    def _by_id(
+        self,
+        device: Device,
+        fields: list[str],
+        record: str,
+        source: OperationStatus,
+        target: OperationStatus,
+        reason: str | None = None,
+    ) -> None:
+        operation = self._operations.get(_field(fields, 1).strip())
+        if operation is None or operation.device != device.id:
+            self._violate(device.id, record, f"no operation {_field(fields, 1)!r} of this device")
+        elif operation.status is not source:
+            self._violate(
+                device.id,
+                record,
+                f"operation {operation.id} is {operation.status.value}, not {source.value}",
+            )
+        else:
+            self._move(operation, target, reason)
 
     def _transition(
         self,
@@ -560,6 +625,9 @@ class Tenant:
         if chosen is None:
             self._violate(device.id, record, _no_operation_in(source, target, fragment, candidates))
             return
+        self._move(chosen, target, reason)
+
+    def _move(self, chosen: Operation, target: OperationStatus, reason: str | None) -> None:
         now = self._clock()
         self._operations[chosen.id] = replace(
             chosen,
@@ -579,6 +647,23 @@ class Tenant:
 
     def _changed(self) -> None:
         self._changes += 1
+
+
+def _json_form(operation: Operation) -> dict[str, object]:
+    """The operation as Cumulocity sends it on `devicecontrol/notifications`."""
+    return {
+        "id": operation.id,
+        "status": operation.status.value,
+        "creationTime": datetime.datetime.fromtimestamp(
+            operation.created, datetime.UTC
+        ).isoformat(),
+        "c8y_Firmware": {
+            "name": operation.name,
+            "version": operation.version,
+            "url": operation.url,
+        },
+        "externalSource": {"externalId": operation.device, "type": "c8y_Serial"},
+    }
 
 
 def _field(fields: list[str], index: int) -> str:

@@ -106,9 +106,12 @@ class C8ySimulator:
         token: str | None = None,
         answer_jwt: bool = True,
         control_api: bool = True,
+        json_operations: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._tenant = Tenant(gateway_id, clock=clock)
+        """`json_operations`: deliver each operation in its JSON form too, as Cumulocity does
+        (c8y/devicecontrol/notifications), and take statuses by id (504/505/506)."""
+        self._tenant = Tenant(gateway_id, clock=clock, json_operations=json_operations)
         self.token = token or make_token()
         self.answer_jwt = answer_jwt  # False: JWT requests get no answer (the gateway times out)
         self._jwt_requests = 0
@@ -332,8 +335,8 @@ class C8ySimulator:
         return False
 
     def _deliver(self, operation: Operation) -> None:
-        request = self._tenant.deliver(operation)
-        self._link.publish(request.topic, request.payload)
+        for request in self._tenant.deliver(operation):
+            self._link.publish(request.topic, request.payload)
         self._notify()
 
     # --- waiting ---------------------------------------------------------------------------
