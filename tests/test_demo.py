@@ -54,12 +54,15 @@ def processes_mentioning(text: str) -> list[str]:
 BROKER_LINES = {"mosquitto": "mosquitto on 127.0.0.1:", "embedded": "embedded broker (amqtt) on 127.0.0.1:"}
 
 
-@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
-def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path, broker: str) -> None:
+@pytest.mark.parametrize(
+    ("broker", "protocol"),
+    [("mosquitto", "mixed"), ("mosquitto", "te"), ("mosquitto", "legacy"), ("embedded", "mixed")],
+)
+def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path, broker: str, protocol: str) -> None:
     result = run_demo(
         "--children", "5", "--size", "1MiB", "--fail", "1", "--flaky", "1",
         "--apply-seconds", "0.2", "--ramp", "0.05", "--plain", "--workdir", str(tmp_path),
-        "--broker", broker,
+        "--broker", broker, "--protocol", protocol,
     )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -70,7 +73,10 @@ def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path, broker: str
     assert "protocol errors (what Cumulocity would refuse): 0" in out
     assert FAIL_REASON in out
     # the summary row of the flaky child: successful at its second operation
-    assert re.search(r"c04\s+│\s+flaky\s+│\s+SUCCESSFUL\s+│[^│]+│\s+2\s+│", out), out
+    c04 = "te" if protocol in ("te", "mixed") else "legacy"  # mixed: every other child is te
+    assert re.search(rf"c04\s+│\s+{c04}\s+│\s+flaky\s+│\s+SUCCESSFUL\s+│[^│]+│\s+2\s+│", out), out
+    if protocol == "mixed":
+        assert re.search(r"c01\s+│\s+legacy\s+│", out), out
     assert "demo OK" in out
     assert list(tmp_path.iterdir()) == []  # its directory is removed
 

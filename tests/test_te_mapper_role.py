@@ -6,6 +6,7 @@ own mapper, leaves such operations to it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -147,3 +148,43 @@ async def test_beside_thin_edges_mapper_the_plugin_leaves_te_children_to_it(
         stop.set()
         async with asyncio.timeout(10):
             await plugin
+
+
+async def test_a_client_like_thin_edges_python_agent_completes_an_update(
+    tmp_path: Path, broker: Broker, cloud: FirmwareServer, gateway: Gateway
+) -> None:
+    """What thin-edge's python-tedge-agent does (docs/thin-edge-te.md): declare on te/, take
+    legacy requests whose address ends with `:<its id>`, download the url, answer on the
+    request's address with the request's fields and a status, QoS 0, not retained."""
+    import aiohttp
+    import aiomqtt
+
+    url = cloud.url("fw.bin")
+    received: list[bytes] = []
+
+    async def python_agent_like() -> None:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="py-agent-child1") as client:
+            await client.publish(CAPABILITY, "{}", qos=1, retain=True)
+            await client.subscribe("tedge/+/commands/req/firmware_update")
+            async for message in client.messages:
+                address = message.topic.value.split("/")[1]
+                if not address.endswith(":child1"):
+                    continue
+                request = json.loads(message.payload)  # type: ignore[arg-type]
+                response_topic = message.topic.value.replace("/req/", "/res/")
+                await client.publish(response_topic, json.dumps({**request, "status": "executing"}), qos=0)
+                async with aiohttp.ClientSession() as http, http.get(request["url"]) as response:
+                    received.append(await response.read())
+                await client.publish(response_topic, json.dumps({**request, "status": "successful"}), qos=0)
+
+    agent = asyncio.create_task(python_agent_like())
+    try:
+        async with observer(broker.port, ["c8y/s/us", f"c8y/s/us/{XID}"]) as obs:
+            await registered(obs, None)
+            await obs.publish("c8y/s/ds", f"515,{XID},img,7,{url}")
+            assert await obs.sequence(f"c8y/s/us/{XID}", 3, timeout=20) == [E501, f"115,img,7,{url}".encode(), E503]
+    finally:
+        agent.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await agent
+    assert received == [CONTENT]

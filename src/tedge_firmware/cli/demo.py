@@ -10,7 +10,13 @@ from typing import cast
 import click
 
 from tedge_firmware.core.units import parse_size
-from tedge_firmware.demo.options import BROKER_CHOICES, BrokerChoice, DemoOptions
+from tedge_firmware.demo.options import (
+    BROKER_CHOICES,
+    PROTOCOL_CHOICES,
+    BrokerChoice,
+    DemoOptions,
+    ProtocolChoice,
+)
 from tedge_firmware.demo.stack import main
 
 
@@ -99,6 +105,14 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     "pip install 'tedge-firmware[demo-broker]'), or auto: mosquitto when installed, "
     "else the embedded one.",
 )
+@click.option(
+    "--protocol",
+    type=click.Choice(PROTOCOL_CHOICES),
+    default="mixed",
+    show_default=True,
+    help="The children's protocol: legacy (thin-edge 0.x requests), te (thin-edge 1.x/2.x "
+    "commands, with the gateway's download step), or mixed (every other child).",
+)
 def demo_command(
     children: int,
     size: int,
@@ -112,6 +126,7 @@ def demo_command(
     workdir: Path | None,
     keep: bool,
     broker: str,
+    protocol: str,
 ) -> None:
     """Roll a firmware out to N simulated children through the real gateway, and watch it.
 
@@ -133,6 +148,7 @@ def demo_command(
             workdir=workdir,
             keep=keep,
             broker=cast(BrokerChoice, broker),  # click.Choice checked it
+            protocol=cast(ProtocolChoice, protocol),
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None

@@ -19,6 +19,7 @@ class ChildView:
 
     child_id: str
     role: str  # "ok", "fail" or "flaky"
+    protocol: str = "legacy"  # "legacy" (tedge/<child>/commands/...) or "te" (te/ commands)
     phase: str = "waiting"
     downloaded: int = 0  # bytes of the current operation
     bytes_total: int = 0  # bytes fetched from the gateway over every operation
@@ -44,12 +45,31 @@ def child_roles(options: DemoOptions) -> dict[str, str]:
     return roles
 
 
+def child_protocols(options: DemoOptions, children: list[str]) -> dict[str, str]:
+    """Which protocol each child speaks; `mixed`: every other child speaks `te`."""
+    if options.protocol != "mixed":
+        return {child: options.protocol for child in children}
+    return {child: "te" if index % 2 else "legacy" for index, child in enumerate(children)}
+
+
 class Fleet:
     """The simulated children: the demo apply step and the progress the connector reports."""
 
-    def __init__(self, roles: dict[str, str], apply_seconds: float) -> None:
-        self.views = {child: ChildView(child, role) for child, role in roles.items()}
+    def __init__(
+        self,
+        roles: dict[str, str],
+        apply_seconds: float,
+        protocols: dict[str, str] | None = None,
+    ) -> None:
+        protocols = protocols or {}
+        self.views = {
+            child: ChildView(child, role, protocols.get(child, "legacy"))
+            for child, role in roles.items()
+        }
         self.apply_seconds = apply_seconds
+
+    def speaking(self, protocol: str) -> list[str]:
+        return [child for child, view in self.views.items() if view.protocol == protocol]
 
     async def apply(self, firmware: Firmware) -> None:
         view = self.views[firmware.child_id]

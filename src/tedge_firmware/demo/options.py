@@ -25,6 +25,8 @@ REFRESH_S = 0.25
 BrokerChoice = Literal["auto", "mosquitto", "embedded"]
 BrokerKind = Literal["mosquitto", "embedded"]
 BROKER_CHOICES: tuple[BrokerChoice, ...] = ("auto", "mosquitto", "embedded")
+ProtocolChoice = Literal["legacy", "te", "mixed"]
+PROTOCOL_CHOICES: tuple[ProtocolChoice, ...] = ("legacy", "te", "mixed")
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,12 @@ class DemoOptions:
     workdir: Path | None = None  # where the temporary directory goes
     keep: bool = False  # keep the temporary directory (logs) afterwards
     broker: BrokerChoice = "auto"  # auto: mosquitto when installed, else the embedded one
+    # the children's protocol: thin-edge 0.x requests, thin-edge 1.x/2.x te/ commands, or both
+    protocol: ProtocolChoice = "mixed"
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOL_CHOICES:
+            raise ValueError(f"--protocol must be one of {', '.join(PROTOCOL_CHOICES)}")
         if self.broker not in BROKER_CHOICES:
             raise ValueError(f"--broker must be one of {', '.join(BROKER_CHOICES)}")
         if self.children < 1:

@@ -20,6 +20,7 @@ class ChildResult:
     attempts: int  # Cumulocity operations created for this child
     bytes: int  # bytes the child fetched from the gateway
     reason: str | None
+    protocol: str = "legacy"
 
     @property
     def as_expected(self) -> bool:
@@ -116,6 +117,7 @@ class Rollout:
             attempts=len(operations),
             bytes=view.bytes_total,
             reason=last.failure_reason if last is not None else None,
+            protocol=view.protocol,
         )
 
 

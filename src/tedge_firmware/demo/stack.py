@@ -43,7 +43,7 @@ from tedge_firmware.connector import (
 )
 from tedge_firmware.core.units import format_size
 from tedge_firmware.demo.broker import DemoBroker, find_broker
-from tedge_firmware.demo.children import Fleet, child_roles
+from tedge_firmware.demo.children import Fleet, child_protocols, child_roles
 from tedge_firmware.demo.options import (
     FIRMWARE_NAME,
     FIRMWARE_VERSION,
@@ -156,7 +156,8 @@ async def _run_stack(
     config_dir, data = home / "etc-tedge", home / "data"
     write_gateway_config(config_dir, data, mqtt_port, free_port())
     gateway = gateway_process(config_dir, home / "gateway.log")
-    fleet = Fleet(child_roles(options), options.apply_seconds)
+    roles = child_roles(options)
+    fleet = Fleet(roles, options.apply_seconds, child_protocols(options, list(roles)))
     firmware_file = home / "firmware.bin"
     await asyncio.to_thread(make_firmware, firmware_file, options.size)
     name = f"{FIRMWARE_NAME}-{FIRMWARE_VERSION}.bin"
@@ -169,16 +170,25 @@ async def _run_stack(
         async with simulator as sim, running(gateway):
             cut = FileFaults(cut_after=options.size // 2, cut_times=options.cloud_cuts)
             url = sim.add_file(name, firmware_file, faults=cut if options.cloud_cuts else None)
-            connector = Connector(
-                *fleet.views,
-                apply=fleet.apply,
-                work_dir=home / "children",
-                broker=BrokerSettings(host=HOST, port=mqtt_port, client_id="demo-children"),
-                download=DownloadSettings(parallel=8, progress_interval=0.2),
-                on_progress=fleet.on_progress,
-                register=True,
-            )
-            async with _serving(connector):
+            connectors = [
+                Connector(
+                    *children,
+                    apply=fleet.apply,
+                    work_dir=home / f"children-{protocol}",
+                    broker=BrokerSettings(
+                        host=HOST, port=mqtt_port, client_id=f"demo-children-{protocol}"
+                    ),
+                    download=DownloadSettings(parallel=8, progress_interval=0.2),
+                    on_progress=fleet.on_progress,
+                    register=True,  # over te/: the gateway registers them as thin-edge would
+                    protocol=protocol,
+                )
+                for protocol in ("legacy", "te")
+                if (children := fleet.speaking(protocol))
+            ]
+            async with contextlib.AsyncExitStack() as serving:
+                for connector in connectors:
+                    await serving.enter_async_context(_serving(connector))
                 return await _rollout(options, console, live, sim, fleet, gateway, url, name)
 
 

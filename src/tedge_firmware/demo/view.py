@@ -33,7 +33,8 @@ def live_table(rollout: Rollout, size: int, started: float) -> Table:
         f"{len(views)} children: {finished} done, {time.monotonic() - started:.1f} s",
         title_justify="left",
     )
-    for column in ("child", "role", "Cumulocity", "connector", "downloaded", "attempts", "time"):
+    columns = ("child", "protocol", "role", "Cumulocity", "connector", "downloaded", "attempts")
+    for column in (*columns, "time"):
         numeric = column in ("downloaded", "attempts")
         table.add_column(column, justify="right" if numeric else "left")
     # the unfinished children first: with many children those are the interesting ones
@@ -43,6 +44,7 @@ def live_table(rollout: Rollout, size: int, started: float) -> Table:
         percent = f"{min(view.downloaded, size) * 100 // size}%" if size else "-"
         table.add_row(
             view.child_id,
+            view.protocol,
             view.role,
             _colour(result.status),
             view.phase,
@@ -131,13 +133,15 @@ async def follow(
 
 def summary_table(result: DemoResult) -> Table:
     table = Table(title="summary", title_justify="left")
-    for column in ("child", "role", "status", "time", "attempts", "bytes", "reason"):
+    columns = ("child", "protocol", "role", "status", "time", "attempts", "bytes", "reason")
+    for column in columns:
         numeric = column in ("time", "attempts", "bytes")
         table.add_column(column, justify="right" if numeric else "left")
     for child in result.children:
         mark = "" if child.as_expected else " (unexpected)"
         table.add_row(
             child.child_id,
+            child.protocol,
             child.role,
             _colour(child.status) + mark,
             f"{child.seconds:.1f} s" if child.seconds is not None else "-",
