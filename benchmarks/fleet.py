@@ -34,6 +34,7 @@ import aiomqtt
 
 from benchmarks import _support as s
 from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings, Firmware
+from tedge_firmware.core.topics import te_child_external_id
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, Operation
 
 DEFAULT_CHILDREN = 1000
@@ -125,6 +126,8 @@ async def fleet_run(
     config_dir = home / "etc"
     write_gateway_config(config_dir, home / "data", port)
     ids = [f"child-{index:04d}" for index in range(children)]
+    # declared over te/ (`register`): Cumulocity knows them by thin-edge's external ids
+    cloud_ids = [te_child_external_id(GATEWAY_ID, child) for child in ids]
     connector = Connector(
         *ids,
         apply=noop_apply,
@@ -143,16 +146,17 @@ async def fleet_run(
                 begin = time.perf_counter()
 
                 def registered() -> bool:
-                    devices = [sim.device(child) for child in ids]
+                    devices = [sim.device(device) for device in cloud_ids]
                     return all(d is not None and d.supports(FIRMWARE) for d in devices)
 
                 try:
                     await s.until_exit(sim.wait_until(registered, timeout=limit_s), gateway)
                 except TimeoutError:
-                    raise RuntimeError(not_registered(sim, ids, config_dir, gateway)) from None
+                    message = not_registered(sim, cloud_ids, config_dir, gateway)
+                    raise RuntimeError(message) from None
                 registration = time.perf_counter() - begin
                 idle = s.proc_status_kib(gateway.pid, "VmRSS")
-                bulk = sim.bulk_firmware_operation(ids, "fleet", "2.0", url)
+                bulk = sim.bulk_firmware_operation(cloud_ids, "fleet", "2.0", url)
                 progress = await s.until_exit(sim.wait_for_bulk(bulk.id, timeout=limit_s), gateway)
                 peak = s.proc_status_kib(gateway.pid, "VmHWM")
             finally:

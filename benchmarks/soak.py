@@ -54,6 +54,7 @@ import aiomqtt
 
 from benchmarks import _support as s
 from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings, Firmware
+from tedge_firmware.core.topics import te_child_external_id
 from tedge_firmware.demo.processes import wait_listening
 from tedge_firmware.gateway.lifecycle import on_loop_exception
 from tedge_firmware.shell.config_file import write_local_config
@@ -551,6 +552,8 @@ async def soak(args: argparse.Namespace) -> None:
     logging.getLogger("tedge_firmware").setLevel(logging.ERROR)
     logging.getLogger("mqtt").setLevel(logging.CRITICAL)  # paho, in the soak's own clients
     children = [f"soak-child-{index:02d}" for index in range(args.children)]
+    # declared over te/ (`register`): Cumulocity knows them by thin-edge's external ids
+    cloud = [te_child_external_id(GATEWAY_ID, child) for child in children]
     tally = Tally()
     s.require(s.MOSQUITTO)
     ignore_harness_client_noise(asyncio.get_running_loop())
@@ -568,9 +571,9 @@ async def soak(args: argparse.Namespace) -> None:
         ):
             loop = asyncio.get_running_loop()
             try:
-                await sim.wait_until(lambda: registered(sim, children), timeout=60)
+                await sim.wait_until(lambda: registered(sim, cloud), timeout=60)
             except TimeoutError:
-                missing = sum(1 for c in children if not registered(sim, [c]))
+                missing = sum(1 for c in cloud if not registered(sim, [c]))
                 raise RuntimeError(
                     f"{missing} children not registered; gateway log:\n{gateway.process.tail()}"
                 ) from None
@@ -581,7 +584,7 @@ async def soak(args: argparse.Namespace) -> None:
             began = loop.time()
             calm_from = began + duration * 0.75
             workers = [
-                asyncio.create_task(operations(sim, children, urls, stop, rng)),
+                asyncio.create_task(operations(sim, cloud, urls, stop, rng)),
                 asyncio.create_task(hostile_mqtt(broker.port, children, stop, rng, tally)),
                 asyncio.create_task(hostile_http(http_port, stop, rng, tally)),
                 asyncio.create_task(probes(broker.port, http_port, stop, tally)),
@@ -598,14 +601,14 @@ async def soak(args: argparse.Namespace) -> None:
             await asyncio.gather(*workers, rss, return_exceptions=True)
             settle_started = loop.time()
             with contextlib.suppress(TimeoutError):
-                await sim.wait_until(lambda: all_final(sim, children), timeout=SETTLE_LIMIT / 2)
-            if all_final(sim, children) is None:
+                await sim.wait_until(lambda: all_final(sim, cloud), timeout=SETTLE_LIMIT / 2)
+            if all_final(sim, cloud) is None:
                 # An operation Cumulocity still has PENDING may be one whose 515 went down
                 # with a broker that had not saved it: a restart's 500 asks for it again.
                 await gateway.process.stop()
                 await gateway.start()
                 with contextlib.suppress(TimeoutError):
-                    await sim.wait_until(lambda: all_final(sim, children), timeout=SETTLE_LIMIT / 2)
+                    await sim.wait_until(lambda: all_final(sim, cloud), timeout=SETTLE_LIMIT / 2)
             # Cumulocity may count an operation as ended before the gateway has sent its own
             # lines (a doubled line ends the next operation early): wait until the gateway has
             # no operation left and nothing more arrives.
@@ -618,7 +621,7 @@ async def soak(args: argparse.Namespace) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await statuses
             log = (workdir / "gateway.log").read_text(errors="replace")
-            result = judge(sim, children, recorder, log)
+            result = judge(sim, cloud, recorder, log)
             report(result, tally, duration, settle, log)
             if args.keep_log is not None:
                 shutil.copyfile(workdir / "gateway.log", args.keep_log)
