@@ -121,7 +121,8 @@ async def test_a_command_in_our_state_gets_the_gateways_copy_with_every_field_ke
         moved = await te.next(topic("child1"))
     file_id = file_id_for_url(url)
     assert moved["status"] == "gateway_downloaded"
-    assert str(moved["tedgeUrl"]).endswith(f"/tedge/file-transfer/child1/firmware_update/{file_id}")
+    # the 1.x route, which thin-edge 1.x/2.x's own file transfer serves too
+    assert str(moved["tedgeUrl"]).endswith(f"/te/v1/files/child1/firmware_update/{file_id}")
     assert (moved["sha256"], moved["size"]) == (sha256(FIRMWARE), len(FIRMWARE))
     assert {k: v for k, v in moved.items() if k not in ("status", "tedgeUrl", "sha256", "size")} == {
         k: v for k, v in payload.items() if k != "status"

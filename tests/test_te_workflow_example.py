@@ -184,7 +184,7 @@ async def test_children_following_the_example_update_from_one_gateway_download(
             assert statuses == ["init", "executing", "gateway_download", "gateway_downloaded", "install", "successful"]
             downloaded = states[3]
             assert downloaded["sha256"] == sha256(FIRMWARE) and downloaded["size"] == len(FIRMWARE)
-            assert "/tedge/file-transfer/" in downloaded["tedgeUrl"]
+            assert "/te/v1/files/" in downloaded["tedgeUrl"]
             assert all(state["name"] == "image" and state["remoteUrl"] == init["remoteUrl"] for state in states)
         else:
             assert statuses == ["init", "executing", "gateway_download", "failed"]

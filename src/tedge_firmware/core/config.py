@@ -320,6 +320,10 @@ DERIVED_FROM: dict[str, tuple[str, ...]] = {
     "http.bind.address": ("mqtt.external.bind.address", "mqtt.bind.address"),
 }
 CONFIG_DIR_PLACEHOLDER = "<config-dir>"
+# The file-transfer service's routes: thin-edge 0.x's, kept by thin-edge 1.x/2.x's tedge-agent
+# as deprecated, and the 1.x one (both served by ours).
+LEGACY_FILES_ROUTE = "/tedge/file-transfer"
+FILES_ROUTE = "/te/v1/files"
 
 
 def find_key(name: str) -> KeySpec:
@@ -497,8 +501,9 @@ class TedgeConfig:
         raw = self.c8y_http or self.c8y_url
         return None if raw is None else tenant_host_of(raw)
 
-    def file_transfer_base_url(self) -> str:
-        """`http(s)://host:port/tedge/file-transfer`, as handed to children."""
+    def file_transfer_base_url(self, route: str = LEGACY_FILES_ROUTE) -> str:
+        """`http(s)://host:port/tedge/file-transfer` (or another `route` of the service), as
+        handed to children."""
         host = self.http_client_host or self.http_bind_address
         if self.http_client_host is None and _is_unspecified(host):
             raise ConfigError(
@@ -506,7 +511,7 @@ class TedgeConfig:
                 "set http.client.host to the address children use to reach this gateway"
             )
         scheme = "https" if self.http_tls else "http"
-        return f"{scheme}://{format_host(host)}:{self.http_bind_port}/tedge/file-transfer"
+        return f"{scheme}://{format_host(host)}:{self.http_bind_port}{route}"
 
 
 def tenant_host_of(raw: str) -> str:

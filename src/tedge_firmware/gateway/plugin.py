@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tedge_firmware.core import c8y_operations, smartrest, topics
-from tedge_firmware.core.config import TedgeConfig
+from tedge_firmware.core.config import FILES_ROUTE, TedgeConfig
 from tedge_firmware.core.firmware_update import (
     TE_COMMAND_FILTER,
     ChildStatus,
@@ -231,6 +231,7 @@ class PluginSettings:
                 downloaded_state=config.te_downloaded_state,
                 proxy_host=config.c8y_proxy_host,
                 proxy_port=config.c8y_proxy_port,
+                files_base_url=config.file_transfer_base_url(FILES_ROUTE),
             ),
             plays_mapper=plays_mapper,
             use_operation_id=config.use_operation_id,
@@ -280,7 +281,7 @@ class FirmwarePlugin:
             self.publisher,
             self.cache,
             self.fetches,
-            settings.file_transfer_base_url,
+            settings.te.files_base_url or settings.file_transfer_base_url,
             cache_keeper=self.cache_keeper,
             used_by_legacy=self._legacy_uses,
             peer_errors=self.peer_errors,

@@ -54,6 +54,9 @@ class TeSettings:
     downloaded_state: str = "gateway_downloaded"
     proxy_host: str = "127.0.0.1"  # thin-edge's Cumulocity proxy, as tedgeUrl names it
     proxy_port: int = 8001
+    # where a child's copy is, without the trailing /: the file-transfer service's 1.x route
+    # (`/te/v1/files`), which thin-edge 1.x/2.x's tedge-agent serves too; "" for the plugin's
+    files_base_url: str = ""
 
 
 @dataclass(frozen=True)
