@@ -304,3 +304,12 @@ async def test_a_missing_program_fails_with_the_shells_message(tmp_path: Path) -
     status = await wait(job, files, 10.0)
     assert status == 127
     assert "/nonexistent/flash" in (failure_reason("apply", status, files.err) or "")
+
+
+@pytest.mark.parametrize(("age", "gone"), [(11.0, True), (9.0, False)])
+def test_an_unreported_te_command_record_expires_after_the_retention(age: float, gone: bool) -> None:
+    from dataclasses import replace
+
+    te_record = replace(record(Phase.SUCCESSFUL, reported=False), command={"status": "gateway_downloaded"})
+    assert expired(te_record, now=100.0 + age, retention=10.0) is gone
+    assert not expired(replace(te_record, phase=Phase.APPLYING), now=1e9, retention=10.0)

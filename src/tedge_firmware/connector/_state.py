@@ -188,8 +188,12 @@ def on_restart(record: OperationRecord) -> RestartAction:
 
 
 def expired(record: OperationRecord, now: float, retention: float) -> bool:
-    """Whether an ended, reported record is old enough to be forgotten."""
-    return record.phase.ended and record.reported and now - record.updated_at > retention
+    """Whether an ended, reported record is old enough to be forgotten. A `te/` command's
+    record goes after `retention` even when its report was never acknowledged: the report is
+    sent again only while the command is still in the gateway's state, and a command is not
+    kept that long."""
+    reported = record.reported or record.command is not None
+    return record.phase.ended and reported and now - record.updated_at > retention
 
 
 def file_key(operation_id: str) -> str:
