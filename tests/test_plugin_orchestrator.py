@@ -481,3 +481,22 @@ async def test_after_a_restart_the_500_follows_the_requests_still_being_written(
     writer.release()
     assert sent_order(rig) == ["req child1 2", "500"]
     await rig.plugin.close()
+
+
+async def test_copies_left_from_before_a_restart_go_unless_something_uses_them(tmp_path: Path) -> None:
+    first = make_rig(tmp_path)
+    first.new_operation("child1")
+    first.firmware_ready()  # child1's copy is published, its operation waits for the child
+    await first.plugin.close()
+    cache = FirmwareCache(tmp_path / "cache", tmp_path / "file-transfer")
+    cache.publish("ghost", FILE_ID)  # a copy whose operation ended while the gateway was away
+    rig = make_rig(tmp_path)
+    rig.plugin.recover()
+    assert "sweep-copies" in rig.timers.armed
+    rig.timers.fire("sweep-copies")
+    async with asyncio.timeout(WAIT):
+        item = await rig.plugin.inputs.get()
+    rig.handle(item)
+    assert not cache.link_path("ghost", FILE_ID).exists()
+    assert cache.link_path("child1", FILE_ID).is_symlink()  # its operation goes on
+    await rig.plugin.close()

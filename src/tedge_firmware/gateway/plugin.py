@@ -120,6 +120,13 @@ class JsonOperation:
 
 
 @dataclass(frozen=True)
+class SweepCopies:
+    """The children's copies found published a while after the start: (child, FILE_ID)."""
+
+    copies: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class RequestRefused:
     """The broker refuses the request to the child (it drops the connection on it)."""
 
@@ -142,6 +149,7 @@ Input = (
     Incoming
     | DownstreamRecord
     | JsonOperation
+    | SweepCopies
     | FetchDone
     | TimerFired
     | RequestRefused
@@ -192,6 +200,10 @@ class PluginOptions:
     # again this many seconds later: a child comes back at its own pace, and a request sent
     # before it subscribed again is gone (the broker kept nothing for it either).
     resend_after_session_loss: tuple[float, ...] = (5.0, 30.0)
+    # A child's copy published before a restart whose operation or te/ command ended while we
+    # were away is removed this long after the start (by then the broker has handed us every
+    # retained te/ command that still uses one).
+    sweep_copies_after: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,7 @@ class FirmwarePlugin:
         self.peer_errors = LogLimiter(log)  # what a peer can make us log, once a minute
         # Cumulocity ids of operations that ended lately (loop time): re-delivered, ignored
         self.completed_c8y_ids: dict[str, float] = {}
+        self._sweeping: asyncio.Task[None] | None = None
         self.te = TeParticipant(
             settings.te,
             self.publisher,
@@ -331,6 +344,9 @@ class FirmwarePlugin:
                 self._join_fetch(operation)
         self.writer.submit(_nothing_to_write, lambda _error: self._ask_for_pending_operations())
         self.cache_keeper.start()
+        self.timers.arm(
+            "sweep-copies", self.settings.options.sweep_copies_after, self._start_copies_sweep
+        )
 
     def _usable_child(self, child_id: str, path: Path) -> bool:
         problem = topics.child_id_problem(child_id)
@@ -373,6 +389,9 @@ class FirmwarePlugin:
     async def close(self) -> None:
         self.peer_errors.flush()
         self.timers.cancel_all()
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            await asyncio.gather(self._sweeping, return_exceptions=True)
         await self.cache_keeper.close()
         await self.fetches.close()
 
@@ -386,6 +405,8 @@ class FirmwarePlugin:
                 self._on_515(record)
             case JsonOperation(operation=operation):
                 self._on_json_operation(operation)
+            case SweepCopies(copies=copies):
+                self._sweep_copies(copies)
             case FetchDone():
                 self._on_fetch_done(item)
             case TimerFired(op_id=op_id, generation=generation):
@@ -976,6 +997,27 @@ class FirmwarePlugin:
         if not self._legacy_uses(*copy) and not self.te.uses(*copy):
             self.cache.unpublish(operation.child_id, operation.file_id)
             self.cache_keeper.request()  # the entry may be free to go now
+
+    def _start_copies_sweep(self) -> None:
+        async def list_copies() -> None:
+            try:
+                entries = await asyncio.to_thread(self.cache.entries)
+            except OSError as error:
+                log.warning("cannot list the children's copies: %s", error)
+                return
+            copies = tuple((child, entry.file_id) for entry in entries for child in entry.children)
+            self.submit(SweepCopies(copies))
+
+        self._sweeping = asyncio.create_task(list_copies(), name="sweep-copies")
+
+    def _sweep_copies(self, copies: Iterable[tuple[str, str]]) -> None:
+        """Remove the copies nothing uses: left from before a restart."""
+        unused = [c for c in copies if not self._legacy_uses(*c) and not self.te.uses(*c)]
+        for child_id, file_id in unused:
+            self.cache.unpublish(child_id, file_id)
+        if unused:
+            log.info("removed %d child copies no operation or command uses any more", len(unused))
+            self.cache_keeper.request()
 
     def _legacy_uses(self, child_id: str, file_id: str) -> bool:
         return any(
