@@ -8,13 +8,21 @@ simulator's records: operations per second (first `515` to last `503`), the medi
 time from an operation's `515` to its `503`, how often the binary was fetched from the cloud
 (must be 1), and the gateway's peak RSS (VmHWM).
 
+The children declare themselves over `te/`, so `run` offers each operation both ways (the
+legacy request and a `te/` command). `--protocol legacy` (the default): a connector that takes
+legacy requests; the gateway clears the command on its first answer. `--protocol te`: a
+connector in `te` mode, moving each command through the gateway's download step.
+
 Anchor: the broker's own round-trip rate on this machine, one QoS 1 message published and
-received at a time through the same mosquitto. One firmware operation costs about 7 messages
-through the broker (`515`, request, `executing`, `501`, `successful`, `115`, `503`) besides its
-HTTP download, so "operations/s x 7 / round trips/s" tells how far the fleet is from a
-broker-bound ceiling of sequential messages.
+received at a time through the same mosquitto. One firmware operation costs, through the
+broker, besides its HTTP download: legacy 9 messages (`515`, request, command `init`,
+`executing`, `501`, `successful`, `115`, `503`, command clear); te 12 (`515`, request, `init`,
+`executing`, `gateway_download`, `gateway_downloaded`, `successful`, `501`, `115`, `503`, clear,
+twin). "operations/s x messages / round trips/s" tells how far the fleet is from a broker-bound
+ceiling of sequential messages.
 
     python -m benchmarks.fleet [--quick] [--children 1000] [--size 1MiB] [--repeat 1]
+                               [--protocol legacy|te]
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ QUICK_CHILDREN = 100
 DEFAULT_SIZE = "1MiB"
 ANCHOR_MESSAGES = 2000
 QUICK_ANCHOR_MESSAGES = 300
-MESSAGES_PER_OPERATION = 7
+MESSAGES_PER_OPERATION = {"legacy": 9, "te": 12}
 GATEWAY_ID = "bench-gateway"
 
 
@@ -120,7 +128,7 @@ def ended_at(operation: Operation) -> float:
 
 
 async def fleet_run(
-    workdir: Path, port: int, children: int, firmware: Path, limit_s: float
+    workdir: Path, port: int, children: int, firmware: Path, limit_s: float, protocol: str
 ) -> FleetRun:
     home = workdir / f"fleet-{s.free_port()}"
     config_dir = home / "etc"
@@ -136,6 +144,7 @@ async def fleet_run(
         download=DownloadSettings(parallel=16),
         heartbeat=None,
         register=True,
+        protocol=protocol,
     )
     gateway = s.tedge_firmware("run", config_dir, home / "gateway.log")
     async with C8ySimulator(mqtt_port=port, gateway_id=GATEWAY_ID, control_api=False) as sim:
@@ -192,10 +201,10 @@ def bulk_ids(sim: C8ySimulator, bulk_id: str) -> tuple[str, ...]:
     return next(bulk.operation_ids for bulk in sim.bulks if bulk.id == bulk_id)
 
 
-def report(runs: list[FleetRun], anchor: float, size: int) -> None:
+def report(runs: list[FleetRun], anchor: float, size: int, protocol: str) -> None:
     # the run with the median rate (as the other benchmarks report medians)
     best = sorted(runs, key=lambda run: run.rate)[len(runs) // 2]
-    s.heading(f"fleet: {best.children} children, {s.format_size(size)} firmware")
+    s.heading(f"fleet: {best.children} {protocol} children, {s.format_size(size)} firmware")
     s.line(
         "operations/s (first 515 → last 503)",
         f"{best.rate:.1f}",
@@ -218,11 +227,12 @@ def report(runs: list[FleetRun], anchor: float, size: int) -> None:
     )
     s.line("registration of every child", f"{best.registration_seconds:.1f} s")
     s.line("anchor: broker QoS 1 round trips/s", f"{anchor:.0f}", "(one at a time, same mosquitto)")
-    ratio = best.rate * MESSAGES_PER_OPERATION / anchor
+    messages = MESSAGES_PER_OPERATION[protocol]
+    ratio = best.rate * messages / anchor
     s.line(
         "fleet msgs/s ÷ broker round trips/s",
         f"{ratio:.2f}x",
-        f"({MESSAGES_PER_OPERATION} messages per operation)",
+        f"({messages} messages per operation)",
     )
 
 
@@ -238,8 +248,11 @@ async def benchmark(args: argparse.Namespace) -> None:
             anchor = await broker_round_trips(port, messages)
             runs = []
             for _ in range(repeat):
-                runs.append(await fleet_run(workdir, port, children, firmware, limit_s=args.limit))
-        report(runs, anchor, args.size)
+                run = await fleet_run(
+                    workdir, port, children, firmware, limit_s=args.limit, protocol=args.protocol
+                )
+                runs.append(run)
+        report(runs, anchor, args.size, args.protocol)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--limit", type=float, default=600.0, help="seconds each phase of a run may take"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(MESSAGES_PER_OPERATION),
+        default="legacy",
+        help="the children's protocol (default legacy)",
     )
     args = parser.parse_args(argv)
     if args.children is not None and args.children < 1:
