@@ -265,3 +265,48 @@ async def test_a_legacy_connector_registered_over_te_gets_its_requests_at_its_ex
         await gateway.stop()
     [(firmware, seen)] = applied.calls
     assert (firmware.child_id, seen) == ("child1", CONTENT)
+
+
+async def test_an_apply_interrupted_in_te_mode_is_settled_after_the_restart_never_re_run(
+    tmp_path: Path, broker: Broker
+) -> None:
+    import asyncio
+
+    server = FirmwareServer(files={"fw.bin": CONTENT})
+    await server.start()
+    applying = asyncio.Event()
+    calls: list[Firmware] = []
+
+    async def hanging_apply(firmware: Firmware) -> None:
+        calls.append(firmware)
+        applying.set()
+        await asyncio.Event().wait()  # the device reboots in the middle of this
+
+    async def verify(firmware: Firmware) -> bool:
+        return firmware.path.read_bytes() == CONTENT
+
+    handed = {
+        "status": "gateway_downloaded",
+        "remoteUrl": "https://t1.example/inventory/binaries/9",
+        "tedgeUrl": server.url("fw.bin"),
+        "name": "img",
+        "version": "4",
+        "sha256": SHA,
+        "size": len(CONTENT),
+        "keep": "me",
+    }
+    work = tmp_path / "work"
+    try:
+        async with observer(broker.port, [topic("child1")]) as obs:
+            async with serving(connector(broker, work, "child1", apply=hanging_apply, protocol="te")):
+                await obs.publish(topic("child1"), json.dumps(handed), retain=True)
+                async with asyncio.timeout(10):
+                    await applying.wait()
+            restarted = connector(broker, work, "child1", apply=hanging_apply, verify=verify, protocol="te")
+            async with serving(restarted):
+                await obs.next(topic("child1"))  # the hand-over
+                final = json.loads(await obs.next(topic("child1"), timeout=15))
+    finally:
+        await server.stop()
+    assert final == {**handed, "status": "successful"}  # settled by the verify step, fields kept
+    assert len(calls) == 1  # never applied again

@@ -163,3 +163,35 @@ async def test_serve_on_a_taken_port_is_one_line_and_exit_1(broker: Broker) -> N
     code, _, err = await cli("serve", "--mqtt-port", str(broker.port), "--http-port", str(broker.port), "--no-live")
     assert code == 1
     assert "cannot bind" in err and "Traceback" not in err
+
+
+async def test_serve_with_the_mapper_model_turns_a_json_operation_into_a_te_command(broker: Broker) -> None:
+    http_port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *SIM, "serve", "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port),
+        "--http-port", str(http_port), "--gateway-id", "gw", "--no-live", "--model-thin-edge-mapper",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    commands = "te/device/c1///cmd/firmware_update/+"
+    try:
+        async with observer(broker.port, ["c8y/s/us", "c8y/devicecontrol/notifications", commands]) as obs:
+            served = Served(process, f"http://127.0.0.1:{http_port}", obs)
+            await served.line("stderr", "c8y-sim: listening on")
+            # retained: the model gets it whenever its own session is up
+            await obs.publish("te/device/c1///cmd/firmware_update", "{}", retain=True)
+            assert await obs.next("c8y/s/us", timeout=20) == b"101,gw:device:c1,c1,thin-edge.io-child"
+            await served.line("stdout", "device gw:device:c1 (parent gw): operations c8y_Firmware")
+            code, _, err = await cli(
+                "update", "--child", "gw:device:c1", "--url", "http://fw.example/a.bin", "--version", "2.0",
+                "--control", served.control,
+            )  # fmt: skip
+            assert code == 0, err
+            operation = json.loads(await obs.next("c8y/devicecontrol/notifications"))
+            assert operation["externalSource"]["externalId"] == "gw:device:c1"
+            created = await obs.next(f"te/device/c1///cmd/firmware_update/c8y-mapper-{operation['id']}")
+            assert json.loads(created)["status"] == "init"
+            await obs.publish("te/device/c1///cmd/firmware_update", b"", retain=True)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

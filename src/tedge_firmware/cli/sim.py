@@ -105,6 +105,19 @@ def c8y_sim_group() -> None:
 @click.option(
     "--require-token", is_flag=True, help="Binaries need the JWT the simulator hands out."
 )
+@click.option(
+    "--json-operations",
+    is_flag=True,
+    help="Deliver each operation in its JSON form too (c8y/devicecontrol/notifications), as "
+    "Cumulocity does, and take statuses by id (504/505/506).",
+)
+@click.option(
+    "--model-thin-edge-mapper",
+    is_flag=True,
+    help="Also run a MODEL (not thin-edge) of thin-edge's mapper for te/ children: their "
+    "registration, te/ commands from JSON operations, statuses by id, twin, clear. Implies "
+    "--json-operations.",
+)
 @click.option("--live/--no-live", default=True, help="Live table on a terminal (default).")
 @click.option("--debug", is_flag=True, help="Log debug messages.")
 @click.pass_context
@@ -119,11 +132,14 @@ def serve_command(
     public_host: str | None,
     files_dir: Path | None,
     require_token: bool,
+    json_operations: bool,
+    model_thin_edge_mapper: bool,
     live: bool,
     debug: bool,
 ) -> None:
     """Run the simulator in the foreground (Ctrl-C stops it)."""
-    from tedge_firmware.sim import DEFAULT_GATEWAY_ID, C8ySimulator
+    from tedge_firmware.shell.mqtt import MqttSettings
+    from tedge_firmware.sim import DEFAULT_GATEWAY_ID, C8ySimulator, MapperModelRunner
 
     configure_logging(debug)
     config = config_for_broker(ctx, config_dir, mqtt_host, mqtt_port)
@@ -140,12 +156,21 @@ def serve_command(
             public_host=public_host,
             files_dir=files_dir,
             require_token=require_token,
+            json_operations=json_operations or model_thin_edge_mapper,
         )
+        mapper = None
+        if model_thin_edge_mapper:
+            settings = MqttSettings(
+                host=host, port=port, client_id="c8y-sim-mapper-model", auth=auth
+            )
+            mapper = MapperModelRunner(settings, sim.gateway_id)
     except ValueError as error:
         fail(str(error))
 
     async def serve(stop: asyncio.Event) -> None:
         await sim.start(connect_timeout=None)  # the broker may come later: we keep trying
+        if mapper is not None:
+            await mapper.start(connect_timeout=None)
         try:
             click.echo(
                 f"c8y-sim: gateway {sim.gateway_id}, broker {sim.broker_address}, "
@@ -154,6 +179,8 @@ def serve_command(
             )
             await _show(sim, stop, live)
         finally:
+            if mapper is not None:
+                await mapper.stop()
             await sim.stop()
 
     run_service(lambda: run_until_signal(serve))

@@ -142,13 +142,15 @@ class MapperModelRunner:
         self._session = MqttSession(settings, subscriptions)
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self, connect_timeout: float = 10.0) -> None:
+    async def start(self, connect_timeout: float | None = 10.0) -> None:
+        """Run; with a timeout, wait until connected (None: keep trying in the background)."""
         self._tasks = [
             asyncio.create_task(self._session.run(), name="mapper-model mqtt"),
             asyncio.create_task(self._pump(), name="mapper-model pump"),
         ]
-        async with asyncio.timeout(connect_timeout):
-            await self._session.wait_connected()
+        if connect_timeout is not None:
+            async with asyncio.timeout(connect_timeout):
+                await self._session.wait_connected()
 
     async def stop(self) -> None:
         await self._session.close(timeout=2.0)
