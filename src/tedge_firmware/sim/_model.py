@@ -284,13 +284,16 @@ class Tenant:
             "114": self._set_supported_operations,
             "115": self._set_firmware,
             "500": self._redeliver_pending,
-            "501": self._set_executing,
-            "502": self._set_failed,
-            "503": self._set_successful,
-            "504": self._set_executing_by_id,
-            "505": self._set_failed_by_id,
-            "506": self._set_successful_by_id,
         }
+        pending, executing = OperationStatus.PENDING, OperationStatus.EXECUTING
+        moves = [
+            (pending, executing),
+            (executing, OperationStatus.FAILED),
+            (executing, OperationStatus.SUCCESSFUL),
+        ]
+        for offset, by_id in ((501, False), (504, True)):  # 501-503 by type, 504-506 by id
+            for index, (source, target) in enumerate(moves):
+                self._handlers[str(offset + index)] = self._status(by_id, source, target)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -550,41 +553,17 @@ class Tenant:
         ]
         return [message for operation in pending for message in self.deliver(operation)]
 
-    def _set_executing(self, device: Device, fields: list[str], record: str) -> list[Downstream]:
-        self._transition(device, fields, record, OperationStatus.PENDING, OperationStatus.EXECUTING)
-        return []
+    def _status(self, by_id: bool, source: OperationStatus, target: OperationStatus) -> _Handler:
+        """The handler of a "set operation status" template: by type (501-503) or by id
+        (504-506); a failure's reason is the third field."""
+        move = self._by_id if by_id else self._transition
 
-    def _set_failed(self, device: Device, fields: list[str], record: str) -> list[Downstream]:
-        reason = _field(fields, 2)
-        self._transition(
-            device, fields, record, OperationStatus.EXECUTING, OperationStatus.FAILED, reason
-        )
-        return []
+        def handle(device: Device, fields: list[str], record: str) -> list[Downstream]:
+            reason = _field(fields, 2) if target is OperationStatus.FAILED else None
+            move(device, fields, record, source, target, reason)
+            return []
 
-    def _set_successful(self, device: Device, fields: list[str], record: str) -> list[Downstream]:
-        self._transition(
-            device, fields, record, OperationStatus.EXECUTING, OperationStatus.SUCCESSFUL
-        )
-        return []
-
-    def _set_executing_by_id(
-        self, device: Device, fields: list[str], record: str
-    ) -> list[Downstream]:
-        self._by_id(device, fields, record, OperationStatus.PENDING, OperationStatus.EXECUTING)
-        return []
-
-    def _set_failed_by_id(self, device: Device, fields: list[str], record: str) -> list[Downstream]:
-        reason = _field(fields, 2)
-        self._by_id(
-            device, fields, record, OperationStatus.EXECUTING, OperationStatus.FAILED, reason
-        )
-        return []
-
-    def _set_successful_by_id(
-        self, device: Device, fields: list[str], record: str
-    ) -> list[Downstream]:
-        self._by_id(device, fields, record, OperationStatus.EXECUTING, OperationStatus.SUCCESSFUL)
-        return []
+        return handle
 
     def _by_id(
         self,
