@@ -12,8 +12,10 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from brokers import Broker
-from harness import Gateway, write_config
+from harness import Gateway, observer, write_config
 from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings, Firmware
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, OperationStatus
 
@@ -77,13 +79,16 @@ TE_CHILDREN = [f"te-{index:02d}" for index in range(50)]
 LEGACY_CHILDREN = [f"legacy-{index:02d}" for index in range(50)]
 
 
+@pytest.mark.parametrize("by_id", [False, True], ids=["515 and 501-503", "JSON and 504-506"])
 async def test_fifty_te_and_fifty_legacy_children_update_from_one_cloud_download(
-    broker: Broker, tmp_path: Path, unused_port: int
+    broker: Broker, tmp_path: Path, unused_port: int, by_id: bool
 ) -> None:
     """`tedge-firmware run` plays thin-edge's mapper for the te/ children (their commands, the
-    gateway's download step) and the legacy plugin for the others, from one cached download."""
+    gateway's download step) and the legacy plugin for the others, from one cached download;
+    operations taken from `515` and reported by type, or taken from JSON and reported by id."""
     config_dir, data = tmp_path / "etc", tmp_path / "data"
-    write_config(config_dir, data, broker.port, unused_port)
+    extra = "[c8y.smartrest]\nuse_operation_id = true\n" if by_id else ""
+    write_config(config_dir, data, broker.port, unused_port, extra=extra)
     for child in LEGACY_CHILDREN:  # registered by operation files: their ids are their names
         (config_dir / "operations" / "c8y" / child).mkdir(parents=True)
         (config_dir / "operations" / "c8y" / child / "c8y_Firmware").touch()
@@ -113,7 +118,8 @@ async def test_fifty_te_and_fifty_legacy_children_update_from_one_cloud_download
     )
     devices = [xid(child) for child in TE_CHILDREN] + LEGACY_CHILDREN
     gateway = Gateway(config_dir, data)
-    async with C8ySimulator(mqtt_port=broker.port, gateway_id="parent-device") as sim:
+    sim = C8ySimulator(mqtt_port=broker.port, gateway_id="parent-device", json_operations=by_id)
+    async with sim, observer(broker.port, ["c8y/s/us/+"]) as cloud:
         await gateway.start()
         tasks = [asyncio.create_task(c.run()) for c in (te_connector, legacy_connector)]
         try:
@@ -141,6 +147,8 @@ async def test_fifty_te_and_fifty_legacy_children_update_from_one_cloud_download
         ]
     expected = hashlib.sha256(CONTENT).hexdigest()
     assert applied == {child: [expected] for child in applied}  # each applied once
+    statuses = {payload[:3] for _, payload in cloud.log if payload[:3] in (b"501", b"503", b"504", b"506")}
+    assert statuses == ({b"504", b"506"} if by_id else {b"501", b"503"})
     files = sim.stats.files["mixed.bin"]
     assert files.statuses == (200,) and files.complete == 1  # one cloud download for all 100
     assert sim.errors == []
