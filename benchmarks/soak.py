@@ -137,6 +137,7 @@ class Broker:
                     "topic c8y/s/uat out 1",
                     "topic c8y/s/ds in 1",
                     "topic c8y/s/dat in 1",
+                    "topic c8y/devicecontrol/notifications in 1",
                 ]
             )
             + "\n"
@@ -423,8 +424,11 @@ class Result:
     reasons: Counter[str]
 
 
-def judge(sim: C8ySimulator, children: list[str], sent: StatusRecorder, log: str) -> Result:
-    """One 501 and one 502 or 503 per operation is right; more is doubled, fewer is missing.
+def judge(
+    sim: C8ySimulator, children: list[str], sent: StatusRecorder, log: str, by_id: bool
+) -> Result:
+    """One 501 and one 502 or 503 (by id: 504, 505 or 506) per operation is right; more is
+    doubled, fewer is missing.
     (Counted per child: Cumulocity applies a status to the oldest operation waiting for it,
     so one doubled line also shifts the statuses of that child's later operations, and the
     simulator then records more rule breaches than there were doubled lines.)"""
@@ -432,7 +436,7 @@ def judge(sim: C8ySimulator, children: list[str], sent: StatusRecorder, log: str
     doubled = missing = 0
     for child in children:
         created = sum(1 for op in ours if op.device == child)
-        for templates in (("501",), ("502", "503")):
+        for templates in (("504",), ("505", "506")) if by_id else (("501",), ("502", "503")):
             difference = sent.count(child, *templates) - created
             doubled += max(0, difference)
             missing += max(0, -difference)
@@ -487,6 +491,7 @@ async def stack(
     tally: Tally,
     saves: str,
     cloud_port: int,
+    by_id: bool,
 ) -> AsyncIterator[tuple[Broker, GatewayProcess, C8ySimulator, dict[str, str], int]]:
     broker_home = workdir / "broker"
     broker_home.mkdir()
@@ -502,6 +507,7 @@ async def stack(
         http_port=http_port,
         data_path=data,
         child_timeout=CHILD_TIMEOUT,
+        extra="[c8y.smartrest]\nuse_operation_id = true\n" if by_id else "",
     )
     (config_dir / "operations" / "c8y").mkdir(parents=True)
     (data / "file-transfer").mkdir(parents=True)
@@ -513,6 +519,7 @@ async def stack(
         control_api=False,
         clean_session=False,
         client_id="soak-cloud",
+        json_operations=by_id,
     )
     connector = Connector(
         *children,
@@ -561,7 +568,7 @@ async def soak(args: argparse.Namespace) -> None:
         files = firmware_files(workdir)
         async with (
             s.mosquitto(workdir) as cloud_port,
-            stack(workdir, children, files, tally, args.broker_saves, cloud_port) as (
+            stack(workdir, children, files, tally, args.broker_saves, cloud_port, args.by_id) as (
                 broker,
                 gateway,
                 sim,
@@ -621,7 +628,7 @@ async def soak(args: argparse.Namespace) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await statuses
             log = (workdir / "gateway.log").read_text(errors="replace")
-            result = judge(sim, cloud, recorder, log)
+            result = judge(sim, cloud, recorder, log, args.by_id)
             report(result, tally, duration, settle, log)
             if args.keep_log is not None:
                 shutil.copyfile(workdir / "gateway.log", args.keep_log)
@@ -694,7 +701,7 @@ def report(result: Result, tally: Tally, duration: float, settle: float, text: s
     for op in result.lost[:3]:
         s.line("  lost", f"{op.device} operation {op.id}: {op.status.value}")
     s.line(
-        "doubled (501/502/503 lines beyond one per operation)",
+        "doubled (status lines beyond two per operation)",
         str(result.doubled),
         f"(missing {result.missing}; lines sent again unacknowledged: at most {result.resent})",
     )
@@ -749,6 +756,11 @@ def main(argv: list[str] | None = None) -> int:
         help="what the chaos kills (-9)",
     )
     parser.add_argument("--keep-log", type=Path, default=None, help="copy the gateway's log here")
+    parser.add_argument(
+        "--by-id",
+        action="store_true",
+        help="operations from their JSON form, statuses by id (c8y.smartrest.use_operation_id)",
+    )
     args = parser.parse_args(argv)
     return s.run(lambda: soak(args), args.budget)
 
