@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tedge_firmware.core.access import WritePolicy
 from tedge_firmware.core.config import (
     KEYS,
     KEYS_BY_NAME,
@@ -104,6 +105,8 @@ VALID: dict[str, tuple[str, object]] = {
     "firmware.cache.max_age": ("2592000", 2592000),
     "c8y.proxy.bind.port": ("8101", 8101),
     "c8y.smartrest.use_operation_id": ("true", True),
+    "http.ca_path": ("/etc/tedge/ca", Path("/etc/tedge/ca")),
+    "http.file_transfer.writes": ("none", WritePolicy.NONE),
     "c8y.proxy.client.host": ("gateway.lan", "gateway.lan"),
     "c8y.proxy.client.port": ("8102", 8102),
     "firmware.te.download_state": ("fw_cache", "fw_cache"),
@@ -142,6 +145,8 @@ DEFAULTS: dict[str, object] = {
     "firmware.cache.max_age": None,
     "c8y.proxy.bind.port": 8001,
     "c8y.smartrest.use_operation_id": False,
+    "http.ca_path": None,
+    "http.file_transfer.writes": WritePolicy.OWN,
     "c8y.proxy.client.host": "127.0.0.1",
     "c8y.proxy.client.port": 8001,
     "firmware.te.download_state": "gateway_download",

@@ -293,17 +293,19 @@ async def test_writes_never_go_through_links(client, tree: Tree):
     ] == 403
     assert tree.outside_snapshot() == before
 
-    # PUT onto the published link replaces the link in the repository, not the cache file.
-    assert (await fetch(client, "PUT", published, data=b"replacement"))[0] == 201
+    # The published link is the gateway's: a PUT cannot replace it (before, a PUT over the
+    # firmware a child was downloading answered 201 and the child got the attacker's bytes).
+    status, _, body = await fetch(client, "PUT", published, data=b"replacement")
+    assert status == 403 and b"the gateway published" in body
     entry = tree.root / "child1" / "firmware_update" / FILE_ID
-    assert not entry.is_symlink()
-    assert entry.read_bytes() == b"replacement"
+    assert entry.is_symlink()
+    assert (await fetch(client, "GET", published))[2] == tree.firmware
     assert tree.outside_snapshot() == before
 
-    # DELETE of a link into the cache removes the link only.
-    assert (await fetch(client, "DELETE", "/tedge/file-transfer/relative_cache_link"))[0] == 202
-    assert not (tree.root / "relative_cache_link").is_symlink()
-    assert (await fetch(client, "DELETE", "/tedge/file-transfer/dangling_cache_link"))[0] == 202
+    # Nor can a DELETE remove a link into the cache; the cache file is untouched either way.
+    assert (await fetch(client, "DELETE", "/tedge/file-transfer/relative_cache_link"))[0] == 403
+    assert (tree.root / "relative_cache_link").is_symlink()
+    assert (await fetch(client, "DELETE", published))[0] == 403
     assert tree.outside_snapshot() == before
     assert (tree.cache / FILE_ID).read_bytes() == tree.firmware
 

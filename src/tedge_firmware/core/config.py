@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tedge_firmware.core.access import WritePolicy
 from tedge_firmware.core.cache_policy import CacheLimits
 from tedge_firmware.core.firmware_update import te_state_problem
 from tedge_firmware.core.units import parse_size
@@ -105,6 +106,15 @@ def _bool(key: str, value: object) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise ConfigError(f"invalid value for '{key}': {value!r} is not true or false")
+
+
+def _write_policy(key: str, value: object) -> WritePolicy:
+    text = _text(key, value).strip().lower()
+    try:
+        return WritePolicy(text)
+    except ValueError:
+        choices = ", ".join(policy.value for policy in WritePolicy)
+        raise ConfigError(f"invalid value for '{key}': {value!r} is not one of {choices}") from None
 
 
 def _te_state(key: str, value: object) -> str:
@@ -233,6 +243,19 @@ KEYS: tuple[KeySpec, ...] = (
         "30",
     ),
     KeySpec("http.cert_path", _path, "TLS certificate of the file-transfer service (https)"),
+    KeySpec(
+        "http.ca_path",
+        _path,
+        "Directory of CA certificates: when set (with http.cert_path/key_path), file-transfer "
+        "clients need a certificate signed by one of them, and a child reads only its own files",
+    ),
+    KeySpec(
+        "http.file_transfer.writes",
+        _write_policy,
+        "Who may PUT/DELETE on the file-transfer service: own (a certificate's own directory; "
+        "anyone without client certificates), any, none",
+        "own",
+    ),
     KeySpec("http.key_path", _path, "TLS private key of the file-transfer service"),
     KeySpec(
         "c8y.smartrest.use_operation_id",
@@ -462,6 +485,8 @@ class TedgeConfig:
     download_stall_timeout: int
     download_retry_budget: int
     registration_cloud_list_timeout: int
+    http_ca_path: Path | None = None
+    http_writes: WritePolicy = WritePolicy.OWN
     use_operation_id: bool = False
     c8y_proxy_host: str = "127.0.0.1"
     c8y_proxy_port: int = 8001
@@ -600,6 +625,8 @@ def config_from_document(
         download_stall_timeout=get("firmware.download.stall_timeout"),
         download_retry_budget=get("firmware.download.retry_budget"),
         registration_cloud_list_timeout=get("firmware.registration.cloud_list_timeout"),
+        http_ca_path=get("http.ca_path"),
+        http_writes=get("http.file_transfer.writes"),
         use_operation_id=get("c8y.smartrest.use_operation_id"),
         c8y_proxy_host=get("c8y.proxy.client.host"),
         c8y_proxy_port=get("c8y.proxy.client.port"),

@@ -62,7 +62,13 @@ class ServiceOptions:
 
 
 def file_transfer_ssl(config: TedgeConfig) -> ssl.SSLContext | None:
+    """TLS for the file-transfer service; with `http.ca_path`, client certificates required."""
     if not config.http_tls:
+        if config.http_ca_path is not None:
+            raise ConfigError(
+                "http.ca_path is set but the file-transfer service has no TLS: "
+                "set http.cert_path and http.key_path too"
+            )
         return None
     assert config.http_cert_path is not None and config.http_key_path is not None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -70,7 +76,28 @@ def file_transfer_ssl(config: TedgeConfig) -> ssl.SSLContext | None:
         context.load_cert_chain(config.http_cert_path, config.http_key_path)
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(f"cannot load http.cert_path/http.key_path: {error}") from error
+    if config.http_ca_path is not None:
+        trust_client_cas(context, config.http_ca_path)
     return context
+
+
+def trust_client_cas(context: ssl.SSLContext, directory: Path) -> None:
+    """Require client certificates signed by a CA certificate found in `directory` (every PEM
+    file in it, as thin-edge reads it; no `c_rehash` needed)."""
+    loaded = 0
+    try:
+        files = sorted(p for p in directory.iterdir() if p.is_file())
+    except OSError as error:
+        raise ConfigError(f"cannot read http.ca_path {directory}: {error.strerror}") from error
+    for file in files:
+        try:
+            context.load_verify_locations(cafile=file)
+            loaded += 1
+        except (OSError, ssl.SSLError):
+            log.debug("http.ca_path: %s is not a PEM certificate: skipped", file)
+    if not loaded:
+        raise ConfigError(f"http.ca_path {directory} holds no PEM CA certificate")
+    context.verify_mode = ssl.CERT_REQUIRED
 
 
 def make_file_transfer(config: TedgeConfig) -> FileTransferServer:
@@ -83,7 +110,18 @@ def make_file_transfer(config: TedgeConfig) -> FileTransferServer:
         ssl_context=file_transfer_ssl(config),
         max_connections=config.http_max_connections,
         idle_timeout=config.http_idle_timeout,
+        main_device_id=_main_device_id(config),
+        writes=config.http_writes,
     )
+
+
+def _main_device_id(config: TedgeConfig) -> str | None:
+    """The gateway's id, whose own certificate may read and write everything; None when it
+    cannot be told (then every certificate is a child's)."""
+    try:
+        return resolve_device_id(config)
+    except ConfigError:
+        return None
 
 
 def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:

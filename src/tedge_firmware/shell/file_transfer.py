@@ -58,6 +58,7 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
+from tedge_firmware.core.access import WritePolicy, access_problem
 from tedge_firmware.core.http import (
     ByteRange,
     RangeVerdict,
@@ -174,6 +175,13 @@ def _not_found() -> web.HTTPNotFound:
     return web.HTTPNotFound(text="No such file.\n")
 
 
+def _published_by_the_gateway() -> web.HTTPForbidden:
+    return web.HTTPForbidden(
+        text="This is a firmware the gateway published: it cannot be replaced or removed "
+        "over HTTP.\n"
+    )
+
+
 def _lstat_mode(path: Path) -> int | None:
     try:
         return path.lstat().st_mode
@@ -225,10 +233,12 @@ def _parent_for_writing(places: _Places, segments: Sequence[str], *, create: boo
 
 
 def _checked_entry(places: _Places, entry: Path) -> int | None:
-    """The lstat mode of the entry a write replaces; 404 for a link leading out of the cache."""
+    """The lstat mode of the entry a write replaces; 404 for a link leading out of the cache,
+    403 for any other link: those are the firmware the gateway published for a child."""
     mode = _lstat_mode(entry)
     if mode is not None and stat.S_ISLNK(mode):
         places.link_target(entry)
+        raise _published_by_the_gateway()
     if mode is not None and stat.S_ISDIR(mode):
         raise web.HTTPConflict(text="The path is a directory.\n")
     return mode
@@ -272,6 +282,8 @@ class _Upload:
         with self._lock:
             os.fsync(self._open_fd())
             self._close()
+            if os.path.islink(self.target):  # published meanwhile: the gateway's, not ours
+                raise _published_by_the_gateway()
             os.replace(self.temp, self.target)
         fsync_directory(self.target.parent)
 
@@ -307,9 +319,17 @@ def _delete_entry(places: _Places, segments: Sequence[str]) -> None:
 class _FileTransferHandler:
     """One handler for every path: aiohttp's router would decode and normalise it first."""
 
-    def __init__(self, root: Path, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cache_dir: Path,
+        main_device_id: str | None = None,
+        writes: WritePolicy = WritePolicy.OWN,
+    ) -> None:
         self._root = root
         self._cache_dir = cache_dir
+        self._main_device_id = main_device_id
+        self._writes = writes
         self._methods: dict[str, Callable[[web.Request, list[str]], Awaitable[web.StreamResponse]]]
         self._methods = {
             "GET": self._get,
@@ -342,6 +362,12 @@ class _FileTransferHandler:
             raise web.HTTPMethodNotAllowed(request.method, ALLOWED_METHODS)
         if not segments:
             raise web.HTTPNotFound(text="The repository itself cannot be read or written.\n")
+        client = _client_name(request)
+        problem = access_problem(
+            request.method, segments, client, self._main_device_id, self._writes
+        )
+        if problem is not None:
+            raise web.HTTPForbidden(text=problem)
         return await method(request, segments)
 
     async def _places(self) -> _Places:
@@ -418,7 +444,22 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> web
     return response
 
 
+def _client_name(request: web.Request) -> str | None:
+    """The common name of the client's certificate; None without one (or without TLS)."""
+    transport = request.transport
+    certificate = transport.get_extra_info("peercert") if transport is not None else None
+    if not certificate:
+        return None
+    for rdn in certificate.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
 def _os_error_response(exc: OSError, verb: str) -> web.HTTPException:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return web.HTTPInsufficientStorage(text="No space left on the gateway's disk.\n")
     if isinstance(exc, PermissionError):
         return web.HTTPForbidden(text="Permission denied by the file system.\n")
     if isinstance(exc, IsADirectoryError):
@@ -523,10 +564,17 @@ async def _copy_range(response: web.StreamResponse, file: BinaryIO, selected: By
 # --- Application and server ---------------------------------------------------------------
 
 
-def build_app(*, root: Path, cache_dir: Path) -> web.Application:
+def build_app(
+    *,
+    root: Path,
+    cache_dir: Path,
+    main_device_id: str | None = None,
+    writes: WritePolicy = WritePolicy.OWN,
+) -> web.Application:
     """The aiohttp application serving `root` at both route prefixes."""
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", _FileTransferHandler(root, cache_dir).handle)
+    handler = _FileTransferHandler(root, cache_dir, main_device_id, writes)
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
 
 
@@ -689,7 +737,13 @@ class FileTransferServer:
         ssl_context: ssl.SSLContext | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+        main_device_id: str | None = None,
+        writes: WritePolicy = WritePolicy.OWN,
     ) -> None:
+        """`main_device_id`: the common name whose certificate reads and writes everything
+        (client certificates only); `writes`: who may PUT and DELETE (core.access)."""
+        self._main_device_id = main_device_id
+        self._writes = writes
         self._root = root
         self._cache_dir = cache_dir
         self._host = host.removeprefix("[").removesuffix("]")  # "[::1]" works as "::1"
@@ -714,7 +768,12 @@ class FileTransferServer:
 
     async def start(self) -> None:
         """Bind and serve. Raises ConfigError when the address cannot be bound."""
-        app = build_app(root=self._root, cache_dir=self._cache_dir)
+        app = build_app(
+            root=self._root,
+            cache_dir=self._cache_dir,
+            main_device_id=self._main_device_id,
+            writes=self._writes,
+        )
         # access_log=None: the handler logs one line per request itself, at debug level.
         # keepalive_timeout: aiohttp arms it when a connection is accepted and again after each
         # response, and closes the connection if no complete request head came meanwhile.
