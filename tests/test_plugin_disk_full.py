@@ -60,3 +60,27 @@ async def test_not_enough_disk_space_fails_clearly(tmp_path: Path, broker: Broke
     finally:
         await gateway.stop()
         await cloud.stop()
+
+
+async def test_a_put_that_fills_the_disk_answers_507_and_leaves_nothing(small_disk: Path) -> None:
+    import io
+
+    import aiohttp
+
+    from tedge_firmware.shell.file_transfer import FileTransferServer
+
+    root, cache = small_disk / "file-transfer", small_disk / "cache"
+    root.mkdir()
+    cache.mkdir()
+    server = FileTransferServer(root=root, cache_dir=cache, host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/tedge/file-transfer/child1/big.bin"
+        body_stream = io.BytesIO(b"\x00" * (8 << 20))
+        async with aiohttp.ClientSession() as session, session.put(url, data=body_stream) as response:
+            status, body = response.status, await response.text()
+    finally:
+        await server.stop()
+    assert status == 507, body
+    assert "No space left" in body
+    assert [p.name for p in (root / "child1").iterdir()] == []  # no half file, no temp file
