@@ -191,3 +191,37 @@ def test_a_ca_directory_without_tls_or_without_certificates_is_a_config_error(
     missing = tls_config(tmp_path, pki, ca_path=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match=r"cannot read http\.ca_path"):
         file_transfer_ssl(missing)
+
+
+@pytest.mark.parametrize(
+    ("http", "warned"),
+    [
+        ({"bind": {"address": "0.0.0.0"}, "client": {"host": "10.0.0.1"}}, True),
+        ({"bind": {"address": "192.168.1.10"}}, True),
+        ({"bind": {"address": "gateway.lan"}}, True),
+        ({"bind": {"address": "127.0.0.1"}}, False),
+        ({"bind": {"address": "::1"}}, False),
+        ({"bind": {"address": "localhost"}}, False),
+    ],
+)
+def test_a_file_transfer_service_reachable_without_tls_is_warned_about(
+    tmp_path: Path, http: dict[str, object], warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tedge_firmware.gateway.service import make_file_transfer
+
+    config = config_from_document({"http": http, "data": {"path": str(tmp_path)}}, {}, tmp_path, "tedge.toml")
+    with caplog.at_level("WARNING"):
+        make_file_transfer(config)
+    lines = [r.getMessage() for r in caplog.records if "without TLS" in r.getMessage()]
+    assert bool(lines) is warned
+    if warned:
+        assert "http.cert_path and http.key_path" in lines[0]
+
+
+def test_with_tls_no_warning(tmp_path: Path, pki: dict[str, object], caplog: pytest.LogCaptureFixture) -> None:
+    from tedge_firmware.gateway.service import make_file_transfer
+
+    config = tls_config(tmp_path, pki, bind={"address": "0.0.0.0"}, client={"host": "10.0.0.1"})
+    with caplog.at_level("WARNING"):
+        make_file_transfer(config)
+    assert not [r for r in caplog.records if "without TLS" in r.getMessage()]

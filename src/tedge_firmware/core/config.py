@@ -526,6 +526,17 @@ class TedgeConfig:
         raw = self.c8y_http or self.c8y_url
         return None if raw is None else tenant_host_of(raw)
 
+    def file_transfer_exposure(self) -> str | None:
+        """A warning when the file-transfer service listens beyond this machine without TLS."""
+        host = self.http_bind_address
+        if self.http_tls or _is_loopback(host):
+            return None
+        return (
+            f"the file-transfer service listens on {host} without TLS: anyone who can reach "
+            f"port {self.http_bind_port} can read every child's firmware and write files; set "
+            "http.cert_path and http.key_path (and http.ca_path to require client certificates)"
+        )
+
     def file_transfer_base_url(self, route: str = LEGACY_FILES_ROUTE) -> str:
         """`http(s)://host:port/tedge/file-transfer` (or another `route` of the service), as
         handed to children."""
@@ -565,6 +576,15 @@ def format_host(host: str) -> str:
     except ValueError:
         return host
     return f"[{host}]" if address.version == 6 else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_unspecified(host: str) -> bool:

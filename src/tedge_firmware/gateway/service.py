@@ -101,6 +101,9 @@ def trust_client_cas(context: ssl.SSLContext, directory: Path) -> None:
 
 
 def make_file_transfer(config: TedgeConfig) -> FileTransferServer:
+    exposure = config.file_transfer_exposure()
+    if exposure is not None:
+        log.warning("%s", exposure)
     raise_open_file_limit()
     return FileTransferServer(
         root=config.file_transfer_dir,
