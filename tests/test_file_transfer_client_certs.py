@@ -225,3 +225,77 @@ def test_with_tls_no_warning(tmp_path: Path, pki: dict[str, object], caplog: pyt
     with caplog.at_level("WARNING"):
         make_file_transfer(config)
     assert not [r for r in caplog.records if "without TLS" in r.getMessage()]
+
+
+# ---- the connector as a client of the local hop --------------------------------------------------
+
+
+def test_client_contexts(tmp_path: Path, pki: dict[str, object]) -> None:
+    from tedge_firmware.shell.tls import client_context
+
+    assert client_context(None, None, None) is None
+    child = pki["child-a"]
+    ca = pki["ca"]
+    assert isinstance(child, Issued) and isinstance(ca, TestCA)
+    assert client_context(ca.cert_path, child.cert, child.key) is not None  # a file
+    assert client_context(ca.cert_path.parent, None, None) is not None  # a directory
+    with pytest.raises(ConfigError, match="go together"):
+        client_context(None, child.cert, None)
+    with pytest.raises(ConfigError, match="cannot load"):
+        client_context(None, child.cert, ca.cert_path)  # not the certificate's key
+
+
+async def test_the_connector_downloads_with_its_certificate_and_only_its_own_firmware(
+    tmp_path: Path, pki: dict[str, object], service: tuple[FileTransferServer, Path]
+) -> None:
+    import json
+
+    from brokers import Broker
+    from harness import observer
+    from tedge_firmware.connector import DownloadSettings, Firmware
+    from test_connector_support import FAST_DOWNLOADS, connector, serving
+
+    server, _ = service
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir()
+    broker = Broker(broker_dir)
+    broker.start()
+    ca = pki["ca"]
+    assert isinstance(ca, TestCA)
+    applied: list[bytes] = []
+
+    async def apply(firmware: Firmware) -> None:
+        applied.append(firmware.path.read_bytes())
+
+    def settings(who: str) -> DownloadSettings:
+        issued = pki[who]
+        assert isinstance(issued, Issued)
+        return DownloadSettings(
+            stall_timeout=FAST_DOWNLOADS.stall_timeout,
+            retry_budget=1.0,
+            retry_initial=0.0,
+            ca_path=ca.cert_path.parent,
+            cert_file=issued.cert,
+            key_file=issued.key,
+        )
+
+    import hashlib
+
+    sha = hashlib.sha256(FIRMWARE).hexdigest()
+    url = f"https://127.0.0.1:{server.port}/tedge/file-transfer/child-a/firmware_update/{FILE_ID}"
+    try:
+        async with observer(broker.port, ["tedge/+/commands/res/firmware_update"]) as obs:
+            for who, op_id in (("child-a", "op-1"), ("child-b", "op-2")):
+                child = connector(broker, tmp_path / who, who, apply=apply, download=settings(who))
+                request = {"id": op_id, "attempt": 1, "name": "fw", "version": "1", "sha256": sha, "url": url}
+                async with serving(child):
+                    await obs.publish(f"tedge/{who}/commands/req/firmware_update", json.dumps(request))
+                    res = f"tedge/{who}/commands/res/firmware_update"
+                    answers = [json.loads(await obs.next(res, timeout=15)) for _ in range(2)]
+                if who == "child-a":
+                    assert answers[1]["status"] == "successful"
+                else:  # child-b's certificate does not open child-a's firmware
+                    assert answers[1]["status"] == "failed" and "403" in answers[1]["reason"]
+    finally:
+        broker.kill()
+    assert applied == [FIRMWARE]

@@ -194,7 +194,13 @@ def connector_command(
             work_dir=work_dir,
             broker=broker,
             download=DownloadSettings(
-                stall_timeout=download_stall_timeout, retry_budget=download_retry_budget
+                stall_timeout=download_stall_timeout,
+                retry_budget=download_retry_budget,
+                # the local hop's TLS, as thin-edge configures a child: http.ca_path,
+                # http.client.auth.cert_file/key_file
+                ca_path=None if config is None else config.http_ca_path,
+                cert_file=None if config is None else config.http_client_cert_file,
+                key_file=None if config is None else config.http_client_key_file,
             ),
             heartbeat=_seconds_or_none(heartbeat),
             register=use_network_api,

@@ -85,6 +85,7 @@ from tedge_firmware.errors import ConfigError, MessageError, OperationFailed, Te
 from tedge_firmware.shell.downloader import PART_SUFFIX, Downloader
 from tedge_firmware.shell.durable import sha256_of_file
 from tedge_firmware.shell.mqtt import MqttSession
+from tedge_firmware.shell.tls import client_context
 
 _log = logging.getLogger("tedge_firmware.connector")
 
@@ -226,6 +227,17 @@ class Connector:
 
     async def _serve(self) -> None:
         records = await asyncio.to_thread(self._load)
+        settings = self._download
+        context = await asyncio.to_thread(
+            client_context, settings.ca_path, settings.cert_file, settings.key_file
+        )
+        if context is not None:  # read here: construction does no I/O
+            self._downloader = Downloader(
+                parallel=settings.parallel,
+                retry=retry_policy(settings),
+                stall_timeout=settings.stall_timeout,
+                ssl_context=context,
+            )
         if self._te is None:
             # every address: a child's own id, or the gateway's external id for it
             filters = [topics.firmware_request_topic("+")]

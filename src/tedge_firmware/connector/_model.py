@@ -121,6 +121,9 @@ class DownloadSettings:
     - `retry_initial`, `retry_max_interval`: the backoff between attempts (doubling, jittered).
     - `parallel`: downloads at the same time (over all children).
     - `progress_interval`: seconds between progress hook calls while downloading.
+    - `ca_path`: CA certificates (a PEM file or a directory of them) trusted for https
+      besides the system's; `cert_file`/`key_file`: the child's client certificate, for a
+      gateway that requires one (thin-edge's `http.ca_path`, `http.client.auth.*`).
     """
 
     stall_timeout: float = 60.0
@@ -129,6 +132,9 @@ class DownloadSettings:
     retry_max_interval: float = 60.0
     parallel: int = 2
     progress_interval: float = 1.0
+    ca_path: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     def __post_init__(self) -> None:
         values = (self.stall_timeout, self.retry_budget, self.retry_max_interval)

@@ -250,6 +250,12 @@ KEYS: tuple[KeySpec, ...] = (
         "clients need a certificate signed by one of them, and a child reads only its own files",
     ),
     KeySpec(
+        "http.client.auth.cert_file",
+        _path,
+        "Client certificate for the file-transfer service (a child's connector)",
+    ),
+    KeySpec("http.client.auth.key_file", _path, "Its private key"),
+    KeySpec(
         "http.file_transfer.writes",
         _write_policy,
         "Who may PUT/DELETE on the file-transfer service: own (a certificate's own directory; "
@@ -486,6 +492,8 @@ class TedgeConfig:
     download_retry_budget: int
     registration_cloud_list_timeout: int
     http_ca_path: Path | None = None
+    http_client_cert_file: Path | None = None
+    http_client_key_file: Path | None = None
     http_writes: WritePolicy = WritePolicy.OWN
     use_operation_id: bool = False
     c8y_proxy_host: str = "127.0.0.1"
@@ -646,6 +654,8 @@ def config_from_document(
         download_retry_budget=get("firmware.download.retry_budget"),
         registration_cloud_list_timeout=get("firmware.registration.cloud_list_timeout"),
         http_ca_path=get("http.ca_path"),
+        http_client_cert_file=get("http.client.auth.cert_file"),
+        http_client_key_file=get("http.client.auth.key_file"),
         http_writes=get("http.file_transfer.writes"),
         use_operation_id=get("c8y.smartrest.use_operation_id"),
         c8y_proxy_host=get("c8y.proxy.client.host"),

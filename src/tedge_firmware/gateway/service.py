@@ -44,6 +44,7 @@ from tedge_firmware.shell.file_transfer import FileTransferServer
 from tedge_firmware.shell.mqtt import Message, MqttSession, MqttSettings, Will
 from tedge_firmware.shell.store import StoreWriter, fetch_store, operation_store
 from tedge_firmware.shell.timers import Timers
+from tedge_firmware.shell.tls import trust_cas_in
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +78,9 @@ def file_transfer_ssl(config: TedgeConfig) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(f"cannot load http.cert_path/http.key_path: {error}") from error
     if config.http_ca_path is not None:
-        trust_client_cas(context, config.http_ca_path)
+        trust_cas_in(context, config.http_ca_path)
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def trust_client_cas(context: ssl.SSLContext, directory: Path) -> None:
-    """Require client certificates signed by a CA certificate found in `directory` (every PEM
-    file in it, as thin-edge reads it; no `c_rehash` needed)."""
-    loaded = 0
-    try:
-        files = sorted(p for p in directory.iterdir() if p.is_file())
-    except OSError as error:
-        raise ConfigError(f"cannot read http.ca_path {directory}: {error.strerror}") from error
-    for file in files:
-        try:
-            context.load_verify_locations(cafile=file)
-            loaded += 1
-        except (OSError, ssl.SSLError):
-            log.debug("http.ca_path: %s is not a PEM certificate: skipped", file)
-    if not loaded:
-        raise ConfigError(f"http.ca_path {directory} holds no PEM CA certificate")
-    context.verify_mode = ssl.CERT_REQUIRED
 
 
 def make_file_transfer(config: TedgeConfig) -> FileTransferServer:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,8 @@ class Downloader:
     - `start_writeback`: how to start the disk writing without waiting, in the shape of
       `sync_file_range` (default: the C library's on Linux, None elsewhere). None: the final
       fsync writes the whole file, as it would without this head start.
+    - `ssl_context`: for https (the local hop's CAs and a client certificate, see
+      `shell.tls.client_context`); None: the system's CAs.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class Downloader:
         free_space: FreeSpace | None = None,
         start_writeback: StartWriteback | None = SYNC_FILE_RANGE,
         resolver: aiohttp.abc.AbstractResolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if parallel < 1 or stall_timeout <= 0 or chunk_size < 1:
             raise ValueError("parallel and chunk_size must be >= 1, stall_timeout > 0")
@@ -169,6 +173,7 @@ class Downloader:
         self._retry = retry
         self._stall_timeout = stall_timeout
         self._resolver = resolver
+        self._ssl_context = ssl_context
         self._chunk_size = chunk_size
         self._space = Space(free_space or free_bytes, reserve_bytes)
         self._start_writeback = start_writeback
@@ -217,8 +222,8 @@ class Downloader:
             stall = self._stall_timeout
             # The connect timeout covers the DNS lookup as well: a silent resolver or host
             # holds a download slot no longer than that.
-            connector = (
-                None if self._resolver is None else aiohttp.TCPConnector(resolver=self._resolver)
+            connector = aiohttp.TCPConnector(
+                resolver=self._resolver, ssl=self._ssl_context if self._ssl_context else True
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
