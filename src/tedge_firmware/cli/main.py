@@ -109,6 +109,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "A Cumulocity simulator on the local broker.",
     ),
     "cache": ("tedge_firmware.cli.admin", "cache_group", "List or prune the firmware cache."),
+    "cert": (
+        "tedge_firmware.cli.cert",
+        "cert_group",
+        "Certificates for the local hop: CA, gateway, children.",
+    ),
     "config": ("tedge_firmware.cli.config", "config_group", "Read and change tedge.toml settings."),
     "connector": (
         "tedge_firmware.cli.connector",

@@ -1,0 +1,101 @@
+"""`tedge-firmware cert`: a site's local CA, the gateway's server certificate and the children's
+client certificates (shell/certs.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tedge_firmware.cli.support import config_dir_for, fail
+from tedge_firmware.errors import ConfigError
+
+DEFAULT_SUBDIR = "device-local-certs"
+
+dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help=f"Where the files go (default: <config-dir>/{DEFAULT_SUBDIR}).",
+)
+
+
+@click.group("cert", short_help="Certificates for the local hop: CA, gateway, children.")
+def cert_group() -> None:
+    """Certificates for the local hop: a site CA, the gateway's server certificate and a client
+    certificate per child. Keys are written with mode 0600."""
+
+
+def _site(ctx: click.Context, directory: Path | None):  # type: ignore[no-untyped-def]
+    from tedge_firmware.shell.certs import SiteCertificates
+
+    return SiteCertificates(directory or config_dir_for(ctx, None) / DEFAULT_SUBDIR)
+
+
+def _done(paths: list[Path]) -> None:
+    for path in paths:
+        click.echo(str(path))
+
+
+@cert_group.command("create-ca")
+@dir_option
+@click.option("--name", default="tedge-firmware local CA", show_default=True, help="CA name.")
+@click.option("--days", type=click.IntRange(1, 36500), default=3650, show_default=True)
+@click.option(
+    "--force", is_flag=True, help="Replace an existing CA (its certificates stop working)."
+)
+@click.pass_context
+def create_ca(
+    ctx: click.Context, directory: Path | None, name: str, days: int, force: bool
+) -> None:
+    """Create the site's CA (ca.crt, ca.key)."""
+    try:
+        _done(_site(ctx, directory).create_ca(name, days, force=force))
+    except ConfigError as error:
+        fail(str(error))
+
+
+@cert_group.command("create-server")
+@dir_option
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    help="A host name or address children use to reach the gateway (repeatable; default: "
+    "http.client.host, else http.bind.address).",
+)
+@click.option("--days", type=click.IntRange(1, 3650), default=825, show_default=True)
+@click.pass_context
+def create_server(
+    ctx: click.Context, directory: Path | None, names: tuple[str, ...], days: int
+) -> None:
+    """Create the gateway's server certificate (server.crt, server.key), signed by the CA: set
+    http.cert_path and http.key_path to them."""
+    if not names:
+        from tedge_firmware.cli.support import load_for
+
+        config = load_for(ctx, None)
+        names = tuple(n for n in (config.http_client_host, config.http_bind_address) if n)
+    try:
+        _done(_site(ctx, directory).create_server(names, days))
+    except ConfigError as error:
+        fail(str(error))
+
+
+@cert_group.command("create-child")
+@dir_option
+@click.argument("child_id")
+@click.option("--days", type=click.IntRange(1, 3650), default=825, show_default=True)
+@click.pass_context
+def create_child(ctx: click.Context, directory: Path | None, child_id: str, days: int) -> None:
+    """Create CHILD_ID's client certificate (children/<child>.crt, .key; CN = the child id)."""
+    from tedge_firmware.core.topics import child_id_problem
+
+    problem = child_id_problem(child_id)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="CHILD_ID")
+    try:
+        _done(_site(ctx, directory).create_child(child_id, days))
+    except ConfigError as error:
+        fail(str(error))
