@@ -256,6 +256,13 @@ KEYS: tuple[KeySpec, ...] = (
     ),
     KeySpec("http.client.auth.key_file", _path, "Its private key"),
     KeySpec(
+        "http.signed_links",
+        _bool,
+        "Hand children signed links that expire (HMAC, secret under data.path); the "
+        "file-transfer service then refuses reads without a valid one",
+        "false",
+    ),
+    KeySpec(
         "http.file_transfer.writes",
         _write_policy,
         "Who may PUT/DELETE on the file-transfer service: own (a certificate's own directory; "
@@ -495,6 +502,7 @@ class TedgeConfig:
     http_client_cert_file: Path | None = None
     http_client_key_file: Path | None = None
     http_writes: WritePolicy = WritePolicy.OWN
+    http_signed_links: bool = False
     use_operation_id: bool = False
     c8y_proxy_host: str = "127.0.0.1"
     c8y_proxy_port: int = 8001
@@ -657,6 +665,7 @@ def config_from_document(
         http_client_cert_file=get("http.client.auth.cert_file"),
         http_client_key_file=get("http.client.auth.key_file"),
         http_writes=get("http.file_transfer.writes"),
+        http_signed_links=get("http.signed_links"),
         use_operation_id=get("c8y.smartrest.use_operation_id"),
         c8y_proxy_host=get("c8y.proxy.client.host"),
         c8y_proxy_port=get("c8y.proxy.client.port"),

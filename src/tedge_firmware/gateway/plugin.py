@@ -45,6 +45,7 @@ from tedge_firmware.core.firmware_update import (
     FirmwareUpdateResponse,
     parse_response,
 )
+from tedge_firmware.core.links import LinkMaker
 from tedge_firmware.core.operation import (
     Event,
     FetchRecord,
@@ -75,6 +76,8 @@ log = logging.getLogger(__name__)
 
 # The loop lets other tasks (the MQTT session, the file-transfer service) run this often.
 _INPUTS_PER_TURN = 32
+# A signed link lives this much longer than a child may stay silent (it downloads meanwhile).
+_LINK_MARGIN_S = 600
 # How long the id of an ended operation is remembered: Cumulocity re-delivers pending
 # operations after a `500` (thin-edge's mapper keeps them for an hour as well).
 _COMPLETED_IDS_KEPT_S = 3600.0
@@ -222,6 +225,8 @@ class PluginSettings:
     plays_mapper: bool = False
     # c8y.smartrest.use_operation_id: operations from their JSON form, reported by id
     use_operation_id: bool = False
+    # http.signed_links: the secret that signs the links handed to children (None: plain)
+    link_secret: bytes | None = None
 
     @classmethod
     def from_tedge(
@@ -231,6 +236,7 @@ class PluginSettings:
         options: PluginOptions | None = None,
         *,
         plays_mapper: bool = False,
+        link_secret: bytes | None = None,
     ) -> PluginSettings:
         return cls(
             device_id=device_id,
@@ -247,6 +253,7 @@ class PluginSettings:
             ),
             plays_mapper=plays_mapper,
             use_operation_id=config.use_operation_id,
+            link_secret=link_secret,
         )
 
 
@@ -289,12 +296,18 @@ class FirmwarePlugin:
         # Cumulocity ids of operations that ended lately (loop time): re-delivered, ignored
         self.completed_c8y_ids: dict[str, float] = {}
         self._sweeping: asyncio.Task[None] | None = None
+        # A link lives as long as a silent child may take, and a while more to download.
+        lifetime = settings.child_update_timeout + _LINK_MARGIN_S
+        self.links = LinkMaker(settings.file_transfer_base_url, settings.link_secret, lifetime)
+        te_links = dataclasses.replace(
+            self.links, base_url=settings.te.files_base_url or settings.file_transfer_base_url
+        )
         self.te = TeParticipant(
             settings.te,
             self.publisher,
             self.cache,
             self.fetches,
-            settings.te.files_base_url or settings.file_transfer_base_url,
+            te_links,
             cache_keeper=self.cache_keeper,
             used_by_legacy=self._legacy_uses,
             peer_errors=self.peer_errors,
@@ -650,15 +663,13 @@ class FirmwarePlugin:
         except OSError as error:
             self._abort(operation, f"Cannot publish the firmware to the child: {error}")
             return
-        base_url = self.settings.file_transfer_base_url
         record = OperationRecord(
             operation_id=operation.op_id,
             child_id=operation.child_id,
             name=operation.name,
             version=operation.version,
             cloud_url=operation.cloud_url,
-            child_url=f"{base_url}/"
-            + self.cache.relative_path(operation.child_id, operation.file_id),
+            child_url=self._child_url(operation),
             sha256=sha256,
             attempt=operation.attempt,
             c8y_id=operation.c8y_id,
@@ -687,7 +698,9 @@ class FirmwarePlugin:
     def _resend(self, operation: LiveOperation) -> None:
         """Publish the same request again with the incremented attempt (persisted first)."""
         assert operation.record is not None
-        record = operation.record = dataclasses.replace(operation.record, attempt=operation.attempt)
+        record = operation.record = dataclasses.replace(
+            operation.record, attempt=operation.attempt, child_url=self._child_url(operation)
+        )  # a signed link is renewed with every re-send
         operation.state = step(operation.state, Event.RESENT).state
 
         def written(error: StoreError | None) -> None:
@@ -1018,6 +1031,9 @@ class FirmwarePlugin:
         if unused:
             log.info("removed %d child copies no operation or command uses any more", len(unused))
             self.cache_keeper.request()
+
+    def _child_url(self, operation: LiveOperation) -> str:
+        return self.links.url(self.cache.relative_path(operation.child_id, operation.file_id))
 
     def _legacy_uses(self, child_id: str, file_id: str) -> bool:
         return any(

@@ -37,6 +37,7 @@ from tedge_firmware.gateway.plugin import (
 )
 from tedge_firmware.gateway.ports import Publisher
 from tedge_firmware.gateway.registration import RegistrationOptions, serve_registration
+from tedge_firmware.shell import link_secret
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.config_file import resolve_device_id
 from tedge_firmware.shell.downloader import Downloader
@@ -98,7 +99,16 @@ def make_file_transfer(config: TedgeConfig) -> FileTransferServer:
         idle_timeout=config.http_idle_timeout,
         main_device_id=_main_device_id(config),
         writes=config.http_writes,
+        link_secret=link_secret_of(config),
     )
+
+
+def link_secret_of(config: TedgeConfig) -> bytes | None:
+    """The secret that signs file-transfer links, when `http.signed_links` is on (made on
+    first use)."""
+    if not config.http_signed_links:
+        return None
+    return link_secret.load_or_create(link_secret.secret_path(config.data_path))
 
 
 def _main_device_id(config: TedgeConfig) -> str | None:
@@ -250,7 +260,13 @@ def build_plugin(
         timers=Timers(),
         clock=asyncio.get_running_loop().time,
     )
-    settings = PluginSettings.from_tedge(config, device_id, options, plays_mapper=plays_mapper)
+    settings = PluginSettings.from_tedge(
+        config,
+        device_id,
+        options,
+        plays_mapper=plays_mapper,
+        link_secret=link_secret_of(config),
+    )
     plugin = FirmwarePlugin(settings, ports)
     return plugin
 

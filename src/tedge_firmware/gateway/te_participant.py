@@ -38,6 +38,7 @@ from tedge_firmware.core.firmware_update import (
     parse_te_command,
     parse_te_command_topic,
 )
+from tedge_firmware.core.links import LinkMaker, same_file
 from tedge_firmware.core.operation import file_id_for_url
 from tedge_firmware.errors import MessageError
 from tedge_firmware.gateway.fetches import FetchDone, FirmwareFetches
@@ -82,7 +83,7 @@ class TeParticipant:
         publisher: Publisher,
         cache: FirmwareCache,
         fetches: FirmwareFetches,
-        file_transfer_base_url: str,
+        links: LinkMaker,
         *,
         cache_keeper: CacheUpkeep,
         used_by_legacy: Callable[[str, str], bool],
@@ -95,7 +96,7 @@ class TeParticipant:
         self._publisher = publisher
         self._cache = cache
         self._fetches = fetches
-        self._base_url = file_transfer_base_url
+        self._links = links
         self._used_by_legacy = used_by_legacy
         self._peer_errors = peer_errors
         self.waiting: dict[str, _Waiting] = {}  # by command topic
@@ -228,7 +229,7 @@ class TeParticipant:
     # ---- the copies handed to children --------------------------------------------------
 
     def _copy_url(self, child_id: str, file_id: str) -> str:
-        return f"{self._base_url}/{self._cache.relative_path(child_id, file_id)}"
+        return self._links.url(self._cache.relative_path(child_id, file_id))
 
     def _note_copy(self, where: TeCommandTopic, command: TeCommand) -> None:
         """Remember a command that carries one of our copies (ours, seen again after a
@@ -237,7 +238,8 @@ class TeParticipant:
         if child_id is None or remote_url is None:
             return
         file_id = file_id_for_url(remote_url)
-        if command.text("tedgeUrl") == self._copy_url(child_id, file_id):
+        tedge_url = command.text("tedgeUrl")
+        if tedge_url is not None and same_file(tedge_url, self._copy_url(child_id, file_id)):
             self.handed[where.topic] = (child_id, file_id)
 
     def _end(self, topic: str) -> None:

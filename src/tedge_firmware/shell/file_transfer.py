@@ -47,6 +47,7 @@ import socket
 import ssl
 import stat
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
-from tedge_firmware.core.access import WritePolicy, access_problem
+from tedge_firmware.core.access import READS, WritePolicy, access_problem
 from tedge_firmware.core.http import (
     ByteRange,
     RangeVerdict,
@@ -67,6 +68,7 @@ from tedge_firmware.core.http import (
     is_not_modified,
     parse_byte_range,
 )
+from tedge_firmware.core.links import link_problem
 from tedge_firmware.errors import ConfigError
 from tedge_firmware.shell.durable import fsync_directory
 from tedge_firmware.shell.log_limits import LogLimiter
@@ -325,11 +327,13 @@ class _FileTransferHandler:
         cache_dir: Path,
         main_device_id: str | None = None,
         writes: WritePolicy = WritePolicy.OWN,
+        link_secret: bytes | None = None,
     ) -> None:
         self._root = root
         self._cache_dir = cache_dir
         self._main_device_id = main_device_id
         self._writes = writes
+        self._link_secret = link_secret
         self._methods: dict[str, Callable[[web.Request, list[str]], Awaitable[web.StreamResponse]]]
         self._methods = {
             "GET": self._get,
@@ -366,6 +370,9 @@ class _FileTransferHandler:
         problem = access_problem(
             request.method, segments, client, self._main_device_id, self._writes
         )
+        if problem is None and self._link_secret is not None and request.method in READS:
+            path = "/".join(segments)
+            problem = link_problem(self._link_secret, path, request.rel_url.query, time.time())
         if problem is not None:
             raise web.HTTPForbidden(text=problem)
         return await method(request, segments)
@@ -570,10 +577,11 @@ def build_app(
     cache_dir: Path,
     main_device_id: str | None = None,
     writes: WritePolicy = WritePolicy.OWN,
+    link_secret: bytes | None = None,
 ) -> web.Application:
     """The aiohttp application serving `root` at both route prefixes."""
     app = web.Application()
-    handler = _FileTransferHandler(root, cache_dir, main_device_id, writes)
+    handler = _FileTransferHandler(root, cache_dir, main_device_id, writes, link_secret)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
 
@@ -739,11 +747,14 @@ class FileTransferServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
         main_device_id: str | None = None,
         writes: WritePolicy = WritePolicy.OWN,
+        link_secret: bytes | None = None,
     ) -> None:
         """`main_device_id`: the common name whose certificate reads and writes everything
-        (client certificates only); `writes`: who may PUT and DELETE (core.access)."""
+        (client certificates only); `writes`: who may PUT and DELETE (core.access);
+        `link_secret`: reads need a link signed with it (core.links)."""
         self._main_device_id = main_device_id
         self._writes = writes
+        self._link_secret = link_secret
         self._root = root
         self._cache_dir = cache_dir
         self._host = host.removeprefix("[").removesuffix("]")  # "[::1]" works as "::1"
@@ -773,6 +784,7 @@ class FileTransferServer:
             cache_dir=self._cache_dir,
             main_device_id=self._main_device_id,
             writes=self._writes,
+            link_secret=self._link_secret,
         )
         # access_log=None: the handler logs one line per request itself, at debug level.
         # keepalive_timeout: aiohttp arms it when a connection is accepted and again after each
