@@ -304,3 +304,12 @@ class FirmwareServer:
         if name not in self.files:
             return web.Response(status=404)
         return web.Response(body=self.files[name], content_type="application/octet-stream")
+
+
+async def gateway_ready(port: int, timeout: float = 20.0) -> None:
+    """Wait until the gateway is connected and subscribed: its retained health "up" (published
+    after it subscribed) is there, whenever this is called."""
+    async with observer(port, ["tedge/health/c8y-firmware-plugin"]) as health:
+        async with asyncio.timeout(timeout):
+            while b'"up"' not in await health.next("tedge/health/c8y-firmware-plugin", timeout=timeout):
+                pass

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from brokers import Broker, free_port
-from harness import FirmwareServer, Gateway, eventually, observer, write_config
+from harness import FirmwareServer, Gateway, eventually, gateway_ready, observer, write_config
 from tedge_firmware.connector import Firmware
 from test_connector_support import connector, serving
 
@@ -253,6 +253,7 @@ async def test_a_legacy_connector_registered_over_te_gets_its_requests_at_its_ex
         async with observer(broker.port, watched) as obs, serving(child):
             assert await obs.next(f"c8y/s/us/{xid}", timeout=20) == b"114,c8y_Firmware\n"
             assert ("c8y/s/us", f"101,{xid},child1,thin-edge.io-child".encode()) in obs.log
+            await gateway_ready(broker.port)
             await obs.publish("c8y/s/ds", f"515,{xid},img,4,{url}")
             answers = [json.loads(await obs.next(f"tedge/{xid}/commands/res/firmware_update")) for _ in range(2)]
             assert [a["status"] for a in answers] == ["executing", "successful"]

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from brokers import Broker, free_port
-from harness import CHILD, FirmwareServer, Gateway, observer, req_topic, write_config
+from harness import CHILD, FirmwareServer, Gateway, gateway_ready, observer, req_topic, write_config
 from tedge_firmware.core.links import LinkMaker, link_problem, same_file, signed_query
 from tedge_firmware.errors import ConfigError
 from tedge_firmware.shell import link_secret
@@ -111,7 +111,7 @@ async def test_children_get_signed_links_that_the_service_checks(broker: Broker,
     firmware = cloud.files["fw.bin"]
     url = cloud.url("fw.bin")
     async with observer(broker.port) as obs:
-        assert await obs.next("c8y/s/us", timeout=20) == b"500"
+        await gateway_ready(broker.port)  # connected and subscribed
         await obs.publish("c8y/s/ds", f"515,{CHILD},fw,1,{url}")
         first = json.loads(await obs.next(req_topic()))
         link = first["url"]

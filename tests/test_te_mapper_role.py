@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from brokers import Broker, free_port
-from harness import FirmwareServer, Gateway, load, observer, write_config
+from harness import FirmwareServer, Gateway, gateway_ready, load, observer, write_config
 from tedge_firmware.gateway.service import ServiceOptions, serve_plugin
 from test_connector_support import connector, serving
 
@@ -55,9 +55,10 @@ async def gateway(tmp_path: Path, broker: Broker) -> AsyncIterator[Gateway]:
         await instance.stop()
 
 
-async def registered(obs, child_connector) -> None:  # type: ignore[no-untyped-def]
-    """The child declared itself over te/ and the gateway registered it."""
+async def registered(obs, port: int) -> None:  # type: ignore[no-untyped-def]
+    """The child declared itself over te/, the gateway registered it and listens."""
     assert await obs.next(f"c8y/s/us/{XID}", timeout=20) == b"114,c8y_Firmware\n"
+    await gateway_ready(port)
 
 
 async def test_a_child_running_a_te_agent_is_served_through_the_command_the_gateway_creates(
@@ -68,7 +69,7 @@ async def test_a_child_running_a_te_agent_is_served_through_the_command_the_gate
     child = connector(broker, tmp_path / "work", "child1", apply=applied, protocol="te")
     watched = ["c8y/s/us", f"c8y/s/us/{XID}", COMMANDS, "te/device/child1///twin/firmware", f"tedge/{XID}/commands/req/firmware_update"]
     async with observer(broker.port, watched) as obs, serving(child):
-        await registered(obs, child)
+        await registered(obs, broker.port)
         await obs.publish("c8y/s/ds", f"515,{XID},img,7,{url}")
         assert await obs.sequence(f"c8y/s/us/{XID}", 3, timeout=20) == [E501, f"115,img,7,{url}".encode(), E503]
         twin = json.loads(await obs.next("te/device/child1///twin/firmware"))
@@ -92,7 +93,7 @@ async def test_a_child_that_answers_the_legacy_request_gets_the_command_cleared_
     url = cloud.url("fw.bin")
     child = connector(broker, tmp_path / "work", "child1", apply=applied, register=True)
     async with observer(broker.port, ["c8y/s/us", f"c8y/s/us/{XID}", COMMANDS]) as obs, serving(child):
-        await registered(obs, child)
+        await registered(obs, broker.port)
         await obs.publish("c8y/s/ds", f"515,{XID},img,7,{url}")
         assert await obs.sequence(f"c8y/s/us/{XID}", 3, timeout=20) == [E501, f"115,img,7,{url}".encode(), E503]
         await obs.silence(0.3, [])
@@ -137,7 +138,7 @@ async def test_beside_thin_edges_mapper_the_plugin_leaves_te_children_to_it(
     try:
         watched = ["c8y/s/us", f"c8y/s/us/{XID}", COMMANDS, "tedge/+/commands/req/firmware_update"]
         async with observer(broker.port, watched) as obs:
-            assert await obs.next("c8y/s/us", timeout=20) == b"500"
+            await gateway_ready(broker.port)  # connected and subscribed
             await obs.publish("c8y/s/ds", f"515,{XID},img,7,{cloud.url('fw.bin')}")
             await obs.publish("c8y/s/ds", f"515,legacy-child,img,7,{cloud.url('fw.bin')}")
             request = await obs.next("tedge/legacy-child/commands/req/firmware_update", timeout=20)
@@ -180,7 +181,7 @@ async def test_a_client_like_thin_edges_python_agent_completes_an_update(
     agent = asyncio.create_task(python_agent_like())
     try:
         async with observer(broker.port, ["c8y/s/us", f"c8y/s/us/{XID}"]) as obs:
-            await registered(obs, None)
+            await registered(obs, broker.port)
             await obs.publish("c8y/s/ds", f"515,{XID},img,7,{url}")
             assert await obs.sequence(f"c8y/s/us/{XID}", 3, timeout=20) == [E501, f"115,img,7,{url}".encode(), E503]
     finally:

@@ -22,6 +22,7 @@ from harness import (
     FirmwareServer,
     Gateway,
     eventually,
+    gateway_ready,
     observer,
     req_topic,
     res_topic,
@@ -140,7 +141,7 @@ async def test_commands_of_many_children_and_a_legacy_operation_share_one_downlo
     children = [f"te-child-{n}" for n in range(20)]
     async with observer(broker.port, [COMMANDS, "c8y/s/us", "tedge/+/commands/req/firmware_update"]) as obs:
         te = TeWatcher(obs)
-        assert await obs.next("c8y/s/us", timeout=20) == b"500"
+        await gateway_ready(broker.port)  # connected and subscribed
         for child in children:
             await te.publish(topic(child), command(url))
         await obs.publish("c8y/s/ds", f"515,{CHILD},te-fw,2.0,{url}")
@@ -313,7 +314,7 @@ async def test_legacy_operations_go_on_beside_te_commands(
     url = cloud.url("fw.bin")
     async with observer(broker.port, [COMMANDS, "c8y/s/us", "c8y/s/us/+", "tedge/+/commands/req/firmware_update"]) as obs:
         te = TeWatcher(obs)
-        assert await obs.next("c8y/s/us", timeout=20) == b"500"
+        await gateway_ready(broker.port)  # connected and subscribed
         await te.publish(topic("child1"), command(url))
         await obs.publish("c8y/s/ds", f"515,{CHILD},te-fw,2.0,{url}")
         request = json.loads(await obs.next(req_topic(), timeout=10))
