@@ -91,3 +91,16 @@ async def test_the_commands_certificates_lock_the_file_transfer_service(tmp_path
             await get("child-a", "child-a/fw.bin", directory=other)
     finally:
         await server.stop()
+
+
+def test_the_link_secret_rotates(tmp_path: Path) -> None:
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    data = tmp_path / "data"
+    (config_dir / "tedge.toml").write_text(f'[data]\npath = "{data}"\n')
+    first = cert("rotate-link-secret", config_dir=config_dir)
+    assert first.returncode == 0 and first.stdout.strip() == str(data / "file-transfer.key")
+    secret = (data / "file-transfer.key").read_bytes()
+    assert cert("rotate-link-secret", config_dir=config_dir).returncode == 0
+    assert (data / "file-transfer.key").read_bytes() != secret
+    assert stat.S_IMODE((data / "file-transfer.key").stat().st_mode) == 0o600

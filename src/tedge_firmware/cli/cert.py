@@ -99,3 +99,21 @@ def create_child(ctx: click.Context, directory: Path | None, child_id: str, days
         _done(_site(ctx, directory).create_child(child_id, days))
     except ConfigError as error:
         fail(str(error))
+
+
+@cert_group.command("rotate-link-secret")
+@click.pass_context
+def rotate_link_secret(ctx: click.Context) -> None:
+    """Replace the secret that signs file-transfer links (http.signed_links): every link handed
+    out so far stops working; restart the services, then the gateway re-sends its requests
+    with new links."""
+    from tedge_firmware.cli.support import load_for
+    from tedge_firmware.shell import link_secret
+
+    config = load_for(ctx, None)
+    path = link_secret.secret_path(config.data_path)
+    try:
+        link_secret.rotate(path)
+    except ConfigError as error:
+        fail(str(error))
+    click.echo(str(path))
