@@ -117,3 +117,52 @@ def rotate_link_secret(ctx: click.Context) -> None:
     except ConfigError as error:
         fail(str(error))
     click.echo(str(path))
+
+
+@cert_group.command("broker-config")
+@dir_option
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where the fragment and the ACL go (default: <config-dir>/mosquitto-conf).",
+)
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Address of the TLS listener.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8883, show_default=True)
+@click.pass_context
+def broker_config(
+    ctx: click.Context, directory: Path | None, out: Path | None, bind: str, port: int
+) -> None:
+    """Write a Mosquitto fragment (a TLS listener requiring client certificates of the site's
+    CA) and an ACL (a child reads only its own requests and publishes only its own statuses)."""
+    from tedge_firmware.cli.support import load_for
+    from tedge_firmware.core.broker_acl import mosquitto_acl, mosquitto_fragment
+    from tedge_firmware.shell.config_file import resolve_device_id
+
+    config = load_for(ctx, None)
+    site = _site(ctx, directory)
+    target = out or config_dir_for(ctx, None) / "mosquitto-conf"
+    try:
+        main_device_id = resolve_device_id(config)
+        for required in (site.ca_cert, site.directory / "server.crt"):
+            if not required.is_file():
+                raise ConfigError(f"{required} is missing: create it with 'tedge-firmware cert'")
+        target.mkdir(parents=True, exist_ok=True)
+        acl = target / "tedge-firmware.acl"
+        fragment = target / "tedge-firmware-mosquitto.conf"
+        acl.write_text(mosquitto_acl(main_device_id))
+        fragment.write_text(
+            mosquitto_fragment(
+                bind=bind,
+                port=port,
+                ca_file=site.ca_cert.absolute(),
+                cert_file=(site.directory / "server.crt").absolute(),
+                key_file=(site.directory / "server.key").absolute(),
+                acl_file=acl.absolute(),
+            )
+        )
+    except ConfigError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"cannot write {error.filename}: {error.strerror}")
+    _done([fragment, acl])
