@@ -1,10 +1,9 @@
-"""Certificates made in the test: a CA, a server certificate for 127.0.0.1, client certificates
-(also expired ones, and ones from another CA), written as PEM files."""
+"""Certificates for the tests, made by the project's own `shell.certs` (what `tedge-firmware cert`
+runs), plus what the command never makes on purpose: an expired client certificate."""
 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,18 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-NOW = datetime.datetime.now(datetime.UTC)
-_CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
+from tedge_firmware.shell.certs import SiteCertificates
 
 
 @dataclass(frozen=True)
@@ -37,49 +25,36 @@ class TestCA:
     __test__ = False  # not a pytest class
 
     def __init__(self, directory: Path, name: str = "test-ca") -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.name = subject
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - datetime.timedelta(days=1))
-            .not_valid_after(NOW + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_CA_KEY_USAGE, critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.cert_path = directory / f"{name}.pem"
-        self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+        self.site = SiteCertificates(directory)
+        self.site.create_ca(name)
+        self.cert_path = self.site.ca_cert
 
     def issue(self, common_name: str, *, server: bool = False, expired: bool = False) -> Issued:
+        if expired:
+            return self._expired(common_name)
+        if server:
+            cert, key = self.site.create_server([common_name, "127.0.0.1"])
+        else:
+            cert, key = self.site.create_child(common_name)
+        return Issued(cert, key)
+
+    def _expired(self, common_name: str) -> Issued:
+        ca = x509.load_pem_x509_certificate(self.site.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.site.ca_key.read_bytes(), password=None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
         key = ec.generate_private_key(ec.SECP256R1())
-        begin, end = (
-            (NOW - datetime.timedelta(days=10), NOW - datetime.timedelta(days=1))
-            if expired
-            else (NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=30))
-        )
-        builder = (
+        now = datetime.datetime.now(datetime.UTC)
+        certificate = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.name)
+            .issuer_name(ca.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(begin)
-            .not_valid_after(end)
+            .not_valid_before(now - datetime.timedelta(days=10))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256())
         )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-        certificate = builder.sign(self.key, hashes.SHA256())
-        stem = self.directory / f"{common_name}{'-expired' if expired else ''}"
+        stem = self.site.directory / f"{common_name}-expired"
         cert, key_path = stem.with_suffix(".crt"), stem.with_suffix(".key")
         cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(
@@ -89,5 +64,4 @@ class TestCA:
                 serialization.NoEncryption(),
             )
         )
-        key_path.chmod(0o600)
         return Issued(cert, key_path)
