@@ -132,3 +132,67 @@ async def test_without_a_certificate_of_the_site_no_connection(
         async with asyncio.timeout(3), child_client(tls_port, context, "intruder") as client:
             await client.subscribe("#")
             await client.publish(RES.format("child-a"), "x", qos=1)
+
+
+async def test_the_connector_works_through_the_locked_broker(
+    tmp_path: Path, site: tuple[Path, Path, int], broker: tuple[int, int]
+) -> None:
+    """The SDK connector as a child on the TLS listener, with its certificate: it gets its
+    request, downloads, applies and answers, and the gateway's local side hears the answer."""
+    import hashlib
+    import json
+
+    from aiohttp import web
+
+    from tedge_firmware.connector import BrokerSettings, Connector, Firmware
+    from test_connector_support import FAST_DOWNLOADS, serving
+
+    _, certs, _ = site
+    local, tls_port = broker
+    firmware = b"locked-down firmware" * 100
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=firmware)
+
+    app = web.Application()
+    app.router.add_get("/fw.bin", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site_http = web.TCPSite(runner, "127.0.0.1", 0)
+    await site_http.start()
+    http_port = site_http._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    applied: list[bytes] = []
+
+    async def apply(fw: Firmware) -> None:
+        applied.append(fw.path.read_bytes())
+
+    child = Connector(
+        "child-a",
+        apply=apply,
+        work_dir=tmp_path / "work",
+        broker=BrokerSettings(
+            host="127.0.0.1",
+            port=tls_port,
+            ca_file=certs / "ca.crt",
+            cert_file=certs / "children" / "child-a.crt",
+            key_file=certs / "children" / "child-a.key",
+        ),
+        download=FAST_DOWNLOADS,
+        heartbeat=None,
+    )
+    request = {
+        "id": "op-1",
+        "attempt": 1,
+        "name": "fw",
+        "version": "1",
+        "sha256": hashlib.sha256(firmware).hexdigest(),
+        "url": f"http://127.0.0.1:{http_port}/fw.bin",
+    }
+    try:
+        async with observer(local, [RES.format("child-a")]) as gateway, serving(child):
+            await gateway.publish(REQ.format("child-a"), json.dumps(request))
+            answers = [json.loads(await gateway.next(RES.format("child-a"), timeout=15)) for _ in range(2)]
+    finally:
+        await runner.cleanup()
+    assert [a["status"] for a in answers] == ["executing", "successful"]
+    assert applied == [firmware]
