@@ -115,7 +115,7 @@ INSTALL = """#!/bin/sh
 # name version path sha256: check the file, then "flash" it
 set -e
 echo "$4  $3" | sha256sum -c - >/dev/null
-cp "$3" "{installed}/$1-$2.bin"
+cp "$3" "{installed}/$(basename "$(dirname "$3")")-$1-$2.bin"  # one file per child
 """
 
 
@@ -190,4 +190,5 @@ async def test_children_following_the_example_update_from_one_gateway_download(
             assert statuses == ["init", "executing", "gateway_download", "failed"]
             assert "404" in states[-1]["reason"]
     if firmware == "fw.bin":
-        assert (installed / "image-3.1.bin").read_bytes() == FIRMWARE
+        for child in children:
+            assert (installed / f"{child}-image-3.1.bin").read_bytes() == FIRMWARE
