@@ -1,4 +1,9 @@
-"""The firmware plugin: c8y_Firmware operations for child devices, from `515` to `503`/`502`.
+"""The firmware plugin: c8y_Firmware operations for child devices, from `515` to `503`/`502`
+(or, with `c8y.smartrest.use_operation_id`, from their JSON form to `506`/`505`).
+
+It also hosts what shares its loop, downloads and cache: the `te/` participant
+(`gateway/te_participant`), and, where `tedge-firmware run` plays thin-edge's mapper, the `te/`
+commands offered to children registered over `te/` (`gateway/te_mapper`).
 
 One loop consumes one queue of typed inputs (an MQTT message, a finished fetch, a fired timer,
 a request the broker refuses) and decides; the I/O that takes time (downloads,
