@@ -196,3 +196,12 @@ async def test_the_connector_works_through_the_locked_broker(
         await runner.cleanup()
     assert [a["status"] for a in answers] == ["executing", "successful"]
     assert applied == [firmware]
+
+
+@pytest.mark.parametrize("device_id", ["", "gw 1", "gw\n#", "a/b", "gw+", "#"])
+def test_a_device_id_that_cannot_name_a_broker_user_is_refused(device_id: str) -> None:
+    from tedge_firmware.core.broker_acl import mosquitto_acl
+    from tedge_firmware.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot name a broker user"):
+        mosquitto_acl(device_id)

@@ -48,6 +48,21 @@ def test_the_files_their_modes_and_what_they_say(site: Path) -> None:
     assert child.issuer == ca.subject and server.issuer == ca.subject
 
 
+def test_the_gateways_certificate_names_the_main_device_and_no_child_gets_that_name(tmp_path: Path) -> None:
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    (config_dir / "tedge.toml").write_text('[device]\nid = "gw-1"\n')
+    for args in (("create-ca",), ("create-server", "--name", "gw.lan", "--name", "10.0.0.1")):
+        assert cert(*args, config_dir=config_dir).returncode == 0
+    server = x509.load_pem_x509_certificate((config_dir / "device-local-certs" / "server.crt").read_bytes())
+    assert server.subject.rfc4514_string() == "CN=gw-1"
+    usages = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(usages) == {x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH}
+    refused = cert("create-child", "gw-1", config_dir=config_dir)
+    assert refused.returncode == 2 and "gateway's own id" in refused.stderr
+    assert not (config_dir / "device-local-certs" / "children" / "gw-1.crt").exists()
+
+
 def test_the_ca_is_not_replaced_unless_forced_and_bad_input_is_one_line(site: Path) -> None:
     config_dir = site.parent
     refused = cert("create-ca", config_dir=config_dir)

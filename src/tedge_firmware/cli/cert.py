@@ -4,11 +4,15 @@ client certificates (shell/certs.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from tedge_firmware.cli.support import config_dir_for, fail
+from tedge_firmware.cli.support import config_dir_for, fail, load_for
 from tedge_firmware.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tedge_firmware.core.config import TedgeConfig
 
 DEFAULT_SUBDIR = "device-local-certs"
 
@@ -70,17 +74,27 @@ def create_ca(
 def create_server(
     ctx: click.Context, directory: Path | None, names: tuple[str, ...], days: int
 ) -> None:
-    """Create the gateway's server certificate (server.crt, server.key), signed by the CA: set
-    http.cert_path and http.key_path to them."""
+    """Create the gateway's certificate (server.crt, server.key), signed by the CA: the
+    file-transfer service's and the broker's server certificate (http.cert_path,
+    http.key_path) and, with CN = the main device id, the identity of the gateway's own
+    clients (mqtt.client.auth.*, http.client.auth.*)."""
+    config = load_for(ctx, None)
     if not names:
-        from tedge_firmware.cli.support import load_for
-
-        config = load_for(ctx, None)
         names = tuple(n for n in (config.http_client_host, config.http_bind_address) if n)
     try:
-        _done(_site(ctx, directory).create_server(names, days))
+        common_name = _main_device_id(config)
+        _done(_site(ctx, directory).create_server(names, days, common_name=common_name))
     except ConfigError as error:
         fail(str(error))
+
+
+def _main_device_id(config: TedgeConfig) -> str | None:
+    from tedge_firmware.shell.config_file import resolve_device_id
+
+    try:
+        return resolve_device_id(config)
+    except ConfigError:
+        return None
 
 
 @cert_group.command("create-child")
@@ -93,6 +107,8 @@ def create_child(ctx: click.Context, directory: Path | None, child_id: str, days
     from tedge_firmware.core.topics import child_id_problem
 
     problem = child_id_problem(child_id)
+    if problem is None and child_id == _main_device_id(load_for(ctx, None)):
+        problem = "this is the gateway's own id: its certificate opens every child's files"
     if problem is not None:
         raise click.BadParameter(problem, param_hint="CHILD_ID")
     try:
@@ -107,7 +123,6 @@ def rotate_link_secret(ctx: click.Context) -> None:
     """Replace the secret that signs file-transfer links (http.signed_links): every link handed
     out so far stops working; restart the services, then the gateway re-sends its requests
     with new links."""
-    from tedge_firmware.cli.support import load_for
     from tedge_firmware.shell import link_secret
 
     config = load_for(ctx, None)
@@ -135,7 +150,6 @@ def broker_config(
 ) -> None:
     """Write a Mosquitto fragment (a TLS listener requiring client certificates of the site's
     CA) and an ACL (a child reads only its own requests and publishes only its own statuses)."""
-    from tedge_firmware.cli.support import load_for
     from tedge_firmware.core.broker_acl import mosquitto_acl, mosquitto_fragment
     from tedge_firmware.shell.config_file import resolve_device_id
 

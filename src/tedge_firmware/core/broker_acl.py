@@ -7,7 +7,9 @@ declarations, on the legacy and the `te/` topics; its requests also at the exter
 gateway gives a child registered over `te/` (`<main>:device:<child>`). Local clients without a
 user name (the gateway's own services, thin-edge's, on the loopback listener) keep full access:
 in Mosquitto's ACL file the lines before the first `user` line are for anonymous clients, and a
-TLS client here always has a user name.
+TLS client here always has a user name. So do the gateway's own clients on the TLS listener,
+whose certificate names the main device (`tedge-firmware cert create-server`, which
+`create-child` never issues). `pattern` lines apply to every user.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from tedge_firmware.core import topics
+from tedge_firmware.errors import ConfigError
 
 
 def mosquitto_acl(main_device_id: str) -> str:
+    if not main_device_id or any(c.isspace() or c in "#+/" for c in main_device_id):
+        # Mosquitto reads `user` up to the first blank; the id is also a topic level
+        raise ConfigError(f"device id {main_device_id!r} cannot name a broker user: no blanks, '#', '+' or '/'")
     external = topics.te_child_external_id(main_device_id, "%u")
     lines = [
         "# tedge-firmware: who may read and write what on the local broker",
@@ -34,6 +40,10 @@ def mosquitto_acl(main_device_id: str) -> str:
     lines += [
         "pattern readwrite te/device/%u///cmd/firmware_update/+",
         "pattern write te/device/%u///cmd/+",
+        "",
+        "# the gateway's own clients over TLS: the CN of its certificate is the main device id",
+        f"user {main_device_id}",
+        "topic readwrite #",
         "",
     ]
     return "\n".join(lines)

@@ -45,7 +45,7 @@ from tedge_firmware.shell.file_transfer import FileTransferServer
 from tedge_firmware.shell.mqtt import Message, MqttSession, MqttSettings, Will
 from tedge_firmware.shell.store import StoreWriter, fetch_store, operation_store
 from tedge_firmware.shell.timers import Timers
-from tedge_firmware.shell.tls import trust_cas_in
+from tedge_firmware.shell.tls import client_context, trust_cas_in
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
         parallel=config.download_parallel,
         stall_timeout=config.download_stall_timeout,
         retry=RetryPolicy(max_elapsed=config.download_retry_budget),
+        # thin-edge's Cumulocity proxy may require a client certificate (`c8y.proxy.ca_path`)
+        ssl_context=client_context(
+            config.http_ca_path, config.http_client_cert_file, config.http_client_key_file
+        ),
+        local_hosts=frozenset({config.c8y_proxy_host.strip("[]").lower()}),
     )
     session: MqttSession | None = None
     plugin: FirmwarePlugin | None = None

@@ -4,7 +4,9 @@ certificate (with the names and addresses children use) and a client certificate
 Files, in one directory (default `<config-dir>/device-local-certs`):
 
     ca.crt, ca.key                the local CA (10 years by default)
-    server.crt, server.key        the gateway's file-transfer (and broker) certificate
+    server.crt, server.key        the gateway's certificate: its file-transfer service's and
+                                  broker's server certificate, and its own clients' identity
+                                  (CN = the main device id)
     children/<child>.crt, .key    a child's client certificate, CN = the child id
 
 Private keys are written with mode 0600 (created so, never widened), certificates 0644. A CA
@@ -77,18 +79,23 @@ class SiteCertificates:
         )
         return self._write(self.ca_cert, self.ca_key, certificate, key)
 
-    def create_server(self, names: Iterable[str], days: int = LEAF_DAYS) -> list[Path]:
-        """The gateway's certificate: CN = the first name, every name in the SAN (IP
-        addresses as such)."""
+    def create_server(
+        self, names: Iterable[str], days: int = LEAF_DAYS, *, common_name: str | None = None
+    ) -> list[Path]:
+        """The gateway's certificate: every name in the SAN (IP addresses as such); CN =
+        `common_name` (the main device id: presented by the gateway's own clients, it opens
+        every child's files and topics) or else the first name. Good for server and client
+        authentication."""
         listed = [name for name in dict.fromkeys(names) if name]
         if not listed:
             raise ConfigError("a server certificate needs at least one host name or address")
         alternatives = [_alternative_name(name) for name in listed]
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         extensions = [
             (x509.SubjectAlternativeName(alternatives), False),
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+            (x509.ExtendedKeyUsage(usages), False),
         ]
-        return self._issue(listed[0], days, extensions, self.directory / "server")
+        return self._issue(common_name or listed[0], days, extensions, self.directory / "server")
 
     def create_child(self, child_id: str, days: int = LEAF_DAYS) -> list[Path]:
         extensions = [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)]

@@ -150,6 +150,9 @@ class Downloader:
       fsync writes the whole file, as it would without this head start.
     - `ssl_context`: for https (the local hop's CAs and a client certificate, see
       `shell.tls.client_context`); None: the system's CAs.
+    - `local_hosts`: host names (lower case) that get `ssl_context`; empty: every host does.
+      The gateway presents its local-hop certificate only to thin-edge's local services and
+      keeps the system's CAs alone for the cloud.
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class Downloader:
         start_writeback: StartWriteback | None = SYNC_FILE_RANGE,
         resolver: aiohttp.abc.AbstractResolver | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        local_hosts: frozenset[str] = frozenset(),
     ) -> None:
         if parallel < 1 or stall_timeout <= 0 or chunk_size < 1:
             raise ValueError("parallel and chunk_size must be >= 1, stall_timeout > 0")
@@ -174,6 +178,7 @@ class Downloader:
         self._stall_timeout = stall_timeout
         self._resolver = resolver
         self._ssl_context = ssl_context
+        self._local_hosts = local_hosts
         self._chunk_size = chunk_size
         self._space = Space(free_space or free_bytes, reserve_bytes)
         self._start_writeback = start_writeback
@@ -222,8 +227,10 @@ class Downloader:
             stall = self._stall_timeout
             # The connect timeout covers the DNS lookup as well: a silent resolver or host
             # holds a download slot no longer than that.
+            everywhere = self._ssl_context is not None and not self._local_hosts
             connector = aiohttp.TCPConnector(
-                resolver=self._resolver, ssl=self._ssl_context if self._ssl_context else True
+                resolver=self._resolver,
+                ssl=self._ssl_context if everywhere and self._ssl_context else True,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -324,7 +331,9 @@ class Downloader:
         progress.expected_end = None
         try:
             async with self._client().get(
-                request.url, headers=request.headers(offset, progress.validator)
+                request.url,
+                headers=request.headers(offset, progress.validator),
+                ssl=self._ssl_for(request.url),
             ) as response:
                 await self._receive(request, response, part, progress, offset)
         except (aiohttp.ClientError, OSError, TimeoutError, UnicodeError) as exc:
@@ -332,6 +341,14 @@ class Downloader:
             # redirect led to; the first url was checked before.
             context = self._context(request, part, progress)
             raise AttemptFailed(describe_exception(exc, context)) from exc
+
+    def _ssl_for(self, url: str) -> ssl.SSLContext | bool:
+        # A redirect keeps this request's context; a local service redirecting to the cloud
+        # is not a case thin-edge has.
+        host = (URL(url).host or "").lower()
+        if self._ssl_context is not None and host in self._local_hosts:
+            return self._ssl_context
+        return True
 
     def _context(self, request: _Request, part: PartFile, progress: _Progress) -> FailureContext:
         parsed = URL(request.url)
