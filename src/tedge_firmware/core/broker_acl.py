@@ -23,7 +23,10 @@ from tedge_firmware.errors import ConfigError
 def mosquitto_acl(main_device_id: str) -> str:
     if not main_device_id or any(c.isspace() or c in "#+/" for c in main_device_id):
         # Mosquitto reads `user` up to the first blank; the id is also a topic level
-        raise ConfigError(f"device id {main_device_id!r} cannot name a broker user: no blanks, '#', '+' or '/'")
+        raise ConfigError(
+            f"device id {main_device_id!r} cannot name a broker user: "
+            "no blanks, '#', '+' or '/'"
+        )
     external = topics.te_child_external_id(main_device_id, "%u")
     lines = [
         "# tedge-firmware: who may read and write what on the local broker",

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from tedge_firmware.errors import TedgeFirmwareError
@@ -148,14 +148,20 @@ async def running(process: ChildProcess, port: int | None = None) -> AsyncIterat
 
 
 def mosquitto_process(
-    binary: str, home: Path, *, nodelay: bool = True, max_queued: int | None = None
+    binary: str,
+    home: Path,
+    *,
+    nodelay: bool = True,
+    max_queued: int | None = None,
+    extra_lines: Sequence[str] = (),
 ) -> tuple[ChildProcess, int]:
     """A private mosquitto on a free loopback port, configured and logging in `home`.
 
     `nodelay`: mosquitto's `set_tcp_nodelay` (off in mosquitto by default), without which a
     message may wait ~40 ms behind an unacknowledged small packet (Nagle and delayed ACK).
     `max_queued`: messages queued per client (mosquitto's default of 1000 drops messages when a
-    thousand children register at once).
+    thousand children register at once). `extra_lines`: more configuration after ours (a TLS
+    listener, say).
     """
     port = free_port()
     conf = home / "mosquitto.conf"
@@ -170,6 +176,7 @@ def mosquitto_process(
         f"log_dest file {home}/mosquitto.log",
         "log_type error",
         "log_type warning",
+        *extra_lines,
     ]
     conf.write_text("\n".join(lines) + "\n")
     return ChildProcess("mosquitto", [binary, "-c", str(conf)], home / "mosquitto.out"), port
