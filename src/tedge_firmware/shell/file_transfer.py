@@ -18,8 +18,9 @@ What a client can hold is bounded, so that no one can take the port (and the des
 the process) away from the children: a client gets `idle_timeout` seconds to send its request
 headers, and a connection idle that long between requests is closed (aiohttp's keep-alive
 timer, armed from the moment a connection is accepted); a TLS handshake gets as long. At most
-`max_connections` are open at once, counted from accept to close; one more gets a `503` at
-once and is closed, and the refusal is logged once a minute with a count. The limit is kept
+`max_connections` are open at once, counted from accept to close (TLS handshakes included);
+one more gets a `503` at once and is closed (on a TLS port: closed at once, before any
+handshake), and the refusal is logged once a minute with a count. The limit is kept
 below half the open-file limit of the process, after a reserve for the rest of the service
 and for connections being turned away (a transfer holds a socket and a file).
 
@@ -644,12 +645,72 @@ class _Counted(asyncio.Protocol):
         self._release()
         self._inner.connection_lost(exc)
 
+    def abandon(self) -> None:
+        """The connection ended before aiohttp saw it (its TLS handshake failed)."""
+        self._release()
+
+
+class _TlsStart(asyncio.Protocol):
+    """A connection inside the limit on a TLS port: accepted as plain TCP, its handshake run
+    here with `handshake_timeout`, then handed to aiohttp.
+
+    Why not asyncio's TLS server: it runs the handshake before any protocol of ours sees the
+    connection, so a connection beyond the limit (or any garbage) would keep its descriptor
+    for the whole handshake time limit; a flood of handshakes that never finish exhausted the
+    descriptors of the process. Here, what is beyond the limit is closed at once.
+    """
+
+    def __init__(self, inner: _Counted, context: ssl.SSLContext, handshake_timeout: float) -> None:
+        self._inner = inner
+        self._context = context
+        self._handshake_timeout = handshake_timeout
+        self._starting: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the client hello is for the TLS layer, not for us
+        self._starting = asyncio.get_running_loop().create_task(self._start(transport))
+
+    async def _start(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secured = await loop.start_tls(
+                transport,
+                self._inner,
+                self._context,
+                server_side=True,
+                ssl_handshake_timeout=self._handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as error:
+            # no certificate, a wrong one, garbage, too slow: the client hears an alert at most
+            logger.debug("File transfer: TLS handshake failed: %s", error)
+            transport.abort()
+            self._inner.abandon()
+            return
+        if secured is None:  # the connection went away meanwhile
+            self._inner.abandon()
+            return
+        self._inner.connection_made(secured)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # before start_tls took the transport over: the client left at once
+        if self._starting is not None:
+            self._starting.cancel()
+        self._inner.abandon()
+
 
 class _Refusal(asyncio.Protocol):
-    """A connection beyond the limit: a 503 without reading anything, then closed."""
+    """A connection beyond the limit: a 503 without reading anything, then closed; on a TLS
+    port closed at once (a 503 would first need a handshake)."""
+
+    def __init__(self, tls: bool) -> None:
+        self._tls = tls
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
+        if self._tls:
+            transport.abort()
+            return
         transport.write(_REFUSAL)
         transport.close()
 
@@ -657,8 +718,16 @@ class _Refusal(asyncio.Protocol):
 class _ConnectionLimit:
     """The protocol factory of the listening socket: aiohttp's, up to `limit` connections."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        limit: int,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+    ) -> None:
         self._factory = factory
+        self._tls = tls
+        self._handshake_timeout = handshake_timeout
         self.limit = limit
         self.open = 0
         self.refused = 0
@@ -675,9 +744,12 @@ class _ConnectionLimit:
                 self.open,
                 self.refused,
             )
-            return _Refusal()
+            return _Refusal(tls=self._tls is not None)
         self.open += 1
-        return _Counted(self._factory(), self._closed)
+        counted = _Counted(self._factory(), self._closed)
+        if self._tls is None:
+            return counted
+        return _TlsStart(counted, self._tls, self._handshake_timeout)
 
     def _closed(self) -> None:
         self.open -= 1
@@ -685,7 +757,7 @@ class _ConnectionLimit:
 
 class _LimitedSite(web.BaseSite):
     """A TCP site whose connections go through a `_ConnectionLimit` (aiohttp's TCPSite has no
-    limit and no TLS handshake timeout)."""
+    limit and no TLS handshake timeout); TLS is started per connection, inside the limit."""
 
     def __init__(
         self,
@@ -702,7 +774,7 @@ class _LimitedSite(web.BaseSite):
         self._port = port
         self._handshake_timeout = handshake_timeout
         assert runner.server is not None
-        self.connections = _ConnectionLimit(runner.server, limit)
+        self.connections = _ConnectionLimit(runner.server, limit, ssl_context, handshake_timeout)
 
     @property
     def name(self) -> str:
@@ -715,11 +787,9 @@ class _LimitedSite(web.BaseSite):
             self.connections,
             self._host,
             self._port,
-            ssl=self._ssl_context,
             backlog=_ACCEPT_BURST,
             reuse_address=True,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
-        )
+        )  # TLS: started per connection, see _TlsStart
 
 
 def connection_limit(wanted: int) -> int:
