@@ -38,6 +38,7 @@ from tedge_firmware.demo.processes import free_port as free_port
 from tedge_firmware.demo.processes import kill_leftovers as kill_leftovers
 from tedge_firmware.demo.processes import mosquitto_process
 from tedge_firmware.demo.processes import running as running
+from tedge_firmware.demo.secure import LockedSite
 from tedge_firmware.shell.config_file import write_local_config
 
 T = TypeVar("T")
@@ -45,6 +46,7 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 CHILD = "bench-child"
+GATEWAY_ID = "bench-gateway"
 REQUEST_TOPIC = f"tedge/{CHILD}/commands/req/firmware_update"
 CLOUD_TOPIC = "c8y/s/us"
 
@@ -246,8 +248,12 @@ def require(*programs: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def nginx(root: Path, workdir: Path, *, workers: int = 1) -> AsyncIterator[int]:
-    """nginx serving `root` on a free loopback port (yielded); static files with sendfile."""
+async def nginx(
+    root: Path, workdir: Path, *, workers: int = 1, tls: LockedSite | None = None
+) -> AsyncIterator[int]:
+    """nginx serving `root` on a free loopback port (yielded); static files with sendfile.
+    `tls`: HTTPS with the gateway's certificate of that site, client certificates of its CA
+    required (what the file-transfer service does with `http.ca_path`)."""
     home = workdir / f"nginx-{free_port()}"
     (home / "temp").mkdir(parents=True)
     port = free_port()
@@ -274,7 +280,8 @@ async def nginx(root: Path, workdir: Path, *, workers: int = 1) -> AsyncIterator
         "    default_type application/octet-stream;\n"
         f"{temps}"
         "    server {\n"
-        f"        listen {HOST}:{port};\n"
+        f"        listen {HOST}:{port}{' ssl' if tls else ''};\n"
+        f"{_nginx_tls(tls)}"
         f"        root {root};\n"
         "        location / { }\n"
         "    }\n"
@@ -286,6 +293,17 @@ async def nginx(root: Path, workdir: Path, *, workers: int = 1) -> AsyncIterator
     )
     async with running(process, port):
         yield port
+
+
+def _nginx_tls(site: LockedSite | None) -> str:
+    if site is None:
+        return ""
+    return (
+        f"        ssl_certificate {site.gateway_cert};\n"
+        f"        ssl_certificate_key {site.gateway_key};\n"
+        f"        ssl_client_certificate {site.ca_file};\n"
+        "        ssl_verify_client on;\n"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -306,16 +324,17 @@ async def mosquitto(
 
 
 def write_tedge_config(
-    config_dir: Path, data_path: Path, *, mqtt_port: int, http_port: int
+    config_dir: Path, data_path: Path, *, mqtt_port: int, http_port: int, extra: str = ""
 ) -> None:
     # a tenant that resolves nowhere: the benchmark's binaries never get a JWT
     write_local_config(
         config_dir,
-        device_id="bench-gateway",
+        device_id=GATEWAY_ID,
         tenant="c8y.tenant.invalid",
         mqtt_port=mqtt_port,
         http_port=http_port,
         data_path=data_path,
+        extra=extra,
     )
 
 

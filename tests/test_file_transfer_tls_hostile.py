@@ -47,11 +47,12 @@ class Service:
         context.load_cert_chain(self.site.child_cert(child), self.site.child_key(child))
         return context
 
-    async def download(self) -> bytes:
+    async def download(self, first_byte: int = 0) -> bytes:
         url = f"https://127.0.0.1:{self.port}/te/v1/files/child1/firmware_update/image.bin"
         connector = aiohttp.TCPConnector(ssl=self.child_context())
-        async with aiohttp.ClientSession(connector=connector) as session, session.get(url) as response:
-            assert response.status == 200
+        headers = {"Range": f"bytes={first_byte}-"} if first_byte else {}
+        async with aiohttp.ClientSession(connector=connector) as session, session.get(url, headers=headers) as response:
+            assert response.status == (206 if first_byte else 200)
             return await response.read()
 
 
@@ -135,6 +136,12 @@ async def test_a_client_that_does_not_speak_tls_gets_nothing_and_the_service_goe
     assert b"HTTP/" not in answer and b"firmware" not in answer  # an alert at most
     async with asyncio.timeout(10):
         assert await service.download() == FIRMWARE
+
+
+async def test_over_tls_a_download_resumes_where_it_stopped(service: Service) -> None:
+    offset = len(FIRMWARE) // 3 + 7  # inside a piece the service sends
+    async with asyncio.timeout(10):
+        assert await service.download(offset) == FIRMWARE[offset:]
 
 
 async def test_a_flood_of_unfinished_handshakes_does_not_starve_a_child_with_its_certificate(

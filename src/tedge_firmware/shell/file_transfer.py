@@ -547,14 +547,30 @@ async def _stream_range(
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")
-    loop = asyncio.get_running_loop()
-    try:
-        # The headers are already on the wire (StreamResponse sends them at prepare()).
-        sent = await loop.sendfile(transport, file, selected.start, selected.length)
-    except NotImplementedError:  # an event loop without sendfile (uvloop on some transports)
+    if transport.get_extra_info("sslcontext") is not None:
+        # asyncio's sendfile over TLS falls back to 16 KiB reads, each through a thread: our
+        # 256 KiB pieces are 6-7x faster (72 -> 490 MB/s on loopback). 1 MiB pieces were
+        # faster still (830 MB/s) but held 3.7 MiB per download in flight, not 1.3.
         sent = await _copy_range(response, file, selected)
+    else:
+        sent = await _sendfile(transport, response, file, selected)
     if sent < selected.length:  # the file shrank under us: the client must see a short body
         response.force_close()
+
+
+async def _sendfile(
+    transport: asyncio.BaseTransport,
+    response: web.StreamResponse,
+    file: BinaryIO,
+    selected: ByteRange,
+) -> int:
+    assert isinstance(transport, asyncio.WriteTransport)
+    try:
+        # The headers are already on the wire (StreamResponse sends them at prepare()).
+        loop = asyncio.get_running_loop()
+        return await loop.sendfile(transport, file, selected.start, selected.length)
+    except NotImplementedError:  # an event loop without sendfile (uvloop on some transports)
+        return await _copy_range(response, file, selected)
 
 
 async def _copy_range(response: web.StreamResponse, file: BinaryIO, selected: ByteRange) -> int:
