@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG_DIR ?= run/etc-tedge
 
-.PHONY: venv test lint run demo demo-broker bench mosquitto mosquitto-clients clean
+.PHONY: venv test lint run demo demo-secure demo-broker bench mosquitto mosquitto-clients clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,12 @@ demo: venv
 	  echo "make demo: going on without mosquitto, with the demo's embedded broker (amqtt)"; \
 	  $(MAKE) --no-print-directory demo-broker; }
 	$(BIN)/tedge-firmware demo $(DEMO_ARGS)
+
+# The same rollout on a locked site: every MQTT client on Mosquitto's TLS listener with a
+# client certificate and the generated ACL, every download over HTTPS with a client
+# certificate (README "Demo"). Needs Mosquitto: installed here when we are root.
+demo-secure: venv mosquitto
+	$(BIN)/tedge-firmware demo --secure $(DEMO_ARGS)
 
 # The demo's embedded broker (amqtt) in the venv: the `demo-broker` extra.
 demo-broker: venv

@@ -81,6 +81,39 @@ def test_the_demo_with_five_children_ends_as_planned(tmp_path: Path, broker: str
     assert list(tmp_path.iterdir()) == []  # its directory is removed
 
 
+def test_the_secure_demo_rolls_out_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    result = run_demo(
+        "--secure", "--children", "4", "--size", "1MiB", "--fail", "1", "--flaky", "0",
+        "--apply-seconds", "0.1", "--ramp", "0.05", "--plain", "--workdir", str(tmp_path), "--keep",
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "(TLS listener: client certificates, ACL)" in out
+    assert "firmware over HTTPS, client certificates required; certificates in " in out
+    assert "successful: 3 of 3 that should succeed; failed on purpose: 1 of 1" in out
+    assert "protocol errors (what Cumulocity would refuse): 0" in out
+    [home] = tmp_path.iterdir()  # kept: what ran is on disk
+    assert "require_certificate true" in (home / "mosquitto.conf").read_text()
+    tls_port = re.search(r"mosquitto on 127\.0\.0\.1:(\d+) \(TLS listener", out)
+    assert tls_port is not None and f"listener {tls_port[1]} 127.0.0.1" in (home / "mosquitto.conf").read_text()
+    gateway_log = (home / "gateway.log").read_text()
+    assert re.search(r"File transfer: serving .* on https://", gateway_log), gateway_log[-2000:]
+    assert "Traceback" not in gateway_log
+    assert len(list((home / "certs" / "children").glob("*.crt"))) == 4  # one certificate per child
+
+
+def test_the_secure_demo_needs_mosquitto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_demo("--secure", "--broker", "embedded", limit_s=20)
+    assert result.returncode == 2 and "--secure needs mosquitto" in result.stderr
+    monkeypatch.setattr(demo_broker, "find_mosquitto", lambda path=None: None)
+    monkeypatch.setattr(demo_broker, "embedded_broker_installed", lambda: True)
+    console = Console(record=True, width=80)
+    assert demo.main(DemoOptions(workdir=tmp_path, secure=True), console) == 2
+    [line] = console.export_text().splitlines()
+    assert line.startswith("demo error: --secure needs mosquitto") and "apt-get install mosquitto" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("broker", "broker_argv"), [("mosquitto", "mosquitto.conf"), ("embedded", "tedge_firmware.demo.embedded_broker")])
 def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path, broker: str, broker_argv: str) -> None:
     process = subprocess.Popen(

@@ -113,6 +113,13 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     help="The children's protocol: legacy (thin-edge 0.x requests), te (thin-edge 1.x/2.x "
     "commands, with the gateway's download step), or mixed (every other child).",
 )
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="A locked site: every MQTT client on Mosquitto's TLS listener with a client "
+    "certificate and the ACL of `cert broker-config`, every download over HTTPS with a client "
+    "certificate (certificates made by `tedge-firmware cert`'s code). Needs mosquitto.",
+)
 def demo_command(
     children: int,
     size: int,
@@ -127,6 +134,7 @@ def demo_command(
     keep: bool,
     broker: str,
     protocol: str,
+    secure: bool,
 ) -> None:
     """Roll a firmware out to N simulated children through the real gateway, and watch it.
 
@@ -149,6 +157,7 @@ def demo_command(
             keep=keep,
             broker=cast(BrokerChoice, broker),  # click.Choice checked it
             protocol=cast(ProtocolChoice, protocol),
+            secure=secure,
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None

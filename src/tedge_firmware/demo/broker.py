@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +59,16 @@ class DemoBroker:
     def label(self) -> str:
         return "mosquitto" if self.kind == "mosquitto" else "embedded broker (amqtt)"
 
-    def process(self, home: Path) -> tuple[ChildProcess, int]:
+    def process(self, home: Path, extra_lines: Sequence[str] = ()) -> tuple[ChildProcess, int]:
+        """The broker's process and its plain loopback port; `extra_lines`: more Mosquitto
+        configuration (a TLS listener), for Mosquitto only."""
         if self.kind == "embedded":
+            assert not extra_lines
             return embedded_broker_process(home)
         assert self.mosquitto is not None
-        return mosquitto_process(self.mosquitto, home, max_queued=100_000)
+        return mosquitto_process(
+            self.mosquitto, home, max_queued=100_000, extra_lines=extra_lines
+        )
 
 
 def choose_broker(choice: BrokerChoice, mosquitto: str | None, embedded: bool) -> DemoBroker:

@@ -22,6 +22,11 @@ FLAKY_REASON = "demo: flash verify error (flaky child, retried)"
 MAX_LIVE_ROWS = 24
 REFRESH_S = 0.25
 
+SECURE_NEEDS_MOSQUITTO = (
+    "--secure needs mosquitto (its TLS listener takes a child's certificate as its identity "
+    "for the ACL; the embedded broker cannot): install it (sudo apt-get install mosquitto)"
+)
+
 BrokerChoice = Literal["auto", "mosquitto", "embedded"]
 BrokerKind = Literal["mosquitto", "embedded"]
 BROKER_CHOICES: tuple[BrokerChoice, ...] = ("auto", "mosquitto", "embedded")
@@ -45,12 +50,16 @@ class DemoOptions:
     broker: BrokerChoice = "auto"  # auto: mosquitto when installed, else the embedded one
     # the children's protocol: thin-edge 0.x requests, thin-edge 1.x/2.x te/ commands, or both
     protocol: ProtocolChoice = "mixed"
+    # a locked site: every MQTT client and download over TLS with client certificates, the ACL
+    secure: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_CHOICES:
             raise ValueError(f"--protocol must be one of {', '.join(PROTOCOL_CHOICES)}")
         if self.broker not in BROKER_CHOICES:
             raise ValueError(f"--broker must be one of {', '.join(BROKER_CHOICES)}")
+        if self.secure and self.broker == "embedded":
+            raise ValueError(SECURE_NEEDS_MOSQUITTO)
         if self.children < 1:
             raise ValueError("--children must be at least 1")
         if self.fail < 0 or self.flaky < 0 or self.fail + self.flaky > self.children:

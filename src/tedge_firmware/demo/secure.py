@@ -34,9 +34,7 @@ class LockedSite:
     main_device_id: str
 
     @classmethod
-    def create(
-        cls, directory: Path, main_device_id: str, children: Iterable[str]
-    ) -> LockedSite:
+    def create(cls, directory: Path, main_device_id: str, children: Iterable[str]) -> LockedSite:
         site = SiteCertificates(directory)
         site.create_ca(f"{main_device_id} local CA")
         site.create_server(LOCAL_NAMES, common_name=main_device_id)

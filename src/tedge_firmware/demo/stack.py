@@ -48,6 +48,7 @@ from tedge_firmware.demo.options import (
     FIRMWARE_NAME,
     FIRMWARE_VERSION,
     GATEWAY_ID,
+    SECURE_NEEDS_MOSQUITTO,
     DemoOptions,
     cloud_id,
 )
@@ -59,13 +60,16 @@ from tedge_firmware.demo.processes import (
     running,
 )
 from tedge_firmware.demo.rollout import DemoResult, Rollout, collect
+from tedge_firmware.demo.secure import LockedSite
 from tedge_firmware.demo.view import follow, print_summary
-from tedge_firmware.errors import TedgeFirmwareError
+from tedge_firmware.errors import ConfigError, TedgeFirmwareError
 from tedge_firmware.shell.config_file import write_local_config
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, FileFaults
 
 
-def write_gateway_config(config_dir: Path, data: Path, mqtt_port: int, http_port: int) -> None:
+def write_gateway_config(
+    config_dir: Path, data: Path, mqtt_port: int, http_port: int, extra: str = ""
+) -> None:
     """The gateway's tedge.toml: the simulator is the tenant (JWT for its host only)."""
     (config_dir / "operations" / "c8y").mkdir(parents=True, exist_ok=True)
     write_local_config(
@@ -76,6 +80,7 @@ def write_gateway_config(config_dir: Path, data: Path, mqtt_port: int, http_port
         http_port=http_port,
         data_path=data,
         child_timeout=600,
+        extra=extra,
     )
 
 
@@ -137,6 +142,8 @@ async def run_demo(options: DemoOptions, console: Console) -> DemoResult:
     """Set up the stack, roll the firmware out, return what happened; everything is stopped."""
     live = console.is_terminal if options.live is None else options.live
     broker = find_broker(options.broker)  # before anything is created: no broker, no demo
+    if options.secure and broker.kind != "mosquitto":
+        raise ConfigError(SECURE_NEEDS_MOSQUITTO)
     with demo_directory(options) as home, logging_to(home / "demo.log"):
         console.print(f"demo directory: {home}", highlight=False, markup=False)
         try:
@@ -152,44 +159,87 @@ async def run_demo(options: DemoOptions, console: Console) -> DemoResult:
 async def _run_stack(
     options: DemoOptions, console: Console, live: bool, home: Path, demo_broker: DemoBroker
 ) -> DemoResult:
-    broker, mqtt_port = demo_broker.process(home)
-    config_dir, data = home / "etc-tedge", home / "data"
-    write_gateway_config(config_dir, data, mqtt_port, free_port())
-    gateway = gateway_process(config_dir, home / "gateway.log")
     roles = child_roles(options)
+    site = LockedSite.create(home / "certs", GATEWAY_ID, roles) if options.secure else None
+    tls_port = free_port()
+    broker, plain_port = demo_broker.process(
+        home, site.mosquitto_lines(tls_port, HOST) if site else ()
+    )
+    mqtt_port = tls_port if site else plain_port  # a locked site: everyone over TLS
+    config_dir, data = home / "etc-tedge", home / "data"
+    extra = site.gateway_toml() if site else ""
+    write_gateway_config(config_dir, data, mqtt_port, free_port(), extra)
+    gateway = gateway_process(config_dir, home / "gateway.log")
     fleet = Fleet(roles, options.apply_seconds, child_protocols(options, list(roles)))
     firmware_file = home / "firmware.bin"
     await asyncio.to_thread(make_firmware, firmware_file, options.size)
     name = f"{FIRMWARE_NAME}-{FIRMWARE_VERSION}.bin"
-    async with running(broker, mqtt_port):
-        label = f"{demo_broker.label} on {HOST}:{mqtt_port}"
-        console.print(label, highlight=False, markup=False)
+    async with running(broker, plain_port):
+        console.print(_broker_label(demo_broker, mqtt_port, site), highlight=False, markup=False)
         simulator = C8ySimulator(
-            mqtt_port=mqtt_port, gateway_id=GATEWAY_ID, require_token=True, control_api=False
+            mqtt_port=mqtt_port,
+            mqtt_auth=site.gateway_mqtt_auth() if site else None,  # the bridge is the gateway's
+            gateway_id=GATEWAY_ID,
+            require_token=True,
+            control_api=False,
         )
         async with simulator as sim, running(gateway):
             cut = FileFaults(cut_after=options.size // 2, cut_times=options.cloud_cuts)
             url = sim.add_file(name, firmware_file, faults=cut if options.cloud_cuts else None)
-            connectors = [
-                Connector(
-                    *children,
-                    apply=fleet.apply,
-                    work_dir=home / f"children-{protocol}",
-                    broker=BrokerSettings(
-                        host=HOST, port=mqtt_port, client_id=f"demo-children-{protocol}"
-                    ),
-                    download=DownloadSettings(parallel=8, progress_interval=0.2),
-                    on_progress=fleet.on_progress,
-                    register=True,  # over te/: the gateway registers them as thin-edge would
-                    protocol=protocol,
-                )
-                for protocol in ("legacy", "te")
-                if (children := fleet.speaking(protocol))
-            ]
+            connectors = _connectors(home, fleet, mqtt_port, site)
             async with contextlib.AsyncExitStack() as serving:
                 for connector in connectors:
                     await serving.enter_async_context(_serving(connector))
                 return await _rollout(options, console, live, sim, fleet, gateway, url, name)
+
+
+def _broker_label(demo_broker: DemoBroker, port: int, site: LockedSite | None) -> str:
+    label = f"{demo_broker.label} on {HOST}:{port}"
+    if site is None:
+        return label
+    return (
+        f"{label} (TLS listener: client certificates, ACL)\n"
+        f"firmware over HTTPS, client certificates required; certificates in {site.directory}"
+    )
+
+
+def _connectors(
+    home: Path, fleet: Fleet, mqtt_port: int, site: LockedSite | None
+) -> list[Connector]:
+    """One connector per protocol serving its children; on a locked site one per child, each
+    with its own certificate (the ACL lets a certificate act for its own child only)."""
+    download = DownloadSettings(parallel=8, progress_interval=0.2)
+
+    def connector(
+        children: list[str], protocol: str, broker: BrokerSettings, work: Path
+    ) -> Connector:
+        return Connector(
+            *children,
+            apply=fleet.apply,
+            work_dir=work,
+            broker=broker,
+            download=site.child_download(children[0], download) if site else download,
+            on_progress=fleet.on_progress,
+            register=True,  # over te/: the gateway registers them as thin-edge would
+            protocol=protocol,
+        )
+
+    connectors: list[Connector] = []
+    for protocol in ("legacy", "te"):
+        children, work = fleet.speaking(protocol), home / f"children-{protocol}"
+        if site is None and children:
+            broker = BrokerSettings(
+                host=HOST, port=mqtt_port, client_id=f"demo-children-{protocol}"
+            )
+            connectors.append(connector(children, protocol, broker, work))
+        elif site is not None:
+            connectors += [
+                connector(
+                    [child], protocol, site.child_broker(child, HOST, mqtt_port), work / child
+                )
+                for child in children
+            ]
+    return connectors
 
 
 @contextlib.asynccontextmanager

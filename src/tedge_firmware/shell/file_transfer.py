@@ -907,7 +907,13 @@ class FileTransferServer:
             raise ConfigError(f"cannot bind {self._address()}: {_bind_failure(exc)}") from exc
         self._runner = runner
         self._site = site
-        logger.info("File transfer: serving %s on %s", self._root, self._address(self.port))
+        logger.info(
+            "File transfer: serving %s on %s://%s%s",
+            self._root,
+            "https" if self._ssl_context else "http",
+            self._address(self.port),
+            self._client_certificates(),
+        )
 
     async def stop(self) -> None:
         """Stop accepting; running requests get STOP_TIMEOUT_S, then are cancelled.
@@ -924,6 +930,11 @@ class FileTransferServer:
                 await runner.cleanup()
         except TimeoutError:
             logger.warning("File transfer: stop took longer than %.0f s", 3 * STOP_TIMEOUT_S)
+
+    def _client_certificates(self) -> str:
+        if self._ssl_context is None or self._ssl_context.verify_mode != ssl.CERT_REQUIRED:
+            return ""
+        return " (client certificates required)"
 
     def _address(self, port: int | None = None) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
