@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 import shutil
 import socket
@@ -436,7 +437,9 @@ async def test_ignored_range_gives_the_whole_file(client, big_file, big_bytes, r
 
 
 async def test_if_range_with_entity_tag(client, root: Path, big_file, big_bytes):
-    url = "/tedge/file-transfer/child1/firmware_update/image.bin"
+    # an upload (firmware_update/ is the gateway's, not written over HTTP)
+    url = "/tedge/file-transfer/child1/uploads/image.bin"
+    assert (await fetch(client, "PUT", url, data=io.BytesIO(big_bytes)))[0] == 201
     _, headers, _ = await fetch(client, "HEAD", url)
     old_etag = headers["ETag"]
     status, _, body = await fetch(
@@ -525,7 +528,8 @@ async def test_root_deleted_at_run_time_is_recreated(client, data_dir: Path, roo
 
 async def test_file_replaced_by_put_while_being_downloaded(client, big_file, big_bytes):
     # Readers keep the file they opened; the rename makes the new one visible to later GETs.
-    url = "/tedge/file-transfer/child1/firmware_update/image.bin"
+    url = "/tedge/file-transfer/child1/uploads/image.bin"
+    assert (await fetch(client, "PUT", url, data=io.BytesIO(big_bytes)))[0] == 201
     async with asyncio.timeout(20), client.get(url) as resp:
         first = await resp.content.readexactly(1000)
         assert (await fetch(client, "PUT", url, data=b"new"))[0] == 201

@@ -45,6 +45,13 @@ FILE_ID = "ab" * 32
         ("PUT", "child-b/logs/x", "child-a", WritePolicy.ANY, True),
         ("PUT", "child-a/logs/x", "child-a", WritePolicy.NONE, False),
         ("DELETE", "x", None, WritePolicy.NONE, False),
+        # a child's firmware_update/ is the gateway's: no one writes there over HTTP
+        ("PUT", "child-a/firmware_update/evil", "child-a", WritePolicy.OWN, False),
+        ("PUT", "child-a/firmware_update/evil", None, WritePolicy.OWN, False),
+        ("DELETE", "child-a/firmware_update/x", GATEWAY, WritePolicy.ANY, False),
+        ("PUT", "child-a/firmware_update", "child-a", WritePolicy.OWN, False),
+        ("PUT", "child-a/firmware_updates/x", "child-a", WritePolicy.OWN, True),
+        ("GET", "child-a/firmware_update/x", "child-a", WritePolicy.NONE, True),
     ],
 )
 def test_who_may_do_what(method: str, path: str, client: str | None, writes: WritePolicy, allowed: bool) -> None:

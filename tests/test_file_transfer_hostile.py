@@ -296,11 +296,17 @@ async def test_writes_never_go_through_links(client, tree: Tree):
     # The published link is the gateway's: a PUT cannot replace it (before, a PUT over the
     # firmware a child was downloading answered 201 and the child got the attacker's bytes).
     status, _, body = await fetch(client, "PUT", published, data=b"replacement")
-    assert status == 403 and b"the gateway published" in body
+    assert status == 403 and b"the firmware the gateway publishes" in body
     entry = tree.root / "child1" / "firmware_update" / FILE_ID
     assert entry.is_symlink()
     assert (await fetch(client, "GET", published))[2] == tree.firmware
     assert tree.outside_snapshot() == before
+
+    # Nor can a file be put beside it, where it would outlive the operation (clean-up removes
+    # the gateway's links only)
+    status, _, body = await fetch(client, "PUT", "/te/v1/files/child1/firmware_update/evil.bin", data=b"x")
+    assert status == 403 and b"not written over HTTP" in body
+    assert not (tree.root / "child1" / "firmware_update" / "evil.bin").exists()
 
     # Nor can a DELETE remove a link into the cache; the cache file is untouched either way.
     assert (await fetch(client, "DELETE", "/tedge/file-transfer/relative_cache_link"))[0] == 403

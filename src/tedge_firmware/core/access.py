@@ -12,8 +12,10 @@ Writes (PUT, DELETE) follow `http.file_transfer.writes`:
   client certificates, anywhere, as before;
 - `any`: anywhere; `none`: nowhere.
 
-Whatever the policy, the firmware links the gateway publishes cannot be replaced or removed over
-HTTP (the shell refuses a write on a symbolic link).
+Whatever the policy, nothing under a child's `firmware_update/` is written over HTTP: that
+directory holds the firmware the gateway publishes (as links into its cache), which no one may
+replace or remove, and a file put beside it would outlive every operation (clean-up removes the
+gateway's links only). The shell also refuses any write on a symbolic link.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections.abc import Sequence
 from tedge_firmware.core import topics
 
 READS = frozenset({"GET", "HEAD"})
+# `<child>/firmware_update/<FILE_ID>`: where the gateway publishes a child's firmware
+FIRMWARE_DIR = "firmware_update"
 
 
 class WritePolicy(enum.StrEnum):
@@ -47,6 +51,11 @@ def access_problem(
         return f"The certificate of {client!r} opens only its own files, not {segments[0]!r}.\n"
     if writes is WritePolicy.NONE:
         return "Writes are disabled on this gateway (http.file_transfer.writes = none).\n"
+    if len(segments) > 1 and segments[1] == FIRMWARE_DIR:
+        return (
+            f"{segments[0]}/{FIRMWARE_DIR}/ holds the firmware the gateway publishes: "
+            "it is not written over HTTP.\n"
+        )
     if writes is WritePolicy.ANY or client is None or _owns(client, segments[0], main_device_id):
         return None
     return (

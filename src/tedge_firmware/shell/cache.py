@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tedge_firmware.core.access import FIRMWARE_DIR
 from tedge_firmware.core.cache_policy import CacheEntry
 from tedge_firmware.shell.downloader import is_working_file
 
@@ -40,11 +41,11 @@ class FirmwareCache:
         return entry.is_file() and not entry.is_symlink()
 
     def link_path(self, child_id: str, file_id: str) -> Path:
-        return self.file_transfer_dir / child_id / "firmware_update" / file_id
+        return self.file_transfer_dir / child_id / FIRMWARE_DIR / file_id
 
     def relative_path(self, child_id: str, file_id: str) -> str:
         """The path under the file-transfer root, as it appears in the child's URL."""
-        return f"{child_id}/firmware_update/{file_id}"
+        return f"{child_id}/{FIRMWARE_DIR}/{file_id}"
 
     def publish(self, child_id: str, file_id: str) -> Path:
         """Create (or replace) the child's symlink to the cache entry, atomically, and count it
@@ -117,7 +118,7 @@ class FirmwareCache:
         except FileNotFoundError:
             return users
         for child in children:
-            folder = Path(child.path) / "firmware_update"
+            folder = Path(child.path) / FIRMWARE_DIR
             try:
                 links = list(os.scandir(folder))
             except (FileNotFoundError, NotADirectoryError):
