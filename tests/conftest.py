@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from brokers import Broker, free_port
-from harness import Gateway, K, write_config
+from harness import Gateway, U, seed_cache, write_config
 
 
 @pytest.fixture
@@ -33,9 +33,7 @@ def config_dir(tmp_path: Path, broker: Broker) -> Path:
     """A gateway's config dir on the test's broker, with the firmware of `harness.U` cached."""
     config_dir = tmp_path / "etc"
     write_config(config_dir, tmp_path / "data", broker.port, free_port())
-    cache = tmp_path / "data" / "cache"
-    cache.mkdir(parents=True)
-    (cache / K).write_bytes(b"\x00\xff binary firmware")
+    seed_cache(tmp_path / "data", U, b"\x00\xff binary firmware")  # immutable: no request
     return config_dir
 
 

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,8 +25,11 @@ import aiomqtt
 from aiohttp import web
 
 from tedge_firmware.core.config import config_from_document
+from tedge_firmware.core.freshness import CachedUrl
+from tedge_firmware.core.operation import file_id_for_url
 from tedge_firmware.gateway.plugin import PluginOptions
 from tedge_firmware.gateway.service import ServiceOptions, serve_plugin
+from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.config_file import write_local_config
 
 CHILD = "child-device"
@@ -303,7 +307,32 @@ class FirmwareServer:
             return web.Response(status=queued.pop(0))
         if name not in self.files:
             return web.Response(status=404)
-        return web.Response(body=self.files[name], content_type="application/octet-stream")
+        # a strong validator, as origins have: a cached copy is confirmed with a 304
+        etag = f'"{hashlib.sha256(self.files[name]).hexdigest()[:32]}"'
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(
+            body=self.files[name], content_type="application/octet-stream", headers={"ETag": etag}
+        )
+
+
+def seed_cache(data: Path, url: str, content: bytes, cache_control: str = "immutable") -> Path:
+    """A firmware already in the gateway's cache for `url`, fresh for as long as
+    `cache_control` says (by default for ever: no request to the origin). Its content file."""
+    cache = FirmwareCache(data / "cache", data / "file-transfer")
+    cache.make_directories()
+    sha256 = hashlib.sha256(content).hexdigest()
+    incoming = cache.incoming(file_id_for_url(url))
+    incoming.write_bytes(content)
+    record = CachedUrl(url, sha256, len(content), cache_control=cache_control, confirmed_at=time.time())
+    cache.store(file_id_for_url(url), record, incoming)
+    return cache.content(sha256)
+
+
+def cache_files(data: Path) -> list[str]:
+    """Every file in the gateway's cache, as paths relative to it."""
+    root = data / "cache"
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
 
 
 async def gateway_ready(port: int, timeout: float = 20.0) -> None:

@@ -4,6 +4,7 @@ operation files as the service writes them."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import time
@@ -15,6 +16,7 @@ from click.testing import CliRunner, Result
 
 from tedge_firmware.cli.admin import cache_group, format_age, short_ids
 from tedge_firmware.cli.main import main_group
+from tedge_firmware.core.freshness import CachedUrl
 from tedge_firmware.core.operation import FetchRecord, OperationRecord, file_id_for_url
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.store import fetch_store, operation_store
@@ -40,28 +42,40 @@ class Gateway:
         self.data = root / "data"
         self.cache_dir = self.data / "cache"
         self.firmware_dir = self.data / "firmware"
+        self.file_ids: dict[str, str] = {}  # SHA-256 → the FILE_ID of the URL it came from
         self.config_dir.mkdir()
         (self.config_dir / "tedge.toml").write_text(
             f'[data]\npath = "{self.data}"\n{cache_config}', encoding="utf-8"
         )
 
     def cached(self, url: str, size: int, idle: float) -> str:
-        """A cache entry for `url`, last used `idle` seconds ago; its FILE_ID."""
-        file_id = file_id_for_url(url)
-        entry = self.cache_dir / file_id
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        entry.write_bytes(b"\0" * size)
+        """A cached firmware for `url` (bytes of its own), last used `idle` seconds ago; its
+        SHA-256, the name `cache list` shows."""
+        seed = hashlib.sha256(url.encode()).digest()
+        content = (seed * (size // len(seed) + 1))[:size]
+        cache = FirmwareCache(self.cache_dir, self.data / "file-transfer")
+        cache.make_directories()
+        incoming = cache.incoming(file_id_for_url(url))
+        incoming.write_bytes(content)
+        digest = hashlib.sha256(content).hexdigest()
+        cache.store(file_id_for_url(url), CachedUrl(url, digest, size), incoming)
+        entry = self.content(digest)
         os.utime(entry, (time.time() - idle, entry.stat().st_mtime))
-        return file_id
+        self.file_ids[digest] = file_id_for_url(url)
+        return digest
 
-    def link(self, child: str, file_id: str) -> None:
+    def content(self, sha256: str) -> Path:
+        return self.cache_dir / "sha256" / sha256
+
+    def link(self, child: str, sha256: str) -> None:
         """Published to `child` as the service does it (without counting as a use)."""
         folder = self.data / "file-transfer" / child / "firmware_update"
         folder.mkdir(parents=True, exist_ok=True)
-        os.symlink((self.cache_dir / file_id).absolute(), folder / file_id)
+        os.symlink(self.content(sha256).absolute(), folder / self.file_ids[sha256])
 
     def entries(self) -> set[str]:
-        return {path.name for path in self.cache_dir.iterdir()} if self.cache_dir.exists() else set()
+        folder = self.cache_dir / "sha256"
+        return {path.name for path in folder.iterdir()} if folder.exists() else set()
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> Result:
         return CliRunner().invoke(
@@ -129,8 +143,9 @@ def test_list_shows_entries_least_recently_used_first_with_their_children(tmp_pa
     assert result.exit_code == 0, result.output
     rows = [line for line in result.stdout.splitlines() if line.startswith((old[:12], new[:12]))]
     assert [row.split()[0] for row in rows] == [old[:12], new[:12]]
-    assert "3.0 MiB" in rows[0] and "(3 d ago)" in rows[0] and rows[0].rstrip().endswith("-")
+    assert "3.0 MiB" in rows[0] and "(3 d ago)" in rows[0] and rows[0].split()[-2:] == ["-", "http://c/old"]
     assert "2.0 MiB" in rows[1] and "(1 min ago)" in rows[1] and "child1, child2" in rows[1]
+    assert rows[1].rstrip().endswith("http://c/new")  # the URLs that serve these bytes
     assert f"2 cached firmware, 5.0 MiB in {gateway.cache_dir}; 1 in use" in result.stdout
     assert (
         "limits: firmware.cache.max_size 64.0 MiB, firmware.cache.max_age 604800 s (7 d)"
@@ -142,12 +157,12 @@ def test_list_shows_entries_least_recently_used_first_with_their_children(tmp_pa
 def test_list_changes_nothing(tmp_path: Path) -> None:
     gateway = Gateway(tmp_path, "[firmware.cache]\nmax_size = 1\n")
     file_id = gateway.cached("http://c/a", 10, idle=5 * DAY)
-    before = (gateway.cache_dir / file_id).stat()
+    before = gateway.content(file_id).stat()
 
     result = gateway.run("cache", "list")
 
     assert "over the limits: `tedge-firmware cache prune` would remove 1 (10 B)" in result.stdout
-    after = (gateway.cache_dir / file_id).stat()
+    after = gateway.content(file_id).stat()
     assert (after.st_atime_ns, after.st_mtime_ns) == (before.st_atime_ns, before.st_mtime_ns)
 
 
@@ -179,9 +194,11 @@ def test_list_without_cache_directory_is_friendly_and_creates_nothing(tmp_path: 
 
 def test_list_ignores_partial_downloads_and_hidden_files(tmp_path: Path) -> None:
     gateway = Gateway(tmp_path)
-    gateway.cache_dir.mkdir(parents=True)
-    (gateway.cache_dir / f"{'a' * 64}.part").write_bytes(b"x")
-    (gateway.cache_dir / ".hidden").write_bytes(b"x")
+    (gateway.cache_dir / "sha256").mkdir(parents=True)
+    (gateway.cache_dir / "incoming").mkdir(parents=True)
+    (gateway.cache_dir / "incoming" / f"{'a' * 64}.part").write_bytes(b"x")
+    (gateway.cache_dir / "sha256" / ".hidden").write_bytes(b"x")
+    (gateway.cache_dir / "sha256" / "not-a-digest").write_bytes(b"x")
 
     assert gateway.run("cache", "list").stdout.startswith("no cached firmware in ")
 
@@ -199,9 +216,9 @@ def test_short_ids_grow_until_they_tell_entries_apart() -> None:
 
 def test_list_shows_ids_long_enough_to_tell_apart(tmp_path: Path) -> None:
     gateway = Gateway(tmp_path)
-    gateway.cache_dir.mkdir(parents=True)
+    (gateway.cache_dir / "sha256").mkdir(parents=True)
     for name in ("0123456789abcdef" + "0" * 48, "0123456789abcdee" + "0" * 48):
-        (gateway.cache_dir / name).write_bytes(b"x")
+        gateway.content(name).write_bytes(b"x")
 
     result = gateway.run("cache", "list")
 
@@ -232,8 +249,8 @@ def test_config_dir_of_the_main_group_is_used(tmp_path: Path) -> None:
 
 def test_no_config_file_uses_defaults_and_the_environment(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    (data / "cache").mkdir(parents=True)
-    (data / "cache" / ("c" * 64)).write_bytes(b"x" * 10)
+    (data / "cache" / "sha256").mkdir(parents=True)
+    (data / "cache" / "sha256" / ("c" * 64)).write_bytes(b"x" * 10)
 
     empty = tmp_path / "etc"  # a config dir without tedge.toml (a named dir must exist)
     empty.mkdir()
@@ -342,7 +359,7 @@ def test_prune_all_keeps_entries_in_use(tmp_path: Path) -> None:
 def test_dry_run_removes_nothing(tmp_path: Path) -> None:
     gateway = Gateway(tmp_path, '[firmware.cache]\nmax_size = "1MiB"\n')
     ids = four_entries(gateway)
-    before = {file_id: (gateway.cache_dir / file_id).stat().st_atime_ns for file_id in ids}
+    before = {file_id: gateway.content(file_id).stat().st_atime_ns for file_id in ids}
 
     for args, count in ((("--dry-run",), 3), (("--all", "--dry-run"), 4)):
         result = gateway.run("cache", "prune", *args)
@@ -352,7 +369,7 @@ def test_dry_run_removes_nothing(tmp_path: Path) -> None:
         assert result.stdout.splitlines()[-1] == (
             f"dry run: would remove {count} ({count}.0 MiB), keep 0 in use; nothing was removed"
         )
-    after = {file_id: (gateway.cache_dir / file_id).stat().st_atime_ns for file_id in ids}
+    after = {file_id: gateway.content(file_id).stat().st_atime_ns for file_id in ids}
     assert after == before
 
 
@@ -450,7 +467,7 @@ def test_an_entry_linked_after_the_plan_is_kept(tmp_path: Path) -> None:
     console = Console(file=output, width=200, soft_wrap=True)
     pruner = _Pruner(cache, gateway.firmware_dir, console, dry_run=False)
     gateway.link("child1", ids[0])  # after the pruner listed the entries
-    (gateway.cache_dir / ids[1]).unlink()  # removed by the service meanwhile
+    gateway.content(ids[1]).unlink()  # removed by the service meanwhile
 
     pruner.run(CacheLimits(), remove_all=True)
 

@@ -5,6 +5,7 @@ broker, where an entry published to a child is never removed while its operation
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from tedge_firmware.core.cache_policy import (
     plan_clear,
     plan_eviction,
 )
+from tedge_firmware.core.freshness import CachedUrl
 from tedge_firmware.core.operation import file_id_for_url
 from tedge_firmware.gateway.cache_keeper import CacheKeeper
 from tedge_firmware.shell.cache import FirmwareCache
@@ -37,7 +39,7 @@ def entry(name: str, size: int, age: float, *children: str) -> CacheEntry:
 
 
 def planned(entries: list[CacheEntry], limits: CacheLimits, keep: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-    return [(e.entry.file_id, e.reason.name) for e in plan_eviction(entries, limits, NOW, keep)]
+    return [(e.entry.sha256, e.reason.name) for e in plan_eviction(entries, limits, NOW, keep)]
 
 
 # --- the policy ------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def test_entries_in_use_or_kept_are_never_planned_but_count_towards_the_size() -
     assert planned(entries, CacheLimits(max_size=50, max_age=HOUR)) == [("a", "AGE"), ("b", "SIZE")]
     assert planned(entries, CacheLimits(max_size=50), keep=frozenset({"b"})) == [("a", "SIZE")]
     cleared = plan_clear(entries)
-    assert [(e.entry.file_id, e.reason) for e in cleared] == [
+    assert [(e.entry.sha256, e.reason) for e in cleared] == [
         ("a", EvictionReason.REQUESTED),
         ("b", EvictionReason.REQUESTED),
     ]
@@ -84,48 +86,101 @@ def test_limits_refuse_negative_values() -> None:
 
 @pytest.fixture
 def cache(tmp_path: Path) -> FirmwareCache:
-    (tmp_path / "cache").mkdir()
-    return FirmwareCache(tmp_path / "cache", tmp_path / "file-transfer")
+    cache = FirmwareCache(tmp_path / "cache", tmp_path / "file-transfer")
+    cache.make_directories()
+    return cache
+
+
+def put(cache: FirmwareCache, url: str, content: bytes) -> str:
+    """Store `content` as downloaded from `url`; its SHA-256."""
+    digest = hashlib.sha256(content).hexdigest()
+    incoming = cache.incoming(file_id_for_url(url))
+    incoming.write_bytes(content)
+    cache.store(file_id_for_url(url), CachedUrl(url, digest, len(content), confirmed_at=NOW), incoming)
+    return digest
 
 
 def test_touch_records_a_use_and_keeps_the_etag_inputs(cache: FirmwareCache) -> None:
-    path = cache.entry("a")
-    path.write_bytes(b"x" * 10)
+    digest = put(cache, "http://o/a", b"x" * 10)
+    path = cache.content(digest)
     os.utime(path, (NOW - 10 * HOUR, NOW - 20 * HOUR))
     before = os.stat(path)
-    cache.touch("a")
+    cache.touch(digest)
     after = os.stat(path)
     assert after.st_mtime_ns == before.st_mtime_ns and after.st_ino == before.st_ino  # same ETag
     assert after.st_atime > time.time() - 60
     assert [e.last_used for e in cache.entries()] == [after.st_atime]
 
 
-def test_entries_are_complete_files_with_the_children_they_are_published_to(cache: FirmwareCache) -> None:
-    for name in ("a", "b", "c.part", "c.part.json", "c.part.json.tmp", ".hidden"):
-        cache.entry(name).write_bytes(b"12345")
-    (cache.cache_dir / "subdir").mkdir()
-    os.symlink(cache.entry("a"), cache.entry("alias"))
-    cache.publish("child1", "a")
-    cache.publish("child2", "a")
-    found = {e.file_id: (e.size, e.children) for e in cache.entries()}
-    assert found == {"a": (5, ("child1", "child2")), "b": (5, ())}
+def test_entries_are_contents_with_the_children_and_urls_that_use_them(cache: FirmwareCache) -> None:
+    a = put(cache, "http://o/a", b"aaaaa")
+    put(cache, "http://mirror/a", b"aaaaa")  # the same bytes: no second copy
+    b = put(cache, "http://o/b", b"bbbbb")
+    for name in ("c.part", "c.part.json", "c.part.json.tmp"):
+        (cache.incoming_dir / name).write_bytes(b"12345")  # a download in progress
+    (cache.content_dir / ".hidden").write_bytes(b"x")
+    (cache.content_dir / "subdir").mkdir()
+    os.symlink(cache.content(a), cache.content_dir / ("f" * 64))
+    cache.publish("child1", file_id_for_url("http://o/a"), a)
+    cache.publish("child2", file_id_for_url("http://mirror/a"), a)
+    found = {e.sha256: (e.size, e.children, e.urls) for e in cache.entries()}
+    assert found == {
+        a: (5, ("child1", "child2"), ("http://mirror/a", "http://o/a")),
+        b: (5, (), ("http://o/b",)),
+    }
+    assert sorted(cache.copies()) == [("child1", file_id_for_url("http://o/a")), ("child2", file_id_for_url("http://mirror/a"))]
 
 
-def test_evict_removes_only_what_no_child_is_linked_to(cache: FirmwareCache) -> None:
-    cache.entry("a").write_bytes(b"1")
-    cache.entry("b").write_bytes(b"2")
-    cache.publish("child1", "a")
-    assert not cache.evict("a") and cache.entry("a").exists()
-    assert cache.evict("b") and not cache.entry("b").exists()
-    assert not cache.evict("b")  # already gone
-    cache.unpublish("child1", "a")
-    assert cache.evict("a") and not cache.entry("a").exists()
+def test_evict_removes_only_what_no_child_is_linked_to_and_the_urls_leading_to_it(cache: FirmwareCache) -> None:
+    a = put(cache, "http://o/a", b"1")
+    b = put(cache, "http://o/b", b"2")
+    cache.publish("child1", file_id_for_url("http://o/a"), a)
+    assert not cache.evict(a) and cache.content(a).exists()
+    assert cache.evict(b) and not cache.content(b).exists()
+    assert cache.lookup(file_id_for_url("http://o/b")) is None
+    assert not (cache.urls_dir / f"{file_id_for_url('http://o/b')}.json").exists()
+    assert not cache.evict(b)  # already gone
+    cache.unpublish("child1", file_id_for_url("http://o/a"))
+    assert cache.evict(a) and not cache.content(a).exists()
 
 
 def test_publishing_an_evicted_entry_fails_without_leaving_a_link(cache: FirmwareCache) -> None:
     with pytest.raises(FileNotFoundError):
-        cache.publish("child1", "gone")
-    assert not cache.link_path("child1", "gone").is_symlink()
+        cache.publish("child1", "f" * 64, "0" * 64)
+    assert not cache.link_path("child1", "f" * 64).is_symlink()
+
+
+@pytest.mark.parametrize("damage", ["not json", "other size", "content gone"])
+def test_a_url_whose_record_or_content_is_damaged_is_not_cached(cache: FirmwareCache, damage: str) -> None:
+    digest = put(cache, "http://o/a", b"12345")
+    record = cache.urls_dir / f"{file_id_for_url('http://o/a')}.json"
+    if damage == "not json":
+        record.write_bytes(b"\x00garbage")
+    elif damage == "other size":
+        cache.content(digest).write_bytes(b"123")
+    else:
+        cache.content(digest).unlink()
+    assert cache.lookup(file_id_for_url("http://o/a")) is None
+
+
+def test_the_earlier_layout_is_moved_keeping_inodes_links_and_partial_downloads(cache: FirmwareCache) -> None:
+    old_id = file_id_for_url("http://o/old")
+    old = cache.cache_dir / old_id
+    old.write_bytes(b"old firmware")
+    inode = old.stat().st_ino
+    (cache.cache_dir / f"{'e' * 64}.part").write_bytes(b"half")
+    (cache.cache_dir / f"{'e' * 64}.part.json").write_bytes(b"{}")
+    link = cache.link_path("child1", old_id)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(old.absolute())
+    assert cache.migrate() == 1
+    digest = hashlib.sha256(b"old firmware").hexdigest()
+    assert not old.exists() and cache.content(digest).stat().st_ino == inode  # same ETag
+    assert os.readlink(link) == str(cache.content(digest).absolute())
+    record = cache.lookup(old_id)
+    assert record is not None and (record.url, record.sha256, record.etag) == (None, digest, None)
+    assert sorted(p.name for p in cache.incoming_dir.iterdir()) == [f"{'e' * 64}.part", f"{'e' * 64}.part.json"]
+    assert cache.migrate() == 0  # nothing left to move
 
 
 # --- the gateway -----------------------------------------------------------------------------
@@ -189,7 +244,7 @@ class Stack:
         assert await obs.next("c8y/s/us", timeout=15) == b"500"
 
     def cached(self, name: str) -> Path:
-        return self.data / "cache" / file_id_for_url(self.cloud.url(name))
+        return self.data / "cache" / "sha256" / hashlib.sha256(self.cloud.files[name]).hexdigest()
 
     async def operation(self, obs: Observer, child: str, name: str) -> dict[str, object]:
         await obs.publish("c8y/s/ds", f"515,{child},{name},1.0,{self.cloud.url(name)}")
@@ -247,11 +302,10 @@ async def test_firmware_in_use_stays_even_above_the_limit_and_goes_when_its_oper
 
 async def test_at_start_firmware_unused_for_longer_than_max_age_goes(stack: Stack, keeper_log: KeeperLog) -> None:
     stack.configure("[firmware.cache]\nmax_age = 3600\n")
-    cache = stack.data / "cache"
-    cache.mkdir(parents=True)
-    stale, fresh = cache / ("1" * 64), cache / ("2" * 64)
-    for path in (stale, fresh):
-        path.write_bytes(b"firmware")
+    cache = FirmwareCache(stack.data / "cache", stack.data / "file-transfer")
+    cache.make_directories()
+    stale = cache.content(put(cache, "http://o/stale", b"stale firmware"))
+    fresh = cache.content(put(cache, "http://o/fresh", b"fresh firmware"))
     os.utime(stale, (time.time() - 2 * HOUR, time.time() - 2 * HOUR))
     async with observer(stack.broker.port, ["c8y/s/us"]) as obs:
         await stack.start(obs)
@@ -276,13 +330,13 @@ async def test_the_age_limit_is_applied_now_and_then_without_other_reasons(
 ) -> None:
     clock = [time.time()]
     keeper = CacheKeeper(cache, CacheLimits(max_age=HOUR), clock=lambda: clock[0], age_check_interval=0.05)
-    cache.entry("a").write_bytes(b"firmware")
+    digest = put(cache, "http://o/a", b"firmware")
     keeper.start()
     try:
         await keeper.idle()
-        assert cache.entry("a").exists()  # used just now
+        assert cache.content(digest).exists()  # used just now
         clock[0] += 2 * HOUR  # two hours later, with no download and no operation ending
-        await keeper_log.wait_for("removed a")
-        assert not cache.entry("a").exists()
+        await keeper_log.wait_for(f"removed {digest}")
+        assert not cache.content(digest).exists()
     finally:
         await keeper.close()

@@ -71,7 +71,8 @@ async def test_fifty_children_one_cloud_download(broker: Broker, tmp_path: Path,
         firmware = sim.inventory[xid(child)].firmware
         assert firmware is not None and (firmware.name, firmware.version, firmware.url) == ("fleet", "2.0", url)
     files = sim.stats.files["fleet.bin"]
-    assert files.statuses == (200,) and files.complete == 1  # one cloud download for 50 children
+    # one cloud download for 50 children; later operations only had the origin confirm the copy
+    assert files.statuses[0] == 200 and set(files.statuses[1:]) <= {304} and files.complete == 1
     assert sim.errors == []
 
 
@@ -150,5 +151,6 @@ async def test_fifty_te_and_fifty_legacy_children_update_from_one_cloud_download
     statuses = {payload[:3] for _, payload in cloud.log if payload[:3] in (b"501", b"503", b"504", b"506")}
     assert statuses == ({b"504", b"506"} if by_id else {b"501", b"503"})
     files = sim.stats.files["mixed.bin"]
-    assert files.statuses == (200,) and files.complete == 1  # one cloud download for all 100
+    # one cloud download for all 100; later operations only had the origin confirm the copy
+    assert files.statuses[0] == 200 and set(files.statuses[1:]) <= {304} and files.complete == 1
     assert sim.errors == []

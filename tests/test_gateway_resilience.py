@@ -32,6 +32,7 @@ from harness import (
     recorded_state,
     req_topic,
     res_topic,
+    seed_cache,
     us,
     write_config,
 )
@@ -84,9 +85,7 @@ def gateway_process(tmp_path: Path, mqtt_port: int) -> Iterator[GatewayProcess]:
     """`tedge-firmware run` as a process, against `mqtt_port` (a proxy in front of the broker)."""
     config_dir = tmp_path / "etc-proxied"
     write_config(config_dir, tmp_path / "data", mqtt_port, free_port())
-    cache = tmp_path / "data" / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / K).write_bytes(b"\x00\xff binary firmware")
+    seed_cache(tmp_path / "data", U, b"\x00\xff binary firmware")  # immutable: no request
     process = GatewayProcess(config_dir, tmp_path / "gateway.log")
     try:
         yield process

@@ -133,7 +133,7 @@ async def test_fifty_te_and_fifty_legacy_children_update_over_tls_with_client_ce
                 urls.add(link.split("://")[0])
     assert urls == {"https"}
     files = sim.stats.files["locked.bin"]
-    assert files.statuses == (200,) and files.complete == 1
+    assert files.statuses[0] == 200 and set(files.statuses[1:]) <= {304} and files.complete == 1
     assert sim.errors == []
 
 

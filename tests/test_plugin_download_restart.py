@@ -73,7 +73,7 @@ async def test_kill_9_during_download_resumes_after_restart(
     async with FaultProxy(port) as proxy, observer(broker.port, WATCHED) as obs:
         proxy.plan(Fault.stall(STALL_AFTER))
         url = proxy.url("/big.bin")
-        part = data / "cache" / f"{file_id_for_url(url)}.part"
+        part = data / "cache" / "incoming" / f"{file_id_for_url(url)}.part"
         process.start()
         try:
             assert await obs.next("c8y/s/us", timeout=20) == b"500"
@@ -87,7 +87,7 @@ async def test_kill_9_during_download_resumes_after_restart(
             request = json.loads(await obs.next(req_topic(), timeout=60))
             assert await obs.next("c8y/s/us") == b"500"
             assert request["sha256"] == sha256(content)
-            assert (data / "cache" / file_id_for_url(url)).read_bytes() == content
+            assert (data / "cache" / "sha256" / sha256(content)).read_bytes() == content
             assert not part.exists()
             assert proxy.bytes_to_client <= SIZE * 1.05, proxy.bytes_to_client
             # Cumulocity re-delivers the operation after the 500: the same operation, not a second one
@@ -115,7 +115,7 @@ async def test_kill_9_during_a_te_download_resumes_and_completes_every_waiting_c
     async with FaultProxy(port) as proxy, observer(broker.port, ["te/+/+/+/+/cmd/firmware_update/+"]) as obs:
         proxy.plan(Fault.stall(STALL_AFTER))
         url = proxy.url("/big.bin")
-        part = data / "cache" / f"{file_id_for_url(url)}.part"
+        part = data / "cache" / "incoming" / f"{file_id_for_url(url)}.part"
         process.start()
         try:
             for where in commands.values():
@@ -131,7 +131,7 @@ async def test_kill_9_during_a_te_download_resumes_and_completes_every_waiting_c
             moved = [json.loads(await obs.next(where, timeout=60)) for where in commands.values()]
             assert {m["status"] for m in moved} == {"gateway_downloaded"}
             assert {m["sha256"] for m in moved} == {sha256(content)}
-            assert (data / "cache" / file_id_for_url(url)).read_bytes() == content
+            assert (data / "cache" / "sha256" / sha256(content)).read_bytes() == content
             assert proxy.bytes_to_client <= SIZE * 1.05, proxy.bytes_to_client
             assert process.terminate() == 0
         finally:

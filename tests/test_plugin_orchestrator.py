@@ -12,13 +12,15 @@ import asyncio
 import hashlib
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tedge_firmware.core import smartrest
+from tedge_firmware.core.freshness import CachedUrl
 from tedge_firmware.core.operation import OperationRecord, file_id_for_url
 from tedge_firmware.errors import StoreError
 from tedge_firmware.gateway.fetches import FetchDone
@@ -34,13 +36,14 @@ from tedge_firmware.gateway.plugin import (
     ResendUnanswered,
     TimerFired,
 )
-from tedge_firmware.gateway.ports import DownloadedFile, RecordWriter
+from tedge_firmware.gateway.ports import RecordWriter
 from tedge_firmware.shell.cache import FirmwareCache
+from tedge_firmware.shell.partial_file import DownloadResult, NotModified
 from tedge_firmware.shell.store import RecordStore, StoreWriter, fetch_store, operation_store
 
 CLOUD_URL = "http://cloud.example/fw.bin"
+SHA = hashlib.sha256(b"firmware").hexdigest()
 FILE_ID = file_id_for_url(CLOUD_URL)
-SHA = "ab" * 32
 TIMEOUT = 3600  # never waited for: the test fires the timer
 BASE_URL = "http://127.0.0.1:8000/tedge/file-transfer"
 E501 = smartrest.set_executing()
@@ -107,11 +110,16 @@ class BlockedFetcher:
         self.urls: list[str] = []
         self.called = asyncio.Event()
 
-    async def download(self, url: str, target: Path, *, token: str | None = None) -> DownloadedFile:
+    async def download(self, url: str, target: Path, *, token: str | None = None) -> DownloadResult:
         self.urls.append(url)
         self.called.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
+
+    async def revalidate(
+        self, url: str, target: Path, conditions: Mapping[str, str], *, token: str | None = None
+    ) -> DownloadResult | NotModified:
+        return await self.download(url, target, token=token)
 
 
 class InlineWriter:
@@ -201,8 +209,7 @@ class Rig:
     def firmware_ready(self, url: str = CLOUD_URL) -> None:
         """The cache holds the firmware and the fetch reports it."""
         file_id = file_id_for_url(url)
-        self.cache.entry(file_id).parent.mkdir(parents=True, exist_ok=True)
-        self.cache.entry(file_id).write_bytes(b"firmware")
+        cached(self.cache, url, b"firmware")
         self.handle(FetchDone(file_id, SHA, None))
 
     def requests(self, child: str = "child1") -> list[dict[str, object]]:
@@ -221,6 +228,16 @@ class Rig:
 
     def operation_files(self) -> list[str]:
         return sorted(p.name for p in self.firmware_dir.iterdir() if p.is_file())
+
+
+def cached(cache: FirmwareCache, url: str, content: bytes, cache_control: str | None = None) -> None:
+    """`content` in the cache for `url`, as a fetch leaves it."""
+    cache.make_directories()
+    incoming = cache.incoming(file_id_for_url(url))
+    incoming.write_bytes(content)
+    digest = hashlib.sha256(content).hexdigest()
+    record = CachedUrl(url, digest, len(content), cache_control=cache_control, confirmed_at=time.time())
+    cache.store(file_id_for_url(url), record, incoming)
 
 
 def make_rig(
@@ -389,10 +406,9 @@ async def test_resend_unanswered_counts_only_answers_since_the_loss(rig: Rig) ->
 
 
 async def test_the_fetch_input_comes_from_the_fetch_task(rig: Rig, tmp_path: Path) -> None:
-    """A cache hit: the fetch task answers by itself, with the cached file's digest."""
-    entry = rig.cache.entry(FILE_ID)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    entry.write_bytes(b"cached firmware")
+    """A cache hit (the origin declared it immutable): the fetch task answers by itself, with
+    the cached file's digest, without asking the origin."""
+    cached(rig.cache, CLOUD_URL, b"cached firmware", "immutable")
     rig.new_operation()
     async with asyncio.timeout(WAIT):
         done = await rig.plugin.inputs.get()
@@ -423,7 +439,9 @@ async def test_the_request_goes_out_once_its_file_is_on_disk_and_the_loop_never_
         rig.new_operation()
         async with asyncio.timeout(WAIT):
             await writer.drain()  # the download record (not gated); the fetch starts after it
-        assert rig.plugin.fetching_file_ids() == {FILE_ID}
+        async with asyncio.timeout(WAIT):
+            await rig.fetcher.called.wait()
+        assert rig.fetcher.urls == [CLOUD_URL]
         rig.firmware_ready()  # returns while the write waits for the disk
         assert rig.requests() == []
         assert rig.operation_files() == []
@@ -489,7 +507,7 @@ async def test_copies_left_from_before_a_restart_go_unless_something_uses_them(t
     first.firmware_ready()  # child1's copy is published, its operation waits for the child
     await first.plugin.close()
     cache = FirmwareCache(tmp_path / "cache", tmp_path / "file-transfer")
-    cache.publish("ghost", FILE_ID)  # a copy whose operation ended while the gateway was away
+    cache.publish("ghost", FILE_ID, SHA)  # a copy whose operation ended while the gateway was away
     rig = make_rig(tmp_path)
     rig.plugin.recover()
     assert "sweep-copies" in rig.timers.armed

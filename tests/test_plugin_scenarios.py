@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,12 +29,14 @@ from harness import (
     K,
     Observer,
     U,
+    cache_files,
     f502,
     no_operation_files_left,
     observer,
     operation_files,
     req_topic,
     res_topic,
+    seed_cache,
     sha256,
     us,
     write_config,
@@ -56,9 +59,9 @@ class Setup:
             self.config_dir, self.data, self.broker.port, self.http_port, timeout=timeout, extra=extra, tenant=c8y_url
         )
 
-    def cache_hit(self, url: str = U, content: bytes = b"") -> None:
-        (self.data / "cache").mkdir(parents=True, exist_ok=True)
-        (self.data / "cache" / file_id_for_url(url)).write_bytes(content)
+    def cache_hit(self, url: str = U, content: bytes = b"") -> Path:
+        """A cached firmware the origin declared immutable: no request to the origin."""
+        return seed_cache(self.data, url, content)
 
     async def start(self, obs: Observer) -> None:
         await self.gateway.start()
@@ -92,7 +95,7 @@ async def test_startup_creates_directories_and_requests_pending_operations(setup
             assert (setup.data / name).is_dir()
         await setup.gateway.stop()
         for name in ("cache", "firmware", "file-transfer"):
-            os.rmdir(setup.data / name)
+            shutil.rmtree(setup.data / name)
         await setup.start(obs)
         for name in ("cache", "firmware", "file-transfer"):
             assert (setup.data / name).is_dir()
@@ -113,7 +116,7 @@ async def test_cache_hit_sends_request(setup: Setup) -> None:
         assert request["url"] == f"http://127.0.0.1:{setup.http_port}/tedge/file-transfer/{CHILD}/firmware_update/{K}"
         assert isinstance(request["id"], str) and len(request["id"]) == 21
         link = setup.data / "file-transfer" / CHILD / "firmware_update" / K
-        assert link.is_symlink() and os.readlink(link) == str(setup.data / "cache" / K)
+        assert link.is_symlink() and os.readlink(link) == str(setup.data / "cache" / "sha256" / EMPTY_SHA)
         record = json.loads((setup.data / "firmware" / str(request["id"])).read_text())
         assert record == {
             "operation_id": request["id"],
@@ -154,8 +157,9 @@ async def test_cache_miss_downloads_then_requests(setup: Setup) -> None:
         key = file_id_for_url(url)
         assert request["sha256"] == sha256(payload)
         assert str(request["url"]).endswith(f"/firmware_update/{key}")
-        assert (setup.data / "cache" / key).read_bytes() == payload
-        assert [p.name for p in (setup.data / "cache").iterdir()] == [key]
+        digest = sha256(payload)
+        assert (setup.data / "cache" / "sha256" / digest).read_bytes() == payload
+        assert cache_files(setup.data) == [f"sha256/{digest}", f"urls/{key}.json"]
         assert setup.cloud.count("fw.bin") == 1
         assert "Authorization" not in setup.cloud.requests[0].headers
         # the child fetches it from our file-transfer service, byte-exact
@@ -175,7 +179,7 @@ async def test_download_failure_fails_the_operation(setup: Setup) -> None:
         assert failed.startswith(f'502,c8y_Firmware,"Download from {url} failed with '.encode())
         assert b"404" in failed
         assert await no_operation_files_left(setup.data) == []
-        assert not list((setup.data / "cache").glob("*"))
+        assert cache_files(setup.data) == []
         assert obs.pending(req_topic()) == 0
 
 
@@ -222,7 +226,7 @@ async def test_successful_response_completes_and_removes_the_link(setup: Setup) 
         assert await no_operation_files_left(setup.data) == []
         link = setup.data / "file-transfer" / CHILD / "firmware_update" / K
         assert not link.exists() and not link.is_symlink()
-        assert (setup.data / "cache" / K).is_file()
+        assert (setup.data / "cache" / "sha256" / EMPTY_SHA).is_file()
 
 
 # §7.8 adapted (DESIGN item 1: the child's reason reaches the cloud)
@@ -326,7 +330,7 @@ async def test_directories_deleted_at_run_time_are_recreated(setup: Setup) -> No
     async with observer(setup.broker.port) as obs:
         await setup.start(obs)
         for name in ("cache", "firmware", "file-transfer"):
-            os.rmdir(setup.data / name)
+            shutil.rmtree(setup.data / name)
         await obs.publish("c8y/s/ds", f"515,{CHILD},fw,1.0,{url}")
         request = await setup.request(obs)
         assert (setup.data / "firmware" / str(request["id"])).is_file()
@@ -345,7 +349,7 @@ async def test_cache_is_reused_for_a_later_operation(setup: Setup) -> None:
         await setup.start(obs)
         await obs.publish("c8y/s/ds", line)
         first = await setup.request(obs)
-        entry = setup.data / "cache" / file_id_for_url(url)
+        entry = setup.data / "cache" / "sha256" / sha256(b"cached firmware")
         mtime = entry.stat().st_mtime_ns
         await respond(obs, first["id"], "successful")
         await obs.sequence(us(), 3)
@@ -353,7 +357,9 @@ async def test_cache_is_reused_for_a_later_operation(setup: Setup) -> None:
         second = await setup.request(obs)
         assert second["attempt"] == 1 and second["id"] != first["id"]
         assert entry.stat().st_mtime_ns == mtime
-        assert setup.cloud.count("fw.bin") == 1
+        # the origin was asked whether the copy is current (it answered 304), once
+        assert setup.cloud.count("fw.bin") == 2
+        assert "If-None-Match" in setup.cloud.requests[1].headers
 
 
 # §7.20, §7.22

@@ -124,7 +124,7 @@ async def test_the_readme_sequence_is_what_happens(broker: Broker, tmp_path: Pat
                 message = child_says(lines, status).filled(op_id=request["id"])
                 await watch.publish(res_topic(CHILD), message)
                 await sim.wait_for(first.id, state)
-            # the second: the same firmware from the cache (no download, no JWT), failed by the child
+            # the second: the origin confirms the cached copy (304, no download), failed by the child
             second = sim.create_firmware_operation(CHILD, "image", "1.0", url)
             request = json.loads(await watch.next(req_topic(CHILD), timeout=15))
             message = child_says(lines, "failed").filled(op_id=request["id"])
@@ -135,4 +135,5 @@ async def test_the_readme_sequence_is_what_happens(broker: Broker, tmp_path: Pat
         finally:
             await gateway.stop()
         assert not sim.errors
+        assert sim.stats.files["image.bin"].statuses == (200, 304)
     check(lines, recorded(watch))

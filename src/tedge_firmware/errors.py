@@ -58,10 +58,11 @@ class OperationFailed(TedgeFirmwareError):
 class DownloadError(OperationFailed):
     """The download of a firmware from the cloud failed."""
 
-    def __init__(self, url: str, detail: str) -> None:
+    def __init__(self, url: str, detail: str, unreachable: bool = False) -> None:
         super().__init__(f"Download from {url} failed with {detail}")
         self.url = url
         self.detail = detail
+        self.unreachable = unreachable  # retries of transient failures ran out
 
 
 class JwtError(OperationFailed):

@@ -189,11 +189,14 @@ def _state_shown(record: OperationRecord | FetchRecord) -> str:
     return "executing" if record.state is State.EXECUTING else "request sent"
 
 
-def awaited_file_ids(firmware_dir: Path) -> set[str]:
-    """The cache entries that stored operations wait for: downloaded (or found in the cache)
-    but not linked for their child yet. The service links them next, so they must stay."""
+def awaited_contents(cache: FirmwareCache, firmware_dir: Path) -> set[str]:
+    """The cached firmware (SHA-256) that stored operations wait for: downloaded (or found in
+    the cache) but not linked for their child yet. The service links them next, so they must
+    stay."""
     operations, _ = stored_operations(firmware_dir)
-    return {file_id_for_url(op.url) for op in operations if op.waiting_for_download}
+    file_ids = {file_id_for_url(op.url) for op in operations if op.waiting_for_download}
+    records = (cache.lookup(file_id) for file_id in file_ids)
+    return {record.sha256 for record in records if record is not None}
 
 
 def _set_aside(firmware_dir: Path) -> int:
@@ -221,8 +224,8 @@ def cache_list_command(ctx: click.Context, config_dir: Path | None) -> None:
     config = load_for(ctx, config_dir)
     cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
     with _one_line_errors():
-        entries = sorted(cache.entries(), key=lambda entry: (entry.last_used, entry.file_id))
-        awaited = awaited_file_ids(config.firmware_dir) if entries else set()
+        entries = sorted(cache.entries(), key=lambda entry: (entry.last_used, entry.sha256))
+        awaited = awaited_contents(cache, config.firmware_dir) if entries else set()
     console = _console()
     where = _shown(str(config.cache_dir))
     limits = config.cache_limits
@@ -233,11 +236,11 @@ def cache_list_command(ctx: click.Context, config_dir: Path | None) -> None:
     now = time.time()
     console.print(_entries_table(entries, awaited, now))
     total = format_size(sum(entry.size for entry in entries))
-    in_use = sum(1 for entry in entries if entry.in_use or entry.file_id in awaited)
+    in_use = sum(1 for entry in entries if entry.in_use or entry.sha256 in awaited)
     console.print(f"{len(entries)} cached firmware, {total} in {where}; {in_use} in use")
     console.print(f"limits: {describe_limits(limits)}")
     plan = [] if limits.unlimited else plan_eviction(entries, limits, now)
-    plan = [eviction for eviction in plan if eviction.entry.file_id not in awaited]
+    plan = [eviction for eviction in plan if eviction.entry.sha256 not in awaited]
     if plan:
         freed = format_size(sum(eviction.entry.size for eviction in plan))
         prune = "`tedge-firmware cache prune`"
@@ -245,18 +248,21 @@ def cache_list_command(ctx: click.Context, config_dir: Path | None) -> None:
 
 
 def _entries_table(entries: Sequence[CacheEntry], awaited: set[str], now: float) -> Table:
-    ids = short_ids([entry.file_id for entry in entries])
+    ids = short_ids([entry.sha256 for entry in entries])
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("FILE_ID", no_wrap=True)
+    table.add_column("SHA-256", no_wrap=True)
     table.add_column("SIZE", justify="right", no_wrap=True)
     table.add_column("LAST USED", no_wrap=True)
     table.add_column("IN USE BY", overflow="fold")
+    table.add_column("URLS", overflow="fold")
     for entry in entries:
         users = ", ".join(_shown(child) for child in entry.children)
-        if entry.file_id in awaited:
+        if entry.sha256 in awaited:
             users = ", ".join(filter(None, (users, "(an operation waiting for it)")))
         last_used = _when(entry.last_used, now)
-        table.add_row(_shown(ids[entry.file_id]), format_size(entry.size), last_used, users or "-")
+        urls = " ".join(_shown(url) for url in entry.urls) or "-"
+        short = _shown(ids[entry.sha256])
+        table.add_row(short, format_size(entry.size), last_used, users or "-", urls)
     return table
 
 
@@ -332,8 +338,8 @@ class _Pruner:
         self.dry_run = dry_run
         self.now = time.time()
         self.entries = cache.entries()
-        self.ids = short_ids([entry.file_id for entry in self.entries])
-        self.awaited = awaited_file_ids(firmware_dir) if self.entries else set()
+        self.ids = short_ids([entry.sha256 for entry in self.entries])
+        self.awaited = awaited_contents(cache, firmware_dir) if self.entries else set()
 
     def run(self, limits: CacheLimits, remove_all: bool) -> None:
         if remove_all:
@@ -343,27 +349,27 @@ class _Pruner:
             self.console.print(f"limits: {describe_limits(limits)}")
             plan = plan_eviction(self.entries, limits, self.now)
         removed: list[CacheEntry] = []
-        kept = {entry.file_id for entry in self.entries if entry.in_use}
-        kept |= self.awaited & {entry.file_id for entry in self.entries}
+        kept = {entry.sha256 for entry in self.entries if entry.in_use}
+        kept |= self.awaited & {entry.sha256 for entry in self.entries}
         for eviction in plan:
             entry = eviction.entry
-            if entry.file_id in self.awaited:
+            if entry.sha256 in self.awaited:
                 self._say("kept", entry, "a stored operation is waiting for it")
             elif self.dry_run:
                 removed.append(entry)
                 self._say("would remove", entry, self._reason(eviction, limits))
-            elif self.cache.evict(entry.file_id):
+            elif self.cache.evict(entry.sha256):
                 removed.append(entry)
                 self._say("removed", entry, self._reason(eviction, limits))
-            elif self.cache.is_cached(entry.file_id):
-                kept.add(entry.file_id)
+            elif self.cache.content(entry.sha256).is_file():
+                kept.add(entry.sha256)
                 self._say("kept", entry, "published to a child meanwhile")
             else:
                 self._say("gone", entry, "removed by someone else meanwhile")
         self._summary(removed, len(kept))
 
     def _say(self, what: str, entry: CacheEntry, why: str) -> None:
-        short = _shown(self.ids[entry.file_id])
+        short = _shown(self.ids[entry.sha256])
         self.console.print(f"{what} {short} {format_size(entry.size)}: {why}")
 
     def _reason(self, eviction: Eviction, limits: CacheLimits) -> str:

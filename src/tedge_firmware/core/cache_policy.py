@@ -22,12 +22,13 @@ from enum import Enum
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One cached firmware file: `cache/<file_id>`."""
+    """One cached firmware: `cache/sha256/<sha256>`."""
 
-    file_id: str
+    sha256: str
     size: int
     last_used: float  # seconds since the epoch
     children: tuple[str, ...] = ()  # children it is published to (operations in progress)
+    urls: tuple[str, ...] = ()  # the URLs known to serve these bytes
 
     @property
     def in_use(self) -> bool:
@@ -71,14 +72,14 @@ def plan_eviction(
     keep: Collection[str] = frozenset(),
 ) -> list[Eviction]:
     """The entries to drop, oldest use first: too old ones, then the least recently used until
-    the rest fits in `max_size`. Entries in use, and those named in `keep` (e.g. just
-    downloaded and about to be published), are never part of the plan; they still count
+    the rest fits in `max_size`. Entries in use, and those whose SHA-256 is in `keep` (e.g.
+    just downloaded and about to be published), are never part of the plan; they still count
     towards the size."""
-    ordered = sorted(entries, key=lambda entry: (entry.last_used, entry.file_id))
+    ordered = sorted(entries, key=lambda entry: (entry.last_used, entry.sha256))
     plan: list[Eviction] = []
     kept: list[CacheEntry] = []
     for entry in ordered:
-        evictable = not entry.in_use and entry.file_id not in keep
+        evictable = not entry.in_use and entry.sha256 not in keep
         too_old = limits.max_age is not None and now - entry.last_used > limits.max_age
         if too_old and evictable:
             plan.append(Eviction(entry, EvictionReason.AGE))
@@ -89,7 +90,7 @@ def plan_eviction(
         for entry in kept:
             if excess <= 0:
                 break
-            if not entry.in_use and entry.file_id not in keep:
+            if not entry.in_use and entry.sha256 not in keep:
                 plan.append(Eviction(entry, EvictionReason.SIZE))
                 excess -= entry.size
     return plan
@@ -97,5 +98,5 @@ def plan_eviction(
 
 def plan_clear(entries: Iterable[CacheEntry]) -> list[Eviction]:
     """Every entry not in use (`cache prune --all`)."""
-    ordered = sorted(entries, key=lambda entry: (entry.last_used, entry.file_id))
+    ordered = sorted(entries, key=lambda entry: (entry.last_used, entry.sha256))
     return [Eviction(entry, EvictionReason.REQUESTED) for entry in ordered if not entry.in_use]

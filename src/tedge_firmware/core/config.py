@@ -96,6 +96,7 @@ def _is_ipv6(text: str) -> bool:
 
 _port = _int_in(1, 65535, "a port number (1-65535)")
 _seconds = _int_in(1, 10 * 365 * 24 * 3600, "a positive whole number of seconds")
+_seconds_or_zero = _int_in(0, 10 * 365 * 24 * 3600, "a whole number of seconds (0 or more)")
 _count = _int_in(1, 1024, "a whole number from 1 to 1024")
 
 
@@ -319,6 +320,20 @@ KEYS: tuple[KeySpec, ...] = (
         "Seconds a cached firmware is kept after its last use",
     ),
     KeySpec(
+        "firmware.cache.revalidate_after",
+        _seconds_or_zero,
+        "Seconds an origin's confirmation of a cached firmware is reused without asking it "
+        "again (for bulk rollouts from origins that declare no freshness)",
+        "0",
+    ),
+    KeySpec(
+        "firmware.cache.stale_if_error",
+        _bool,
+        "When the origin cannot be reached, hand out the cached copy (logged) instead of "
+        "failing the operation",
+        "false",
+    ),
+    KeySpec(
         "firmware.te.download_state",
         _te_state,
         "State of a te/ firmware_update command that tedge-firmware owns: it downloads then",
@@ -510,6 +525,8 @@ class TedgeConfig:
     te_downloaded_state: str = "gateway_downloaded"
     cache_max_size: int | None = None
     cache_max_age: int | None = None
+    cache_revalidate_after: int = 0
+    cache_stale_if_error: bool = False
 
     @property
     def cache_limits(self) -> CacheLimits:
@@ -673,4 +690,6 @@ def config_from_document(
         te_downloaded_state=downloaded_state,
         cache_max_size=get("firmware.cache.max_size"),
         cache_max_age=get("firmware.cache.max_age"),
+        cache_revalidate_after=get("firmware.cache.revalidate_after"),
+        cache_stale_if_error=get("firmware.cache.stale_if_error"),
     )

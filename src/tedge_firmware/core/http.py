@@ -289,3 +289,23 @@ def is_not_modified(
         since = parse_http_date(if_modified_since)
         return since is not None and int(mtime) <= since.timestamp()
     return False
+
+
+@dataclass(frozen=True)
+class OriginHeaders:
+    """What an origin's answer says about caching its bytes (`core.freshness` decides)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+    cache_control: str | None = None
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> OriginHeaders:
+        def kept(name: str) -> str | None:
+            value = headers.get(name)
+            # a header we could not store or send back as it came is as good as none
+            if value is None or len(value) > 4096 or not value.isprintable():
+                return None
+            return value.strip() or None
+
+        return cls(kept("ETag"), kept("Last-Modified"), kept("Cache-Control"))

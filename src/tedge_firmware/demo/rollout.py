@@ -35,7 +35,8 @@ class DemoResult:
     size: int
     seconds: float
     cloud_downloads: int  # GETs of the binary that started at byte 0
-    cloud_requests: int
+    cloud_requests: int  # those that fetched bytes (a download or its resumption)
+    cloud_confirmations: int  # revalidations of the cached copy answered 304 (no body)
     cloud_bytes: int
     bytes_to_children: int
     protocol_errors: list[str]
@@ -137,7 +138,8 @@ def collect(rollout: Rollout, size: int, seconds: float, rss: int | None, name: 
         size=size,
         seconds=seconds,
         cloud_downloads=statuses.count(200),
-        cloud_requests=stats.requests if stats is not None else 0,
+        cloud_requests=(stats.requests if stats is not None else 0) - statuses.count(304),
+        cloud_confirmations=statuses.count(304),
         cloud_bytes=stats.bytes_served if stats is not None else 0,
         bytes_to_children=rollout.fleet.bytes_to_children,
         protocol_errors=[str(error) for error in sim.errors],

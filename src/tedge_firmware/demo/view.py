@@ -164,7 +164,8 @@ def print_summary(console: Console, result: DemoResult) -> None:
         f"firmware installed (Cumulocity inventory): {result.installed} children",
         f"cloud downloads: {result.cloud_downloads} ({result.cloud_requests} requests, "
         f"{format_size(result.cloud_bytes)} from the cloud for a {format_size(result.size)} "
-        "firmware)",
+        f"firmware); the cached copy confirmed by the cloud {result.cloud_confirmations} times "
+        "(304, no body)",
         f"bytes served to children: {format_size(result.bytes_to_children)}",
         f"protocol errors (what Cumulocity would refuse): {len(result.protocol_errors)}",
         f"gateway peak RSS: {rss}; rollout took {result.seconds:.1f} s",

@@ -37,9 +37,8 @@ class CacheKeeper:
         age_check_interval: float | None = None,
         pinned: Callable[[], Collection[str]] = frozenset,
     ) -> None:
-        """`pinned`: FILE_IDs not to evict whatever their use, asked on the event loop at the
-        start of each pass (the plugin's downloads in progress: an entry they just completed
-        is not published yet)."""
+        """`pinned`: SHA-256s not to evict whatever their use, asked on the event loop at the
+        start of each pass (what the plugin's fetches just stored: not published yet)."""
         self.cache = cache
         self.limits = limits
         self._clock = clock
@@ -82,16 +81,16 @@ class CacheKeeper:
         done = []
         for eviction in plan:
             entry = eviction.entry
-            if self.cache.evict(entry.file_id):
+            if self.cache.evict(entry.sha256):
                 log.info(
                     "cache: removed %s (%s): %s",
-                    entry.file_id,
+                    entry.sha256,
                     format_size(entry.size),
                     eviction.reason.value,
                 )
                 done.append(eviction)
             else:
-                log.info("cache: kept %s: published to a child meanwhile", entry.file_id)
+                log.info("cache: kept %s: published to a child meanwhile", entry.sha256)
         return done
 
     async def _passes(self) -> None:

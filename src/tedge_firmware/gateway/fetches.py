@@ -1,10 +1,18 @@
-"""Firmware downloads into the cache, one per FILE_ID whoever needs it (single flight).
+"""Firmware fetches into the cache, one per FILE_ID whoever needs it (single flight).
 
 Legacy operations and `te/` commands alike `join` the fetch of the file they need, named by a
 waiter key of their own; the fetch runs in a task and answers with one `FetchDone` input on the
 orchestrator's queue; `finish` then hands back every waiter. A waiter that no longer needs the
 file `leave`s; the last one to leave cancels the download (its partial file stays, and a later
 fetch of the same file resumes it).
+
+A fetch never hands out stale firmware: a cached copy is reused as it is only while
+`core.freshness` says so (the origin's `immutable` or `max-age`, or the site's
+`firmware.cache.revalidate_after`); otherwise the origin is asked with the copy's validators,
+and its `304` confirms the copy while its `200` brings the new version (stored as new content:
+what children were handed stays theirs). A fleet asking at once shares one such request. When
+the origin cannot be reached, the cached copy is used only if `firmware.cache.stale_if_error`
+says so, and the log says it was.
 
 The JWT goes only to the tenant's own host (port ignored), whatever URL the file comes from.
 """
@@ -13,26 +21,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from tedge_firmware.core import smartrest, topics
-from tedge_firmware.errors import JwtError, OperationFailed, SmartRestError
+from tedge_firmware.core.freshness import CachedUrl, Reuse, decide
+from tedge_firmware.core.retry import format_seconds
+from tedge_firmware.errors import DownloadError, JwtError, OperationFailed, SmartRestError
 from tedge_firmware.gateway.ports import Fetcher, Publisher
 from tedge_firmware.shell.cache import FirmwareCache
-from tedge_firmware.shell.durable import sha256_of_file
+from tedge_firmware.shell.partial_file import DownloadResult, NotModified
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FetchDone:
-    """A fetch ended: `sha256` of the cached file, or None and the `reason` it failed."""
+    """A fetch ended: `sha256` and `size` of the cached firmware, or None and the `reason` it
+    failed."""
 
     file_id: str
     sha256: str | None
     reason: str | None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class CacheRules:
+    """`firmware.cache.revalidate_after` and `.stale_if_error`; `clock` for tests."""
+
+    revalidate_after: float = 0.0
+    stale_if_error: bool = False
+    clock: Callable[[], float] = time.time
 
 
 class JwtBroker:
@@ -98,6 +120,7 @@ class FirmwareFetches:
         jwt: JwtBroker,
         tenant_host: str | None,
         report: Callable[[FetchDone], None],
+        rules: CacheRules | None = None,
     ) -> None:
         """`report` puts a FetchDone on the orchestrator's queue."""
         self._fetcher = fetcher
@@ -105,11 +128,14 @@ class FirmwareFetches:
         self.jwt = jwt
         self._tenant_host = tenant_host
         self._report = report
+        self._rules = rules or CacheRules()
         self._fetches: dict[str, _Fetch] = {}
+        self._stored: dict[str, str] = {}  # FILE_ID → SHA-256 reported, not finished yet
 
-    def file_ids(self) -> Collection[str]:
-        """The FILE_IDs being fetched: the cache keeper must not evict them meanwhile."""
-        return self._fetches.keys()
+    def pinned(self) -> Collection[str]:
+        """The firmware (SHA-256) fetches just found or stored and their waiters have not
+        published yet: the cache keeper must not evict them meanwhile."""
+        return set(self._stored.values())
 
     def join(self, file_id: str, url: str, waiter: str) -> None:
         """Wait for `file_id` (cached under that name), downloading it from `url` unless a
@@ -137,6 +163,7 @@ class FirmwareFetches:
     def finish(self, done: FetchDone) -> list[str]:
         """The waiters of a fetch that reported `done`, in a stable order; [] when it had
         been stopped meanwhile."""
+        self._stored.pop(done.file_id, None)
         fetch = self._fetches.pop(done.file_id, None)
         return [] if fetch is None else sorted(fetch.waiting)
 
@@ -148,7 +175,7 @@ class FirmwareFetches:
 
     async def _fetch(self, file_id: str, url: str) -> None:
         try:
-            sha256 = await self._obtain(file_id, url)
+            record = await self._obtain(file_id, url)
         except OperationFailed as error:
             self._report(FetchDone(file_id, None, error.reason))
         except asyncio.CancelledError:
@@ -157,29 +184,71 @@ class FirmwareFetches:
             log.exception("fetching %s failed unexpectedly", url)
             self._report(FetchDone(file_id, None, f"Download from {url} failed with {error}"))
         else:
-            self._report(FetchDone(file_id, sha256, None))
+            self._stored[file_id] = record.sha256
+            self._report(FetchDone(file_id, record.sha256, None, record.size))
 
-    async def _obtain(self, file_id: str, url: str) -> str:
-        entry = self._cache.entry(file_id)
-        await asyncio.to_thread(entry.parent.mkdir, parents=True, exist_ok=True)
-        cached = await asyncio.to_thread(self._cached_sha256, file_id)
+    async def _obtain(self, file_id: str, url: str) -> CachedUrl:
+        await asyncio.to_thread(self._cache.make_directories)
+        cached = await asyncio.to_thread(self._cache.lookup, file_id)
+        conditions: dict[str, str] = {}
         if cached is not None:
-            log.info("firmware found in cache %s for %s", entry, url)
-            return cached
-        token = await self.jwt.token() if self.is_tenant_url(url) else None
-        result = await self._fetcher.download(url, entry, token=token)
-        return result.sha256
-
-    def _cached_sha256(self, file_id: str) -> str | None:
-        """The digest of the cached entry, counted as a use; None when it is not (or no
-        longer: evicted meanwhile) in the cache."""
-        if not self._cache.is_cached(file_id):
-            return None
+            decision = decide(cached, self._rules.clock(), self._rules.revalidate_after)
+            if isinstance(decision, Reuse):
+                log.info("firmware for %s from the cache: %s", url, decision.why)
+                await asyncio.to_thread(self._cache.touch, cached.sha256)
+                return cached
+            log.info("asking the origin whether the cached %s is current: %s", url, decision.why)
+            conditions = decision.headers
         try:
-            self._cache.touch(file_id)
-            return sha256_of_file(self._cache.entry(file_id))
-        except FileNotFoundError:
-            return None
+            return await self._from_origin(file_id, url, cached, conditions)
+        except (DownloadError, JwtError) as error:
+            unreachable = isinstance(error, JwtError) or getattr(error, "unreachable", False)
+            if cached is None or not unreachable or not self._rules.stale_if_error:
+                raise
+            age = format_seconds(max(0.0, self._rules.clock() - cached.confirmed_at))
+            log.warning(
+                "origin unreachable (%s): handing out the cached copy of %s, confirmed %s ago "
+                "(firmware.cache.stale_if_error)",
+                error,
+                url,
+                age,
+            )
+            return cached
+
+    async def _from_origin(
+        self, file_id: str, url: str, cached: CachedUrl | None, conditions: dict[str, str]
+    ) -> CachedUrl:
+        token = await self.jwt.token() if self.is_tenant_url(url) else None
+        target = self._cache.incoming(file_id)
+        now = self._rules.clock()
+        if cached is None:
+            result: DownloadResult | NotModified = await self._fetcher.download(
+                url, target, token=token
+            )
+        else:
+            result = await self._fetcher.revalidate(url, target, conditions, token=token)
+        if isinstance(result, NotModified):
+            assert cached is not None
+            origin = result.origin
+            confirmed = cached.confirmed(
+                now, origin.etag, origin.last_modified, origin.cache_control
+            )
+            await asyncio.to_thread(self._cache.confirm, file_id, confirmed)
+            return confirmed
+        origin = result.origin
+        record = CachedUrl(
+            url, result.sha256, result.size, origin.etag, origin.last_modified,
+            origin.cache_control, confirmed_at=now,
+        )  # fmt: skip
+        await asyncio.to_thread(self._cache.store, file_id, record, result.path)
+        if cached is not None and cached.sha256 != record.sha256:
+            log.info(
+                "the firmware at %s changed at the origin: sha256 %s, was %s",
+                url,
+                record.sha256,
+                cached.sha256,
+            )
+        return record
 
     def is_tenant_url(self, url: str) -> bool:
         """JWT only for the tenant's own host (port ignored), never for anyone else."""

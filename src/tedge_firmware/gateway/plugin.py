@@ -63,7 +63,7 @@ from tedge_firmware.core.operation import (
 )
 from tedge_firmware.errors import InputError, SmartRestError, StoreError
 from tedge_firmware.gateway import te_mapper
-from tedge_firmware.gateway.fetches import FetchDone, FirmwareFetches, JwtBroker
+from tedge_firmware.gateway.fetches import CacheRules, FetchDone, FirmwareFetches, JwtBroker
 from tedge_firmware.gateway.ports import (
     CacheUpkeep,
     Fetcher,
@@ -232,6 +232,8 @@ class PluginSettings:
     use_operation_id: bool = False
     # http.signed_links: the secret that signs the links handed to children (None: plain)
     link_secret: bytes | None = None
+    # firmware.cache.revalidate_after, .stale_if_error
+    cache_rules: CacheRules = field(default_factory=CacheRules)
 
     @classmethod
     def from_tedge(
@@ -259,6 +261,10 @@ class PluginSettings:
             plays_mapper=plays_mapper,
             use_operation_id=config.use_operation_id,
             link_secret=link_secret,
+            cache_rules=CacheRules(
+                revalidate_after=config.cache_revalidate_after,
+                stale_if_error=config.cache_stale_if_error,
+            ),
         )
 
 
@@ -293,7 +299,12 @@ class FirmwarePlugin:
         self.clock = ports.clock
         jwt = JwtBroker(self.publisher, settings.options.jwt_timeout, settings.options.jwt_attempts)
         self.fetches = FirmwareFetches(
-            ports.fetcher, self.cache, jwt, settings.tenant_host, report=self.submit
+            ports.fetcher,
+            self.cache,
+            jwt,
+            settings.tenant_host,
+            report=self.submit,
+            rules=settings.cache_rules,
         )
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
         self.operations: dict[str, LiveOperation] = {}
@@ -316,11 +327,13 @@ class FirmwarePlugin:
             cache_keeper=self.cache_keeper,
             used_by_legacy=self._legacy_uses,
             peer_errors=self.peer_errors,
+            legacy_copy=self._legacy_copy,
         )
 
-    def fetching_file_ids(self) -> Collection[str]:
-        """The FILE_IDs being fetched: the cache keeper must not evict them meanwhile."""
-        return self.fetches.file_ids()
+    def pinned_firmware(self) -> Collection[str]:
+        """The firmware (SHA-256) fetched and not published yet: the cache keeper must not
+        evict it meanwhile."""
+        return self.fetches.pinned()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -656,7 +669,7 @@ class FirmwarePlugin:
         """Publish the firmware for the child, write the operation file, then (once it is on
         disk) send the request."""
         try:
-            self.cache.publish(operation.child_id, operation.file_id)
+            self.cache.publish(operation.child_id, operation.file_id, sha256)
         except FileNotFoundError:
             # evicted between the download (or cache hit) and now, e.g. by `cache prune`
             log.info(
@@ -1019,12 +1032,11 @@ class FirmwarePlugin:
     def _start_copies_sweep(self) -> None:
         async def list_copies() -> None:
             try:
-                entries = await asyncio.to_thread(self.cache.entries)
+                copies = await asyncio.to_thread(self.cache.copies)
             except OSError as error:
                 log.warning("cannot list the children's copies: %s", error)
                 return
-            copies = tuple((child, entry.file_id) for entry in entries for child in entry.children)
-            self.submit(SweepCopies(copies))
+            self.submit(SweepCopies(tuple(copies)))
 
         self._sweeping = asyncio.create_task(list_copies(), name="sweep-copies")
 
@@ -1039,6 +1051,18 @@ class FirmwarePlugin:
 
     def _child_url(self, operation: LiveOperation) -> str:
         return self.links.url(self.cache.relative_path(operation.child_id, operation.file_id))
+
+    def _legacy_copy(self, name: str, file_id: str) -> tuple[str, int] | None:
+        """What the live legacy request for child `name` (by its name or its external id) was
+        handed for `file_id`: SHA-256 and size."""
+        addresses = {name, topics.te_child_external_id(self.settings.device_id, name)}
+        for op in self.operations.values():
+            if not op.state.ended and op.child_id in addresses and op.file_id == file_id:
+                try:
+                    return self.cache.published(op.child_id, file_id)
+                except OSError:
+                    return None
+        return None
 
     def _legacy_uses(self, child_id: str, file_id: str) -> bool:
         return any(

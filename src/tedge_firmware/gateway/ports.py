@@ -3,11 +3,12 @@ plugs in the real shells; tests plug in recording fakes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
 from tedge_firmware.errors import StoreError
+from tedge_firmware.shell.partial_file import DownloadResult, NotModified
 
 
 class Publisher(Protocol):
@@ -57,15 +58,15 @@ class CacheUpkeep(Protocol):
     async def close(self) -> None: ...
 
 
-class DownloadedFile(Protocol):
-    @property
-    def sha256(self) -> str: ...
-
-
 class Fetcher(Protocol):
     """Downloads a url into `target` (atomically, resuming a partial file), raising
-    DownloadError on failure."""
+    DownloadError on failure; `revalidate` asks with the validators of a cached copy
+    (`304`: NotModified, nothing written)."""
 
     async def download(
         self, url: str, target: Path, *, token: str | None = None
-    ) -> DownloadedFile: ...
+    ) -> DownloadResult: ...
+
+    async def revalidate(
+        self, url: str, target: Path, conditions: Mapping[str, str], *, token: str | None = None
+    ) -> DownloadResult | NotModified: ...

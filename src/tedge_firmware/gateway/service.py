@@ -167,9 +167,21 @@ def create_directories(config: TedgeConfig) -> None:
             raise ConfigError(f"cannot create {directory}: {error.strerror}") from error
 
 
+def migrate_cache(config: TedgeConfig) -> None:
+    """Move a cache of the layout before content addressing into the current one (hashing
+    each entry once); links of operations in progress keep working."""
+    try:
+        FirmwareCache(config.cache_dir, config.file_transfer_dir).migrate()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot move the cache {config.cache_dir} to its new layout: {error}"
+        ) from error
+
+
 async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: ServiceOptions) -> None:
     device_id = check_plugin_config(config)
     create_directories(config)
+    await asyncio.to_thread(migrate_cache, config)
     file_transfer = make_file_transfer(config) if options.with_file_transfer else None
     downloader = Downloader(
         parallel=config.download_parallel,
@@ -252,7 +264,7 @@ def build_plugin(
     cache = FirmwareCache(config.cache_dir, config.file_transfer_dir)
 
     def being_fetched() -> Collection[str]:
-        return plugin.fetching_file_ids()
+        return plugin.pinned_firmware()
 
     ports = PluginPorts(
         publisher=publisher,

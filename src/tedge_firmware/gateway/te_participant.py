@@ -88,9 +88,12 @@ class TeParticipant:
         cache_keeper: CacheUpkeep,
         used_by_legacy: Callable[[str, str], bool],
         peer_errors: LogLimiter,
+        legacy_copy: Callable[[str, str], tuple[str, int] | None] = lambda child, file_id: None,
     ) -> None:
         """`used_by_legacy(child, file_id)`: whether a live legacy operation still needs that
-        published copy."""
+        published copy. `legacy_copy(child, file_id)`: SHA-256 and size of what the live legacy
+        request of the same operation for this child was handed (the gateway offers an
+        operation both ways, see te_mapper), None when there is none."""
         self._cache_keeper = cache_keeper
         self.settings = settings
         self._publisher = publisher
@@ -98,6 +101,7 @@ class TeParticipant:
         self._fetches = fetches
         self._links = links
         self._used_by_legacy = used_by_legacy
+        self._legacy_copy = legacy_copy
         self._peer_errors = peer_errors
         self.waiting: dict[str, _Waiting] = {}  # by command topic
         self.handed: dict[str, Copy] = {}  # commands whose tedgeUrl is a copy of ours
@@ -162,6 +166,13 @@ class TeParticipant:
             self._fail(where, command, f"The firmware_update command cannot be served: {error}")
             return
         waiting = _Waiting(where, command, child_id, file_id_for_url(download.remote_url))
+        handed = self._legacy_copy(child_id, waiting.file_id)
+        if handed is not None:
+            # the operation was offered to this child both ways (te_mapper): the command gets
+            # the bytes its legacy request was handed, with no second question to the origin
+            log.info("te/ command served with the legacy request's copy %s", waiting.context())
+            self._hand_over(waiting, *handed)
+            return
         self.waiting[where.topic] = waiting
         source = download.source_url(self.settings.proxy_host, self.settings.proxy_port)
         log.info(
@@ -190,12 +201,13 @@ class TeParticipant:
                 reason = done.reason or f"Download of {waiting.command.text('remoteUrl')} failed"
                 self._fail(waiting.where, waiting.command, reason)
             else:
-                self._hand_over(waiting, done.sha256)
+                self._hand_over(waiting, done.sha256, done.size)
 
-    def _hand_over(self, waiting: _Waiting, sha256: str) -> None:
+    def _hand_over(self, waiting: _Waiting, sha256: str, size: int | None) -> None:
         try:
-            self._cache.publish(waiting.child_id, waiting.file_id)
-            size = self._cache.entry(waiting.file_id).stat().st_size
+            link = self._cache.publish(waiting.child_id, waiting.file_id, sha256)
+            if size is None:
+                size = link.stat().st_size
         except FileNotFoundError:  # evicted since the fetch ended (`cache prune`)
             log.info("cached firmware gone before it was published: fetching it again")
             self._serve(waiting.where, waiting.command)

@@ -31,9 +31,12 @@ class Failure:
 class AttemptFailed(Exception):
     """An attempt or a file operation failed; carries the Failure (never leaves the downloader)."""
 
-    def __init__(self, failure: Failure) -> None:
+    def __init__(self, failure: Failure, *, unreachable: bool = False) -> None:
         super().__init__(failure.detail)
         self.failure = failure
+        # the last of transient failures (network, 5xx, stalls): the origin could not be
+        # reached, as opposed to an answer that settles it (404, digest mismatch)
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)

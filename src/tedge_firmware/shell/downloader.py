@@ -49,14 +49,14 @@ import asyncio
 import functools
 import logging
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
 from yarl import URL
 
-from tedge_firmware.core.http import declared_sha256, resume_validator
+from tedge_firmware.core.http import OriginHeaders, declared_sha256, resume_validator
 from tedge_firmware.core.resume import ResumeAction, ResumeDecision, ResumeState, resume_decision
 from tedge_firmware.core.retry import RetryPolicy, format_seconds, plan_retry
 from tedge_firmware.core.text import one_line
@@ -74,6 +74,7 @@ from tedge_firmware.shell.partial_file import (
     SYNC_FILE_RANGE,
     DownloadResult,
     FreeSpace,
+    NotModified,
     PartFile,
     Space,
     StartWriteback,
@@ -83,7 +84,7 @@ from tedge_firmware.shell.partial_file import (
     is_working_file,
 )
 
-__all__ = ["PART_SUFFIX", "DownloadResult", "Downloader", "is_working_file"]
+__all__ = ["PART_SUFFIX", "DownloadResult", "Downloader", "NotModified", "is_working_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class _Request:
     url: str
     target: Path
     token: str | None
+    # If-None-Match / If-Modified-Since for the caller's copy; sent only when no partial
+    # file is being resumed (a partial file is a version the origin already sent)
+    conditions: Mapping[str, str] = field(default_factory=dict)
 
     def headers(self, offset: int, validator: str | None) -> dict[str, str]:
         # identity: we store and hash the bytes of the file, not a compressed transfer of it.
@@ -106,7 +110,14 @@ class _Request:
         if offset > 0 and validator is not None:
             headers["Range"] = f"bytes={offset}-"
             headers["If-Range"] = validator
+        elif offset == 0:
+            headers.update(self.conditions)
         return headers
+
+
+class _NotModified(Exception):
+    def __init__(self, origin: OriginHeaders) -> None:
+        self.origin = origin
 
 
 @dataclass
@@ -128,6 +139,7 @@ class _Progress:
     failures_since_progress: int = 0
     progress_at: float = 0.0
     started_at: float = 0.0
+    origin: OriginHeaders = field(default_factory=OriginHeaders)
 
 
 class Downloader:
@@ -191,17 +203,39 @@ class Downloader:
         written to disk). A partial download of the same url into the same target left by an
         earlier call (cancelled, or a process that died) is resumed.
         """
-        request = _Request(_checked_url(url), Path(target), _checked_token(url, token))
+        result = await self._download(
+            _Request(_checked_url(url), Path(target), _checked_token(url, token))
+        )
+        assert isinstance(result, DownloadResult)  # only a conditional request gets a 304
+        return result
+
+    async def revalidate(
+        self, url: str, target: Path, conditions: Mapping[str, str], *, token: str | None = None
+    ) -> DownloadResult | NotModified:
+        """As `download`, conditional on `conditions` (`If-None-Match`, `If-Modified-Since`
+        for a copy the caller has) when it starts from zero: a `304` returns NotModified and
+        writes nothing; a `200` downloads the new version into `target`."""
+        checked = _checked_url(url)
+        request = _Request(checked, Path(target), _checked_token(url, token), dict(conditions))
+        return await self._download(request)
+
+    async def _download(self, request: _Request) -> DownloadResult | NotModified:
+        url = request.url
         part = PartFile(request.target, self._space, Writeback(self._start_writeback))
         interrupted = False
         try:
             progress = await self._reopen(request, part)
+            if part.size:  # resuming a version the origin sent: not a question of validity
+                request = replace(request, conditions={})
             await self._fetch_with_retries(request, part, progress)
             result = await asyncio.to_thread(part.commit, progress.sha256)
             logger.info("Downloaded %s into %s (%d bytes)", url, result.path, result.size)
-            return result
+            return replace(result, origin=progress.origin)
+        except _NotModified as answer:
+            logger.info("Not modified at the origin: %s", url)
+            return NotModified(answer.origin)
         except AttemptFailed as error:
-            raise DownloadError(url, error.failure.detail) from error
+            raise DownloadError(url, error.failure.detail, error.unreachable) from error
         except BaseException as error:
             # Cancelled (the service stops) or interrupted: keep what can be resumed. A bug
             # (any Exception) leaves nothing behind, like a failure.
@@ -277,7 +311,8 @@ class Downloader:
                 failure = error.failure
             wait = self._next_wait(failure, part, progress, loop.time())
             if wait is None:
-                raise AttemptFailed(_final_failure(failure, progress, loop.time()))
+                final = _final_failure(failure, progress, loop.time())
+                raise AttemptFailed(final, unreachable=failure.transient)
             logger.warning(
                 "Download of %s failed with %s; retrying in %.2fs",
                 request.url,
@@ -368,6 +403,9 @@ class Downloader:
         progress: _Progress,
         offset: int,
     ) -> None:
+        if response.status == 304 and request.conditions and offset == 0:
+            raise _NotModified(OriginHeaders.of(response.headers))
+        progress.origin = OriginHeaders.of(response.headers)
         decision = resume_decision(
             response.status,
             response.headers,

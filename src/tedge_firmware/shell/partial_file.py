@@ -22,10 +22,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from tedge_firmware.core.http import OriginHeaders
 from tedge_firmware.core.resume import (
     MAX_RESUME_RECORD_BYTES,
     RestartPlan,
@@ -93,11 +94,20 @@ def free_bytes(directory: Path) -> int:
 
 @dataclass(frozen=True)
 class DownloadResult:
-    """A completed download: where it is, its lowercase hex SHA-256 and its size in bytes."""
+    """A completed download: where it is, its lowercase hex SHA-256, its size in bytes and
+    what the origin said about caching it."""
 
     path: Path
     sha256: str
     size: int
+    origin: OriginHeaders = field(default_factory=OriginHeaders, compare=False)
+
+
+@dataclass(frozen=True)
+class NotModified:
+    """A conditional download answered `304`: the caller's copy is still the origin's."""
+
+    origin: OriginHeaders
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from tedge_firmware.core.http import (
     RangeVerdict,
     entity_tag,
     if_range_allows,
+    is_not_modified,
     parse_byte_range,
 )
 from tedge_firmware.errors import ConfigError
@@ -112,10 +113,18 @@ class _Plan:
 class _File:
     """A served file: its bytes or path, its faults (with what is left of them), its stats."""
 
-    def __init__(self, name: str, source: bytes | Path, faults: FileFaults) -> None:
+    def __init__(
+        self,
+        name: str,
+        source: bytes | Path,
+        faults: FileFaults,
+        cache_control: str | None = None,
+        stats: FileStats | None = None,
+    ) -> None:
         self.name = name
         self.source = source
-        self.stats = FileStats()
+        self.cache_control = cache_control
+        self.stats = stats or FileStats()
         self.set_faults(faults)
         # registered bytes never change: a content hash is a strong validator
         digest = hashlib.sha256(source).hexdigest()[:32] if isinstance(source, bytes) else ""
@@ -192,6 +201,7 @@ class BinaryServer:
         self._token = token
         self._extra_routes = tuple(extra_routes)
         self._files: dict[str, _File] = {}
+        self._holds: dict[str, asyncio.Event] = {}
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
 
@@ -247,17 +257,33 @@ class BinaryServer:
 
     # --- files -----------------------------------------------------------------------------
 
-    def add(self, name: str, content: bytes | Path, faults: FileFaults | None = None) -> str:
-        """Serve `content` (bytes, or a file's path) as `name`; returns its URL."""
+    def add(
+        self,
+        name: str,
+        content: bytes | Path,
+        faults: FileFaults | None = None,
+        cache_control: str | None = None,
+    ) -> str:
+        """Serve `content` (bytes, or a file's path) as `name`; returns its URL. Adding a name
+        again replaces its content at the same URL (new validators; the stats go on).
+        `cache_control`: the `Cache-Control` header of every answer for it."""
         url = self.url(name)  # checks the name, and that the server runs
         if not isinstance(content, bytes | Path):
             raise TypeError("content must be bytes or a pathlib.Path")
-        self._files[name] = _File(name, content, faults or FileFaults())
+        known = self._files.get(name)
+        stats = known.stats if known is not None else None
+        self._files[name] = _File(name, content, faults or FileFaults(), cache_control, stats)
         return url
 
     def set_faults(self, name: str, faults: FileFaults) -> None:
         """Replace a file's faults (their counts start again). KeyError for an unknown file."""
         self._files[name].set_faults(faults)
+
+    def hold(self, name: str) -> asyncio.Event:
+        """Requests for `name` wait (counted, unanswered) until the returned event is set: an
+        origin that is slow to answer, for as long as a test needs."""
+        self._holds[name] = held = asyncio.Event()
+        return held
 
     def url(self, name: str) -> str:
         return f"{self.base_url}{BINARIES_PATH}{check_file_name(name)}"
@@ -287,6 +313,9 @@ class BinaryServer:
         if file is None:
             return web.Response(status=404)
         file.record(request=True)
+        held = self._holds.get(file.name)
+        if held is not None:
+            await held.wait()
         error = file.take_error() if request.method == "GET" else None
         if error is not None:
             file.record(status=error)
@@ -309,14 +338,19 @@ class BinaryServer:
     async def _send(
         self, request: web.Request, file: _File, size: int, etag: str, mtime: float
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Accept-Ranges": "bytes",
-                "ETag": etag,
-                "Last-Modified": formatdate(mtime, usegmt=True),
-                "Content-Type": _OCTET_STREAM,
-            }
-        )
+        headers = {
+            "Accept-Ranges": "bytes",
+            "ETag": etag,
+            "Last-Modified": formatdate(mtime, usegmt=True),
+            "Content-Type": _OCTET_STREAM,
+        }
+        if file.cache_control is not None:
+            headers["Cache-Control"] = file.cache_control
+        conditions = request.headers.get("If-None-Match"), request.headers.get("If-Modified-Since")
+        if is_not_modified(*conditions, etag, mtime):
+            file.record(status=304)
+            return web.Response(status=304, headers=headers)
+        response = web.StreamResponse(headers=headers)
         selected = _selected_range(request, size, etag, mtime)
         if selected is RangeVerdict.UNSATISFIABLE:
             response.set_status(416)

@@ -197,13 +197,16 @@ class C8ySimulator:
         content: bytes | str | os.PathLike[str],
         *,
         faults: FileFaults | None = None,
+        cache_control: str | None = None,
     ) -> str:
-        """Serve `content` (bytes, or the path of a file) as `name`; returns its URL.
+        """Serve `content` (bytes, or the path of a file) as `name`; returns its URL. Adding a
+        name again changes the file behind the same URL (as a tenant updating a binary does).
+        `cache_control`: the `Cache-Control` header the binary is served with.
 
         ValueError for a name that is not one safe path segment; RuntimeError before start().
         """
         source = content if isinstance(content, bytes) else Path(content)
-        return self._files.add(name, source, faults)
+        return self._files.add(name, source, faults, cache_control)
 
     def has_file(self, name: str) -> bool:
         return name in self._files.stats()
@@ -211,6 +214,10 @@ class C8ySimulator:
     def set_faults(self, name: str, faults: FileFaults) -> None:
         """Replace a file's faults; their counts start again."""
         self._files.set_faults(name, faults)
+
+    def hold_file(self, name: str) -> asyncio.Event:
+        """Requests for binary `name` wait, counted but unanswered, until the event is set."""
+        return self._files.hold(name)
 
     def file_url(self, name: str) -> str:
         return self._files.url(name)
