@@ -67,7 +67,7 @@ def test_entries_in_use_or_kept_are_never_planned_but_count_towards_the_size() -
     # the busy one alone is above the limit: everything else goes, the busy one stays
     assert planned(entries, CacheLimits(max_size=50, max_age=HOUR)) == [("a", "AGE"), ("b", "SIZE")]
     assert planned(entries, CacheLimits(max_size=50), keep=frozenset({"b"})) == [("a", "SIZE")]
-    cleared = plan_clear(entries)
+    cleared = plan_clear(entries, NOW)
     assert [(e.entry.sha256, e.reason) for e in cleared] == [
         ("a", EvictionReason.REQUESTED),
         ("b", EvictionReason.REQUESTED),

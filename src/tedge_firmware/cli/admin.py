@@ -12,6 +12,7 @@ own usage errors), 1 for an unusable configuration or an unreadable directory.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -236,7 +237,7 @@ def cache_list_command(ctx: click.Context, config_dir: Path | None) -> None:
     now = time.time()
     console.print(_entries_table(entries, awaited, now))
     total = format_size(sum(entry.size for entry in entries))
-    in_use = sum(1 for entry in entries if entry.in_use or entry.sha256 in awaited)
+    in_use = sum(1 for e in entries if e.in_use or e.sha256 in awaited or e.pinned(now))
     console.print(f"{len(entries)} cached firmware, {total} in {where}; {in_use} in use")
     console.print(f"limits: {describe_limits(limits)}")
     plan = [] if limits.unlimited else plan_eviction(entries, limits, now)
@@ -259,6 +260,10 @@ def _entries_table(entries: Sequence[CacheEntry], awaited: set[str], now: float)
         users = ", ".join(_shown(child) for child in entry.children)
         if entry.sha256 in awaited:
             users = ", ".join(filter(None, (users, "(an operation waiting for it)")))
+        if entry.pinned(now) and entry.pinned_until is not None:
+            until = datetime.fromtimestamp(entry.pinned_until).strftime("%Y-%m-%d %H:%M:%S")
+            pinned = f"(pinned until {until})"
+            users = ", ".join(filter(None, (users, pinned)))
         last_used = _when(entry.last_used, now)
         urls = " ".join(_shown(url) for url in entry.urls) or "-"
         short = _shown(ids[entry.sha256])
@@ -287,6 +292,46 @@ def _max_age(value: str | None) -> int | None:
         fail(_shown(str(error)), USAGE_ERROR)
     except ValueError:  # more digits than int() takes
         fail(f"invalid value for '--max-age': {_shown(value[:20])}... is too big", USAGE_ERROR)
+
+
+@cache_group.command("fill", short_help="Download a firmware into the cache now.")
+@config_dir_option
+@click.argument("url")
+@click.option(
+    "--pin",
+    metavar="DURATION",
+    help="Keep it from eviction this long (3600, 90s, 15min, 12h, 7d, 2w).",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3600.0,
+    show_default=True,
+    help="Seconds to follow the download; after that it goes on without you.",
+)
+@click.pass_context
+def cache_fill_command(
+    ctx: click.Context, config_dir: Path | None, url: str, pin: str | None, wait_s: float
+) -> None:
+    """Ask the running gateway to download URL into its cache now (the cache_fill command on
+    te/device/main/service/tedge-firmware/cmd/cache_fill/<id>), and follow it: exit 0 once it
+    is in the cache (its SHA-256 and size shown), 1 when the gateway failed it, 2 when the
+    broker cannot be reached, 3 when it is still going after --wait (the gateway finishes it,
+    also after a restart). The same download, resume and freshness rules as operations."""
+    from tedge_firmware.cli.cache_fill import fill
+    from tedge_firmware.core.units import parse_duration
+    from tedge_firmware.core.urls import firmware_url_problem
+
+    problem = firmware_url_problem(url)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="URL")
+    try:
+        pin_seconds = None if pin is None else parse_duration(pin)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--pin'") from None
+    config = load_for(ctx, config_dir)
+    sys.exit(asyncio.run(fill(config, url, pin_seconds, wait_s)))
 
 
 @cache_group.command("prune", short_help="Apply the cache limits now.")
@@ -344,12 +389,12 @@ class _Pruner:
     def run(self, limits: CacheLimits, remove_all: bool) -> None:
         if remove_all:
             self.console.print("removing every entry not in use (--all)")
-            plan = plan_clear(self.entries)
+            plan = plan_clear(self.entries, self.now)
         else:
             self.console.print(f"limits: {describe_limits(limits)}")
             plan = plan_eviction(self.entries, limits, self.now)
         removed: list[CacheEntry] = []
-        kept = {entry.sha256 for entry in self.entries if entry.in_use}
+        kept = {e.sha256 for e in self.entries if e.in_use or e.pinned(self.now)}
         kept |= self.awaited & {entry.sha256 for entry in self.entries}
         for eviction in plan:
             entry = eviction.entry

@@ -9,7 +9,8 @@ firmware versions, so two optional limits apply:
 
 An entry that a child may still be downloading, that is one published to a child over file
 transfer (an operation in progress), is never dropped, whatever the limits: the cache may then
-stay above `max_size` until those operations end. "Used" means downloaded, or handed to a child
+stay above `max_size` until those operations end. Nor is one pinned by `cache fill --pin`,
+until its pin ends. "Used" means downloaded, or handed to a child
 for an operation (the caller records it as the entry's modification time).
 """
 
@@ -29,10 +30,14 @@ class CacheEntry:
     last_used: float  # seconds since the epoch
     children: tuple[str, ...] = ()  # children it is published to (operations in progress)
     urls: tuple[str, ...] = ()  # the URLs known to serve these bytes
+    pinned_until: float | None = None  # `cache fill --pin`: kept until then whatever the limits
 
     @property
     def in_use(self) -> bool:
         return bool(self.children)
+
+    def pinned(self, now: float) -> bool:
+        return self.pinned_until is not None and now < self.pinned_until
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ def plan_eviction(
     plan: list[Eviction] = []
     kept: list[CacheEntry] = []
     for entry in ordered:
-        evictable = not entry.in_use and entry.sha256 not in keep
+        evictable = not entry.in_use and not entry.pinned(now) and entry.sha256 not in keep
         too_old = limits.max_age is not None and now - entry.last_used > limits.max_age
         if too_old and evictable:
             plan.append(Eviction(entry, EvictionReason.AGE))
@@ -90,13 +95,17 @@ def plan_eviction(
         for entry in kept:
             if excess <= 0:
                 break
-            if not entry.in_use and entry.sha256 not in keep:
+            if not entry.in_use and not entry.pinned(now) and entry.sha256 not in keep:
                 plan.append(Eviction(entry, EvictionReason.SIZE))
                 excess -= entry.size
     return plan
 
 
-def plan_clear(entries: Iterable[CacheEntry]) -> list[Eviction]:
-    """Every entry not in use (`cache prune --all`)."""
+def plan_clear(entries: Iterable[CacheEntry], now: float) -> list[Eviction]:
+    """Every entry neither in use nor pinned (`cache prune --all`)."""
     ordered = sorted(entries, key=lambda entry: (entry.last_used, entry.sha256))
-    return [Eviction(entry, EvictionReason.REQUESTED) for entry in ordered if not entry.in_use]
+    return [
+        Eviction(entry, EvictionReason.REQUESTED)
+        for entry in ordered
+        if not entry.in_use and not entry.pinned(now)
+    ]

@@ -108,7 +108,7 @@ def parse_request(payload: bytes) -> FirmwareUpdateRequest | BadRequest:
     if isinstance(document, str):
         return BadRequest(None, document)
     op_id = document.get("id")
-    if not isinstance(op_id, str) or not _is_usable_id(op_id):
+    if not isinstance(op_id, str) or not is_usable_id(op_id):
         return BadRequest(None, "'id' is missing or not a short printable string")
     request = _request(op_id, document)
     return BadRequest(op_id, request) if isinstance(request, str) else request
@@ -167,7 +167,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _is_usable_id(value: str) -> bool:
+def is_usable_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_CHARS and value.strip() == value and not _CONTROL.search(value)
 
 
@@ -244,7 +244,7 @@ def parse_te_command_topic(topic: str) -> TeCommandTopic:
     if len(parts) != 8 or parts[0] != "te" or parts[5:7] != ["cmd", "firmware_update"]:
         raise MessageError(f"not a te/<entity>/cmd/firmware_update/<id> topic: {topic[:200]!r}")
     cmd_id = parts[7]
-    if not _is_usable_id(cmd_id) or cmd_id in (".", ".."):
+    if not is_usable_id(cmd_id) or cmd_id in (".", ".."):
         raise MessageError(f"unusable command id in {topic[:200]!r}")
     return TeCommandTopic("/".join(parts[1:5]), cmd_id)
 

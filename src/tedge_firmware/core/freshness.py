@@ -81,6 +81,7 @@ class CachedUrl:
     last_modified: str | None = None
     cache_control: str | None = None
     confirmed_at: float = 0.0  # seconds since the epoch: the origin's last 200 or 304
+    pinned_until: float | None = None  # `cache_fill` with a pin: not evicted before then
 
     @property
     def freshness(self) -> Freshness:
@@ -131,6 +132,11 @@ def _record(document: dict[str, Any]) -> CachedUrl | None:
         return None
     if not math.isfinite(confirmed):
         return None
+    pinned = document.get("pinned_until")
+    if pinned is not None and (
+        isinstance(pinned, bool) or not isinstance(pinned, int | float) or not math.isfinite(pinned)
+    ):
+        return None
     texts = {k: document.get(k) for k in ("url", "etag", "last_modified", "cache_control")}
     if not all(v is None or (isinstance(v, str) and len(v) <= _MAX_HEADER) for v in texts.values()):
         return None
@@ -142,6 +148,7 @@ def _record(document: dict[str, Any]) -> CachedUrl | None:
         last_modified=texts["last_modified"],
         cache_control=texts["cache_control"],
         confirmed_at=float(confirmed),
+        pinned_until=None if pinned is None else float(pinned),
     )
 
 

@@ -1,4 +1,5 @@
-"""Sizes as people write them (`64MiB`, `2GB`, `500000`) and back. Pure."""
+"""Sizes and durations as people write them (`64MiB`, `2GB`, `500000`; `90`, `15min`, `7d`)
+and back. Pure."""
 
 from __future__ import annotations
 
@@ -39,3 +40,24 @@ def format_size(size: float) -> str:
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size:.0f} B"
+
+
+_DURATION = re.compile(r" *([0-9]{1,12}) *([A-Za-z]*) *", re.ASCII)
+_SECONDS = {"": 1, "S": 1, "MIN": 60, "H": 3600, "D": 86400, "W": 7 * 86400}
+MAX_DURATION_S = 10 * 365 * 86400
+
+
+def parse_duration(text: str) -> int:
+    """'90' or '90s' → 90, '15min' → 900, '12h', '7d', '2w'; whole numbers of a unit.
+
+    ValueError, naming the text and an example, for anything else, for 0, or for more than
+    ten years.
+    """
+    match = _DURATION.fullmatch(text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _SECONDS:
+        raise ValueError(f"not a duration: {_shown(text)} (e.g. 3600, 90s, 15min, 12h, 7d)")
+    seconds = int(match.group(1)) * _SECONDS[unit]
+    if not 1 <= seconds <= MAX_DURATION_S:
+        raise ValueError(f"a duration must be between 1 s and 10 years: {_shown(text)}")
+    return seconds

@@ -239,6 +239,7 @@ class FirmwareFetches:
         record = CachedUrl(
             url, result.sha256, result.size, origin.etag, origin.last_modified,
             origin.cache_control, confirmed_at=now,
+            pinned_until=cached.pinned_until if cached is not None else None,
         )  # fmt: skip
         await asyncio.to_thread(self._cache.store, file_id, record, result.path)
         if cached is not None and cached.sha256 != record.sha256:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tedge_firmware.core import c8y_operations, smartrest, topics
+from tedge_firmware.core.cache_fill import CACHE_FILL_FILTER, is_cache_fill_topic
 from tedge_firmware.core.config import FILES_ROUTE, TedgeConfig
 from tedge_firmware.core.firmware_update import (
     TE_COMMAND_FILTER,
@@ -63,6 +64,7 @@ from tedge_firmware.core.operation import (
 )
 from tedge_firmware.errors import InputError, SmartRestError, StoreError
 from tedge_firmware.gateway import te_mapper
+from tedge_firmware.gateway.cache_fill import CacheFiller
 from tedge_firmware.gateway.fetches import CacheRules, FetchDone, FirmwareFetches, JwtBroker
 from tedge_firmware.gateway.ports import (
     CacheUpkeep,
@@ -95,6 +97,7 @@ PLUGIN_SUBSCRIPTIONS = (
     topics.health_check_topic(),
     TE_COMMAND_FILTER,
     c8y_operations.OPERATIONS_TOPIC,
+    CACHE_FILL_FILTER,
 )
 
 
@@ -329,6 +332,9 @@ class FirmwarePlugin:
             peer_errors=self.peer_errors,
             legacy_copy=self._legacy_copy,
         )
+        self.filler = CacheFiller(
+            self.publisher, self.fetches, self.cache, peer_errors=self.peer_errors
+        )
 
     def pinned_firmware(self) -> Collection[str]:
         """The firmware (SHA-256) fetched and not published yet: the cache keeper must not
@@ -460,6 +466,8 @@ class FirmwarePlugin:
             self.publish_health()
         elif topic.startswith("tedge/") and topic.endswith("/commands/res/firmware_update"):
             self._on_child_response(topic, payload)
+        elif is_cache_fill_topic(topic):
+            self.filler.on_command(topic, payload)
         elif topic.startswith("te/"):
             self.te.on_command(topic, payload)
             if self.settings.plays_mapper:
@@ -660,6 +668,7 @@ class FirmwarePlugin:
             else:
                 self._send_first_request(operation, done.sha256)
         self.te.on_fetch_done(done, waiters)
+        self.filler.on_fetch_done(done, waiters)
         if done.sha256 is not None:
             self.cache_keeper.request()  # the cache grew; the new entry is published by now
 

@@ -34,6 +34,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from tedge_firmware.core.access import FIRMWARE_DIR
@@ -107,6 +108,18 @@ class FirmwareCache:
             self._touch(self.content(record.sha256))
             self._write_record(file_id, record)
 
+    def pin(self, file_id: str, until: float) -> CachedUrl | None:
+        """Keep the URL's firmware from eviction until `until` (a later pin wins); the
+        record, None when the URL is not cached (any more)."""
+        with self._locked(fcntl.LOCK_SH):
+            record = self.lookup(file_id)
+            if record is None:
+                return None
+            if record.pinned_until is None or record.pinned_until < until:
+                record = replace(record, pinned_until=until)
+                self._write_record(file_id, record)
+            return record
+
     def _record_path(self, file_id: str) -> Path:
         return self.urls_dir / f"{file_id}{RECORD_SUFFIX}"
 
@@ -164,7 +177,12 @@ class FirmwareCache:
         """Every firmware in the cache, with the children it is published to and the URLs
         known to serve it."""
         users = self._published()
-        urls = self._urls_by_content()
+        urls: dict[str, set[str]] = {}
+        pins: dict[str, float] = {}
+        for file_id, record in self._records():
+            urls.setdefault(record.sha256, set()).add(record.url or f"(FILE_ID {file_id})")
+            if record.pinned_until is not None:
+                pins[record.sha256] = max(pins.get(record.sha256, 0.0), record.pinned_until)
         found = []
         try:
             listing = list(os.scandir(self.content_dir))
@@ -181,7 +199,8 @@ class FirmwareCache:
                 continue
             children = tuple(sorted(users.get(item.name, ())))
             known = tuple(sorted(urls.get(item.name, ())))
-            found.append(CacheEntry(item.name, info.st_size, info.st_atime, children, known))
+            entry = CacheEntry(item.name, info.st_size, info.st_atime, children, known)
+            found.append(replace(entry, pinned_until=pins.get(item.name)))
         return found
 
     def evict(self, sha256: str) -> bool:
@@ -278,12 +297,6 @@ class FirmwareCache:
                 continue
             if record is not None:
                 yield item.name.removesuffix(RECORD_SUFFIX), record
-
-    def _urls_by_content(self) -> dict[str, set[str]]:
-        urls: dict[str, set[str]] = {}
-        for file_id, record in self._records():
-            urls.setdefault(record.sha256, set()).add(record.url or f"(FILE_ID {file_id})")
-        return urls
 
     @staticmethod
     def _touch(path: Path) -> None:
