@@ -104,6 +104,10 @@ VALID: dict[str, tuple[str, object]] = {
     "firmware.cache.max_size": ("2GiB", 2 * 2**30),
     "firmware.cache.max_age": ("2592000", 2592000),
     "firmware.cache.revalidate_after": ("0", 0),
+    "proxy.address": ("http://proxy.lan:3128", "http://proxy.lan:3128"),
+    "proxy.username": ("site", "site"),
+    "proxy.password": ("s3cret", "s3cret"),
+    "proxy.no_proxy": ("localhost,10.0.0.0/8", "localhost,10.0.0.0/8"),
     "firmware.cache.stale_if_error": ("true", True),
     "c8y.proxy.bind.port": ("8101", 8101),
     "c8y.smartrest.use_operation_id": ("true", True),
@@ -149,6 +153,10 @@ DEFAULTS: dict[str, object] = {
     "firmware.cache.max_size": None,
     "firmware.cache.max_age": None,
     "firmware.cache.revalidate_after": 0,
+    "proxy.address": None,
+    "proxy.username": None,
+    "proxy.password": None,
+    "proxy.no_proxy": None,
     "firmware.cache.stale_if_error": False,
     "c8y.proxy.bind.port": 8001,
     "c8y.smartrest.use_operation_id": False,
@@ -455,8 +463,10 @@ def test_env_var_names_lists_every_spelling() -> None:
 
 PORT_KEYS = ["mqtt.bind.port", "mqtt.client.port", "http.bind.port"]
 HOST_KEYS = [
-    spec.name for spec in KEYS if spec.name.endswith((".address", ".host", ".url", ".http"))
-]
+    spec.name
+    for spec in KEYS
+    if spec.name.endswith((".address", ".host", ".url", ".http")) and spec.name != "proxy.address"
+]  # proxy.address is a URL (test_upstream_proxy)
 
 
 @pytest.mark.parametrize("name", PORT_KEYS)

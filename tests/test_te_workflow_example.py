@@ -139,12 +139,14 @@ async def agents(children: list[str], flow: dict[str, Any], port: int, tmp: Path
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def walk(obs: Any, topic: str) -> list[dict[str, Any]]:
-    """The states of one command until a final one; then the test, as the mapper, clears it."""
-    states: list[dict[str, Any]] = []
-    while not states or states[-1]["status"] not in ("successful", "failed"):
+async def walk(obs: Any, topic: str, until: tuple[str, ...] = ("successful", "failed"), states: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The states of one command until a final one; then the test, as the mapper, clears it.
+    With `until` other states: stops there (and clears nothing)."""
+    states = [] if states is None else states
+    while not states or states[-1]["status"] not in until:
         states.append(json.loads(await obs.next(topic, timeout=20)))
-    await obs.publish(topic, b"", retain=True)
+    if states[-1]["status"] in ("successful", "failed"):
+        await obs.publish(topic, b"", retain=True)
     return states
 
 
@@ -161,6 +163,7 @@ async def test_children_following_the_example_update_from_one_gateway_download(
     flow["install"]["script"] = flow["install"]["script"].replace("/usr/local/bin/install-firmware.sh", str(script))
 
     cloud = FirmwareServer(files={"fw.bin": FIRMWARE})
+    gate = cloud.gates[firmware] = asyncio.Event()  # the origin answers once all three ask
     await cloud.start()
     config_dir = tmp_path / "etc"
     write_config(config_dir, tmp_path / "data", broker.port, free_port())
@@ -173,7 +176,10 @@ async def test_children_following_the_example_update_from_one_gateway_download(
             init = {"status": "init", "remoteUrl": cloud.url(firmware), "name": "image", "version": "3.1"}
             for topic in topics.values():  # the mapper creates the commands
                 await obs.publish(topic, json.dumps(init), retain=True)
-            walks = [await walk(obs, topic) for topic in topics.values()]
+            # every child hands its command to the gateway while the cloud has not answered
+            walks = [await walk(obs, topic, until=("gateway_download",)) for topic in topics.values()]
+            gate.set()
+            walks = [await walk(obs, topic, states=states) for topic, states in zip(topics.values(), walks, strict=True)]
     finally:
         await gateway.stop()
         await cloud.stop()

@@ -119,6 +119,11 @@ def set_command(ctx: click.Context, key: str, value: str) -> None:
                 click.echo(f"note: the environment variable {var} overrides this value", err=True)
 
 
+# `config list` is for looking around: a secret is only said to be set (`config get` shows it)
+SECRET_KEYS = frozenset({"proxy.password"})
+SECRET_SHOWN = "(set)"
+
+
 @config_group.command("list")
 @click.option("--doc", is_flag=True, help="Add each key's description below it.")
 @click.pass_context
@@ -138,7 +143,8 @@ def list_command(ctx: click.Context, doc: bool) -> None:
             # No certificate yet is normal before `tedge cert create`: show device.id unset.
             with suppress(TedgeFirmwareError):
                 value = view.device_id_from_certificate()
-        click.echo(f"{spec.name}={'' if value is None else value}")
+        shown = "" if value is None else SECRET_SHOWN if spec.name in SECRET_KEYS else value
+        click.echo(f"{spec.name}={shown}")
         if doc:
             default = "" if spec.default is None else f" (default: {spec.default})"
             click.echo(f"    {spec.doc}{default}")

@@ -16,6 +16,7 @@ from typing import Any
 from tedge_firmware.core.access import WritePolicy
 from tedge_firmware.core.cache_policy import CacheLimits
 from tedge_firmware.core.firmware_update import te_state_problem
+from tedge_firmware.core.proxy import UpstreamProxy, parse_no_proxy, proxy_address_problem
 from tedge_firmware.core.units import parse_size
 from tedge_firmware.errors import ConfigError
 
@@ -61,6 +62,14 @@ def _int_in(low: int, high: int, what: str) -> Parser:
         return number
 
     return parse
+
+
+def _proxy_address(key: str, value: object) -> str:
+    text = _text(key, value)
+    problem = proxy_address_problem(text)
+    if problem is not None:
+        raise ConfigError(f"invalid value for '{key}': {text[:100]!r} {problem}")
+    return text
 
 
 def _path(key: str, value: object) -> Path:
@@ -320,6 +329,19 @@ KEYS: tuple[KeySpec, ...] = (
         "Seconds a cached firmware is kept after its last use",
     ),
     KeySpec(
+        "proxy.address",
+        _proxy_address,
+        "HTTP proxy (http[s]://host:port) for the gateway's downloads from the cloud",
+    ),
+    KeySpec("proxy.username", _text, "User name for the proxy (Basic)"),
+    KeySpec("proxy.password", _text, "Password for the proxy (Basic)"),
+    KeySpec(
+        "proxy.no_proxy",
+        _text,
+        "Hosts reached without the proxy: comma-separated names (with their subdomains), "
+        "addresses, networks (192.168.1.0/24) or *; default: the NO_PROXY environment variable",
+    ),
+    KeySpec(
         "firmware.cache.revalidate_after",
         _seconds_or_zero,
         "Seconds an origin's confirmation of a cached firmware is reused without asking it "
@@ -518,6 +540,7 @@ class TedgeConfig:
     http_client_key_file: Path | None = None
     http_writes: WritePolicy = WritePolicy.OWN
     http_signed_links: bool = False
+    upstream_proxy: UpstreamProxy | None = None
     use_operation_id: bool = False
     c8y_proxy_host: str = "127.0.0.1"
     c8y_proxy_port: int = 8001
@@ -627,6 +650,19 @@ def _is_unspecified(host: str) -> bool:
         return False
 
 
+def _upstream_proxy(get: Callable[[str], Any], env: Mapping[str, str]) -> UpstreamProxy | None:
+    address = get("proxy.address")
+    if address is None:
+        return None
+    username, password = get("proxy.username"), get("proxy.password")
+    if password is not None and username is None:
+        raise ConfigError("proxy.password is set without proxy.username: set both, or neither")
+    no_proxy = get("proxy.no_proxy")
+    if no_proxy is None:
+        no_proxy = env.get("NO_PROXY", env.get("no_proxy"))
+    return UpstreamProxy(address, username, password, parse_no_proxy(no_proxy))
+
+
 def config_from_document(
     doc: Mapping[str, Any], env: Mapping[str, str], config_dir: Path, source: str
 ) -> TedgeConfig:
@@ -683,6 +719,7 @@ def config_from_document(
         http_client_key_file=get("http.client.auth.key_file"),
         http_writes=get("http.file_transfer.writes"),
         http_signed_links=get("http.signed_links"),
+        upstream_proxy=_upstream_proxy(get, env),
         use_operation_id=get("c8y.smartrest.use_operation_id"),
         c8y_proxy_host=get("c8y.proxy.client.host"),
         c8y_proxy_port=get("c8y.proxy.client.port"),

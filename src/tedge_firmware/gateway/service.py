@@ -192,6 +192,7 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
             config.http_ca_path, config.http_client_cert_file, config.http_client_key_file
         ),
         local_hosts=frozenset({config.c8y_proxy_host.strip("[]").lower()}),
+        proxy=config.upstream_proxy,
     )
     session: MqttSession | None = None
     plugin: FirmwarePlugin | None = None

@@ -56,7 +56,10 @@ def status_failure(response: aiohttp.ClientResponse) -> Failure:
     retry_after = None
     if transient:
         retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
-    return Failure(describe_status(response.status, response.reason), transient, retry_after)
+    detail = describe_status(response.status, response.reason)
+    if response.status == 407:  # the site's proxy, relaying an http origin
+        detail += " from the proxy (proxy.username, proxy.password)"
+    return Failure(detail, transient, retry_after)
 
 
 _Describe = Callable[[BaseException, FailureContext], Failure]
@@ -122,7 +125,13 @@ def _redirects(exc: BaseException, context: FailureContext) -> Failure:
 
 def _proxy_status(exc: BaseException, context: FailureContext) -> Failure:
     status = exc.status if isinstance(exc, aiohttp.ClientResponseError) else 0
-    return Failure(f"proxy answered {describe_status(status)}", is_transient_status(status))
+    keys = " (proxy.username, proxy.password)" if status == 407 else ""
+    return Failure(f"proxy answered {describe_status(status)}{keys}", is_transient_status(status))
+
+
+def _proxy_connect(exc: BaseException, context: FailureContext) -> Failure:
+    reason = one_line(_strerror(exc), limit=120)
+    return Failure(f"cannot connect to the proxy (proxy.address): {reason}", transient=True)
 
 
 def _bad_response(exc: BaseException, context: FailureContext) -> Failure:
@@ -157,6 +166,7 @@ def _other_client_error(exc: BaseException, context: FailureContext) -> Failure:
 EXCEPTION_MAP: tuple[tuple[type[BaseException], _Describe], ...] = (
     (aiohttp.ClientConnectorDNSError, _dns),
     (aiohttp.ClientSSLError, _tls),
+    (aiohttp.ClientProxyConnectionError, _proxy_connect),
     (aiohttp.ClientConnectorError, _connect),
     (aiohttp.ConnectionTimeoutError, _connect_timeout),
     (aiohttp.SocketTimeoutError, _stalled),

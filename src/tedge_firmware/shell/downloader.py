@@ -57,6 +57,7 @@ import aiohttp
 from yarl import URL
 
 from tedge_firmware.core.http import OriginHeaders, declared_sha256, resume_validator
+from tedge_firmware.core.proxy import UpstreamProxy
 from tedge_firmware.core.resume import ResumeAction, ResumeDecision, ResumeState, resume_decision
 from tedge_firmware.core.retry import RetryPolicy, format_seconds, plan_retry
 from tedge_firmware.core.text import one_line
@@ -165,6 +166,9 @@ class Downloader:
     - `local_hosts`: host names (lower case) that get `ssl_context`; empty: every host does.
       The gateway presents its local-hop certificate only to thin-edge's local services and
       keeps the system's CAs alone for the cloud.
+    - `proxy`: the upstream HTTP proxy (`proxy.address`, thin-edge's keys); hosts in its
+      `no_proxy` and `local_hosts` are reached directly. http origins get the absolute-form
+      request, https ones a CONNECT tunnel.
     """
 
     def __init__(
@@ -180,6 +184,7 @@ class Downloader:
         resolver: aiohttp.abc.AbstractResolver | None = None,
         ssl_context: ssl.SSLContext | None = None,
         local_hosts: frozenset[str] = frozenset(),
+        proxy: UpstreamProxy | None = None,
     ) -> None:
         if parallel < 1 or stall_timeout <= 0 or chunk_size < 1:
             raise ValueError("parallel and chunk_size must be >= 1, stall_timeout > 0")
@@ -191,6 +196,12 @@ class Downloader:
         self._resolver = resolver
         self._ssl_context = ssl_context
         self._local_hosts = local_hosts
+        self._proxy = proxy
+        self._proxy_headers = (
+            {"Proxy-Authorization": aiohttp.encode_basic_auth(proxy.username, proxy.password or "")}
+            if proxy is not None and proxy.username is not None
+            else None
+        )
         self._chunk_size = chunk_size
         self._space = Space(free_space or free_bytes, reserve_bytes)
         self._start_writeback = start_writeback
@@ -365,10 +376,18 @@ class Downloader:
         )
         progress.expected_end = None
         try:
+            proxy = self._proxy_for(request.url)
+            headers = request.headers(offset, progress.validator)
+            if proxy is not None and self._proxy_headers and request.url.startswith("http:"):
+                # an http origin gets the absolute-form request: the proxy reads this header
+                # there (for https it goes on the CONNECT only, never to the origin)
+                headers.update(self._proxy_headers)
             async with self._client().get(
                 request.url,
-                headers=request.headers(offset, progress.validator),
+                headers=headers,
                 ssl=self._ssl_for(request.url),
+                proxy=proxy,
+                proxy_headers=self._proxy_headers,
             ) as response:
                 await self._receive(request, response, part, progress, offset)
         except (aiohttp.ClientError, OSError, TimeoutError, UnicodeError) as exc:
@@ -376,6 +395,14 @@ class Downloader:
             # redirect led to; the first url was checked before.
             context = self._context(request, part, progress)
             raise AttemptFailed(describe_exception(exc, context)) from exc
+
+    def _proxy_for(self, url: str) -> str | None:
+        if self._proxy is None:
+            return None
+        host = (URL(url).host or "").lower()
+        if host in self._local_hosts or self._proxy.bypassed(host):
+            return None
+        return self._proxy.url
 
     def _ssl_for(self, url: str) -> ssl.SSLContext | bool:
         # A redirect keeps this request's context; a local service redirecting to the cloud
