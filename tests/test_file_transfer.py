@@ -423,7 +423,7 @@ async def test_range_on_empty_file_is_416(client, root: Path):
     assert (status, headers["Content-Range"]) == (416, "bytes */0")
 
 
-@pytest.mark.parametrize("range_header", ["bytes=5-2", "bytes=0-1,5-6", "items=0-5", "bytes=x-"])
+@pytest.mark.parametrize("range_header", ["bytes=5-2", "bytes=0-1,5-2", "items=0-5", "bytes=x-"])
 async def test_ignored_range_gives_the_whole_file(client, big_file, big_bytes, range_header):
     status, headers, body = await fetch(
         client,

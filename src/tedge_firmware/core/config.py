@@ -329,6 +329,11 @@ KEYS: tuple[KeySpec, ...] = (
         "Seconds a cached firmware is kept after its last use",
     ),
     KeySpec(
+        "firmware.download.max_rate",
+        _size,
+        "Bytes per second all cloud downloads together may take (2MB, 500KiB); default: no cap",
+    ),
+    KeySpec(
         "proxy.address",
         _proxy_address,
         "HTTP proxy (http[s]://host:port) for the gateway's downloads from the cloud",
@@ -541,6 +546,7 @@ class TedgeConfig:
     http_writes: WritePolicy = WritePolicy.OWN
     http_signed_links: bool = False
     upstream_proxy: UpstreamProxy | None = None
+    download_max_rate: int | None = None
     use_operation_id: bool = False
     c8y_proxy_host: str = "127.0.0.1"
     c8y_proxy_port: int = 8001
@@ -720,6 +726,7 @@ def config_from_document(
         http_writes=get("http.file_transfer.writes"),
         http_signed_links=get("http.signed_links"),
         upstream_proxy=_upstream_proxy(get, env),
+        download_max_rate=get("firmware.download.max_rate"),
         use_operation_id=get("c8y.smartrest.use_operation_id"),
         c8y_proxy_host=get("c8y.proxy.client.host"),
         c8y_proxy_port=get("c8y.proxy.client.port"),

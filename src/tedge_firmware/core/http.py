@@ -309,3 +309,69 @@ class OriginHeaders:
             return value.strip() or None
 
         return cls(kept("ETag"), kept("Last-Modified"), kept("Cache-Control"))
+
+
+# Several ranges in one request (`bytes=0-99,500-599`): answered with one `206
+# multipart/byteranges` body (RFC 9110 §14.6). More than this many are answered whole: a
+# request for thousands of tiny ranges costs the server more than the file.
+MAX_RANGES: Final = 64
+
+
+def parse_byte_ranges(header: str | None, size: int) -> list[ByteRange] | RangeVerdict:
+    """Interpret a Range header that may name several ranges (RFC 9110 §14.1.2).
+
+    Each part is read as `parse_byte_range` reads one; one invalid part makes the whole header
+    ignored (200 and all bytes), parts beyond the end are dropped (416 when none is left), and
+    overlapping or adjacent ranges are merged, in ascending order (§14.3 lets a server do so).
+    """
+    if header is None or not header.strip().lower().startswith("bytes"):
+        return RangeVerdict.WHOLE
+    unit, _, specs = header.strip().partition("=")
+    parts = [part.strip() for part in specs.split(",")]
+    if unit.strip().lower() != "bytes" or not parts or len(parts) > MAX_RANGES:
+        return RangeVerdict.WHOLE
+    ranges: list[ByteRange] = []
+    for part in parts:
+        verdict = parse_byte_range(f"bytes={part}", size)
+        if verdict is RangeVerdict.WHOLE:
+            return RangeVerdict.WHOLE
+        if isinstance(verdict, ByteRange):
+            ranges.append(verdict)
+    if not ranges:
+        return RangeVerdict.UNSATISFIABLE
+    return _merged(ranges)
+
+
+def _merged(ranges: list[ByteRange]) -> list[ByteRange]:
+    merged: list[ByteRange] = []
+    for current in sorted(ranges, key=lambda r: r.start):
+        if merged and current.start <= merged[-1].stop:
+            merged[-1] = ByteRange(merged[-1].start, max(merged[-1].stop, current.stop))
+        else:
+            merged.append(current)
+    return merged
+
+
+@dataclass(frozen=True)
+class MultipartLayout:
+    """The body of a `multipart/byteranges` answer: before each range its part head, after
+    the last one the closing delimiter; `length` is the Content-Length."""
+
+    content_type: str
+    heads: tuple[bytes, ...]
+    tail: bytes
+    length: int
+
+
+def multipart_layout(
+    ranges: list[ByteRange], size: int, boundary: str, part_type: str
+) -> MultipartLayout:
+    heads = tuple(
+        (b"\r\n" if index else b"")
+        + f"--{boundary}\r\nContent-Type: {part_type}\r\n"
+        f"Content-Range: {selected.content_range(size)}\r\n\r\n".encode("ascii")
+        for index, selected in enumerate(ranges)
+    )
+    tail = f"\r\n--{boundary}--\r\n".encode("ascii")
+    length = sum(len(head) for head in heads) + sum(r.length for r in ranges) + len(tail)
+    return MultipartLayout(f"multipart/byteranges; boundary={boundary}", heads, tail, length)

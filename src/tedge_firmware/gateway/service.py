@@ -193,6 +193,7 @@ async def serve_plugin(config: TedgeConfig, stop: asyncio.Event, options: Servic
         ),
         local_hosts=frozenset({config.c8y_proxy_host.strip("[]").lower()}),
         proxy=config.upstream_proxy,
+        max_rate=config.download_max_rate,
     )
     session: MqttSession | None = None
     plugin: FirmwarePlugin | None = None

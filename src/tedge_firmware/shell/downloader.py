@@ -58,6 +58,7 @@ from yarl import URL
 
 from tedge_firmware.core.http import OriginHeaders, declared_sha256, resume_validator
 from tedge_firmware.core.proxy import UpstreamProxy
+from tedge_firmware.core.rate import TokenBucket
 from tedge_firmware.core.resume import ResumeAction, ResumeDecision, ResumeState, resume_decision
 from tedge_firmware.core.retry import RetryPolicy, format_seconds, plan_retry
 from tedge_firmware.core.text import one_line
@@ -166,6 +167,7 @@ class Downloader:
     - `local_hosts`: host names (lower case) that get `ssl_context`; empty: every host does.
       The gateway presents its local-hop certificate only to thin-edge's local services and
       keeps the system's CAs alone for the cloud.
+    - `max_rate`: bytes per second over all downloads at once (the site's link); None: no cap.
     - `proxy`: the upstream HTTP proxy (`proxy.address`, thin-edge's keys); hosts in its
       `no_proxy` and `local_hosts` are reached directly. http origins get the absolute-form
       request, https ones a CONNECT tunnel.
@@ -185,6 +187,7 @@ class Downloader:
         ssl_context: ssl.SSLContext | None = None,
         local_hosts: frozenset[str] = frozenset(),
         proxy: UpstreamProxy | None = None,
+        max_rate: int | None = None,
     ) -> None:
         if parallel < 1 or stall_timeout <= 0 or chunk_size < 1:
             raise ValueError("parallel and chunk_size must be >= 1, stall_timeout > 0")
@@ -197,6 +200,7 @@ class Downloader:
         self._ssl_context = ssl_context
         self._local_hosts = local_hosts
         self._proxy = proxy
+        self._bucket = TokenBucket(max_rate) if max_rate else None
         self._proxy_headers = (
             {"Proxy-Authorization": aiohttp.encode_basic_auth(proxy.username, proxy.password or "")}
             if proxy is not None and proxy.username is not None
@@ -498,6 +502,11 @@ class Downloader:
                 await writer.put(step)
             async for piece in response.content.iter_any():
                 buffer += piece
+                if self._bucket is not None:
+                    # not reading holds the sender back (TCP): the cap costs no memory
+                    loop = asyncio.get_running_loop()
+                    if wait := self._bucket.delay(len(piece), loop.time()):
+                        await asyncio.sleep(wait)
                 if len(buffer) >= self._chunk_size:
                     # `buffer` is replaced only once queued: a cancellation while put() waits
                     # must not lose these bytes (the rest would be written after a gap).

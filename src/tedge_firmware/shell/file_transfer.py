@@ -67,7 +67,8 @@ from tedge_firmware.core.http import (
     entity_tag,
     if_range_allows,
     is_not_modified,
-    parse_byte_range,
+    multipart_layout,
+    parse_byte_ranges,
 )
 from tedge_firmware.core.links import link_problem
 from tedge_firmware.errors import ConfigError
@@ -500,12 +501,12 @@ def _file_headers(st: os.stat_result) -> dict[str, str]:
     }
 
 
-def _selected_range(request: web.Request, st: os.stat_result) -> ByteRange | RangeVerdict:
-    """The part of the file a GET asks for, with If-Range checked first."""
+def _selected_ranges(request: web.Request, st: os.stat_result) -> list[ByteRange] | RangeVerdict:
+    """The parts of the file a GET asks for, with If-Range checked first."""
     headers = request.headers
     if not if_range_allows(headers.get("If-Range"), entity_tag(st), st.st_mtime):
         return RangeVerdict.WHOLE
-    return parse_byte_range(headers.get("Range"), st.st_size)
+    return parse_byte_ranges(headers.get("Range"), st.st_size)
 
 
 async def _send_file(
@@ -517,14 +518,17 @@ async def _send_file(
         response.set_status(304)
         await response.prepare(request)
         return response
-    selected = _selected_range(request, st)
-    if selected is RangeVerdict.UNSATISFIABLE:
+    ranges = _selected_ranges(request, st)
+    if ranges is RangeVerdict.UNSATISFIABLE:
         response.set_status(416)
         response.headers["Content-Range"] = f"bytes */{st.st_size}"
         response.content_length = 0
         await response.prepare(request)
         return response
-    if isinstance(selected, ByteRange):
+    if isinstance(ranges, list) and len(ranges) > 1:
+        return await _send_ranges(request, response, file, st, ranges)
+    if isinstance(ranges, list):
+        [selected] = ranges
         response.set_status(206)
         response.headers["Content-Range"] = selected.content_range(st.st_size)
     else:
@@ -536,6 +540,34 @@ async def _send_file(
             await _stream_range(request, response, file, selected)
         await response.write_eof()
     except ConnectionError as exc:  # routine: a child that reboots mid-download
+        logger.debug("File transfer: %r: the client left mid-body (%s)", request.raw_path, exc)
+        response.force_close()
+    return response
+
+
+async def _send_ranges(
+    request: web.Request,
+    response: web.StreamResponse,
+    file: BinaryIO,
+    st: os.stat_result,
+    ranges: list[ByteRange],
+) -> web.StreamResponse:
+    """Several ranges: one `206 multipart/byteranges` body (for delta and chunk clients)."""
+    layout = multipart_layout(ranges, st.st_size, secrets.token_hex(16), _OCTET_STREAM)
+    response.set_status(206)
+    response.headers["Content-Type"] = layout.content_type
+    response.content_length = layout.length
+    await response.prepare(request)
+    try:
+        if request.method != "HEAD":
+            for head, selected in zip(layout.heads, ranges, strict=True):
+                await response.write(head)
+                if await _copy_range(response, file, selected) < selected.length:
+                    response.force_close()  # the file shrank under us: a short body
+                    return response
+            await response.write(layout.tail)
+        await response.write_eof()
+    except ConnectionError as exc:
         logger.debug("File transfer: %r: the client left mid-body (%s)", request.raw_path, exc)
         response.force_close()
     return response
