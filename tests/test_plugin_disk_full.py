@@ -3,6 +3,7 @@ nothing half-written left in the cache. data.path is a real small filesystem (tm
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +25,12 @@ from harness import (
 )
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of `size` (skips the test where it cannot be mounted)."""
     mount_point.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
@@ -37,6 +38,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", "4m") as mount_point:
+        yield mount_point
 
 
 async def test_not_enough_disk_space_fails_clearly(tmp_path: Path, broker: Broker, small_disk: Path) -> None:
@@ -85,3 +92,56 @@ async def test_a_put_that_fills_the_disk_answers_507_and_leaves_nothing(small_di
     assert status == 507, body
     assert "No space left" in body
     assert [p.name for p in (root / "child1").iterdir()] == []  # no half file, no temp file
+
+
+@pytest.fixture
+def disk_of_8m(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "disk8m", "8m") as mount_point:
+        yield mount_point
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["unused firmware goes", "pinned firmware stays"])
+async def test_a_download_makes_room_by_evicting_what_nothing_needs(
+    tmp_path: Path, broker: Broker, disk_of_8m: Path, pinned: bool
+) -> None:
+    """3 MiB of old firmware in an 8 MiB cache, then a 5.5 MiB one: the old one goes to make
+    room (no limits are configured: the room is needed now), unless it is pinned; then the
+    operation fails naming the sizes, and nothing half-written stays."""
+    import hashlib
+    import time
+
+    from harness import seed_cache
+    from tedge_firmware.core.operation import file_id_for_url
+    from tedge_firmware.shell.cache import FirmwareCache
+
+    data = disk_of_8m / "data"
+    write_config(tmp_path / "etc", data, broker.port, free_port())
+    old, new = b"\x01" * (3 << 20), b"\x02" * (11 << 19)
+    old_file = seed_cache(data, "http://cloud.example/old.bin", old)
+    if pinned:
+        cache = FirmwareCache(data / "cache", data / "file-transfer")
+        assert cache.pin(file_id_for_url("http://cloud.example/old.bin"), time.time() + 3600) is not None
+    cloud = FirmwareServer(files={"new.bin": new})
+    await cloud.start()
+    gateway = Gateway(tmp_path / "etc", data)
+    try:
+        async with observer(broker.port) as obs:
+            await gateway.start()
+            assert await obs.next("c8y/s/us") == b"500"
+            url = cloud.url("new.bin")
+            await obs.publish("c8y/s/ds", f"515,{CHILD},fw,2.0,{url}")
+            if pinned:
+                assert await obs.next(us()) == E501
+                failed = (await obs.next(us())).decode()
+                assert "not enough disk space" in failed and "freed only 0 bytes" in failed, failed
+                assert old_file.read_bytes() == old
+                assert [f for f in cache_files(data) if f.startswith(("sha256/", "incoming/"))] == [f"sha256/{old_file.name}"]
+            else:
+                import json
+
+                request = json.loads(await obs.next(req_topic(), timeout=20))
+                assert request["sha256"] == hashlib.sha256(new).hexdigest()
+                assert not old_file.exists()  # evicted to make room
+    finally:
+        await gateway.stop()
+        await cloud.stop()

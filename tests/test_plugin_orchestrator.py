@@ -13,7 +13,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +179,9 @@ class CountingUpkeep:
 
     def request(self) -> None:
         self.requests += 1
+
+    def make_room(self, needed: int, pinned: Collection[str] = frozenset()) -> int:
+        return 0
 
     async def close(self) -> None:
         pass

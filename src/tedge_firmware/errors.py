@@ -58,11 +58,14 @@ class OperationFailed(TedgeFirmwareError):
 class DownloadError(OperationFailed):
     """The download of a firmware from the cloud failed."""
 
-    def __init__(self, url: str, detail: str, unreachable: bool = False) -> None:
+    def __init__(
+        self, url: str, detail: str, unreachable: bool = False, space_short: int | None = None
+    ) -> None:
         super().__init__(f"Download from {url} failed with {detail}")
         self.url = url
         self.detail = detail
         self.unreachable = unreachable  # retries of transient failures ran out
+        self.space_short = space_short  # the disk lacks this many bytes for the file
 
 
 class JwtError(OperationFailed):

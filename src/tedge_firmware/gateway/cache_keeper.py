@@ -93,6 +93,27 @@ class CacheKeeper:
                 log.info("cache: kept %s: published to a child meanwhile", entry.sha256)
         return done
 
+    def make_room(self, needed: int, pinned: Collection[str] = frozenset()) -> int:
+        """Evict firmware no child uses and nothing pins, least recently used first, until
+        `needed` bytes are freed (blocking); the bytes freed (less when that is all there is).
+        Applies whatever the configured limits: a download needs the room now."""
+        now = self._clock()
+        freed = 0
+        entries = sorted(self.cache.entries(), key=lambda entry: (entry.last_used, entry.sha256))
+        for entry in entries:
+            if freed >= needed:
+                break
+            if entry.in_use or entry.pinned(now) or entry.sha256 in pinned:
+                continue
+            if self.cache.evict(entry.sha256):
+                log.info(
+                    "cache: removed %s (%s) to make room for a download",
+                    entry.sha256,
+                    format_size(entry.size),
+                )
+                freed += entry.size
+        return freed
+
     async def _passes(self) -> None:
         while True:
             self._again = False

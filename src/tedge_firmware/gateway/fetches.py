@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -121,14 +121,17 @@ class FirmwareFetches:
         tenant_host: str | None,
         report: Callable[[FetchDone], None],
         rules: CacheRules | None = None,
+        make_room: Callable[[int], Awaitable[int]] | None = None,
     ) -> None:
-        """`report` puts a FetchDone on the orchestrator's queue."""
+        """`report` puts a FetchDone on the orchestrator's queue; `make_room(bytes)` evicts
+        cached firmware nothing needs, to make room for a download (the bytes freed)."""
         self._fetcher = fetcher
         self._cache = cache
         self.jwt = jwt
         self._tenant_host = tenant_host
         self._report = report
         self._rules = rules or CacheRules()
+        self._make_room = make_room
         self._fetches: dict[str, _Fetch] = {}
         self._stored: dict[str, str] = {}  # FILE_ID → SHA-256 reported, not finished yet
 
@@ -219,14 +222,21 @@ class FirmwareFetches:
         self, file_id: str, url: str, cached: CachedUrl | None, conditions: dict[str, str]
     ) -> CachedUrl:
         token = await self.jwt.token() if self.is_tenant_url(url) else None
-        target = self._cache.incoming(file_id)
         now = self._rules.clock()
-        if cached is None:
-            result: DownloadResult | NotModified = await self._fetcher.download(
-                url, target, token=token
-            )
-        else:
-            result = await self._fetcher.revalidate(url, target, conditions, token=token)
+        try:
+            result = await self._download(file_id, url, cached, conditions, token)
+        except DownloadError as error:
+            if error.space_short is None or self._make_room is None:
+                raise
+            freed = await self._make_room(error.space_short)
+            if freed < error.space_short:
+                raise DownloadError(
+                    url,
+                    f"{error.detail}; removing the cached firmware no child uses and nothing "
+                    f"pins freed only {freed} bytes",
+                ) from error
+            log.info("made room for %s (%d bytes freed): downloading", url, freed)
+            result = await self._download(file_id, url, cached, conditions, token)
         if isinstance(result, NotModified):
             assert cached is not None
             origin = result.origin
@@ -250,6 +260,19 @@ class FirmwareFetches:
                 cached.sha256,
             )
         return record
+
+    async def _download(
+        self,
+        file_id: str,
+        url: str,
+        cached: CachedUrl | None,
+        conditions: dict[str, str],
+        token: str | None,
+    ) -> DownloadResult | NotModified:
+        target = self._cache.incoming(file_id)
+        if cached is None:
+            return await self._fetcher.download(url, target, token=token)
+        return await self._fetcher.revalidate(url, target, conditions, token=token)
 
     def is_tenant_url(self, url: str) -> bool:
         """JWT only for the tenant's own host (port ignored), never for anyone else."""

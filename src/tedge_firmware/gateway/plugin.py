@@ -308,6 +308,7 @@ class FirmwarePlugin:
             settings.tenant_host,
             report=self.submit,
             rules=settings.cache_rules,
+            make_room=self._make_room,
         )
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
         self.operations: dict[str, LiveOperation] = {}
@@ -335,6 +336,10 @@ class FirmwarePlugin:
         self.filler = CacheFiller(
             self.publisher, self.fetches, self.cache, peer_errors=self.peer_errors
         )
+
+    async def _make_room(self, needed: int) -> int:
+        pinned = frozenset(self.fetches.pinned())
+        return await asyncio.to_thread(self.cache_keeper.make_room, needed, pinned)
 
     def pinned_firmware(self) -> Collection[str]:
         """The firmware (SHA-256) fetched and not published yet: the cache keeper must not

@@ -3,7 +3,7 @@ plugs in the real shells; tests plug in recording fakes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +54,8 @@ class CacheUpkeep(Protocol):
     def start(self) -> None: ...
 
     def request(self) -> None: ...
+
+    def make_room(self, needed: int, pinned: Collection[str] = ...) -> int: ...
 
     async def close(self) -> None: ...
 

@@ -26,6 +26,7 @@ class Failure:
     detail: str
     transient: bool
     retry_after: float | None = None
+    space_short: int | None = None  # bytes the disk lacks for the file (and the reserve)
 
 
 class AttemptFailed(Exception):

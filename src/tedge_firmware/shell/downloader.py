@@ -250,7 +250,9 @@ class Downloader:
             logger.info("Not modified at the origin: %s", url)
             return NotModified(answer.origin)
         except AttemptFailed as error:
-            raise DownloadError(url, error.failure.detail, error.unreachable) from error
+            failure = error.failure
+            short = failure.space_short
+            raise DownloadError(url, failure.detail, error.unreachable, short) from error
         except BaseException as error:
             # Cancelled (the service stops) or interrupted: keep what can be resumed. A bug
             # (any Exception) leaves nothing behind, like a failure.
@@ -557,7 +559,7 @@ def _final_failure(failure: Failure, progress: _Progress, now: float) -> Failure
         detail = f"{detail} after {progress.attempts} attempts in {elapsed}"
     if failure.transient and failure.retry_after is not None:
         detail += f" (server asked to retry after {format_seconds(failure.retry_after)})"
-    return Failure(detail, transient=False)
+    return replace(failure, detail=detail, transient=False)
 
 
 def _checked_url(url: str) -> str:

@@ -297,7 +297,8 @@ class PartFile:
                 f"not enough disk space in {directory}: "
                 f"need {needed} bytes (+{reserve} reserve), {available} available"
             )
-            raise AttemptFailed(Failure(detail, transient=False))
+            short = needed + reserve - available
+            raise AttemptFailed(Failure(detail, transient=False, space_short=short))
 
     def commit(self, expected_sha256: str | None) -> DownloadResult:
         """Check the digest, make the file durable and rename it to the target."""
