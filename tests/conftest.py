@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import resource
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from brokers import Broker, free_port
+from ftprocess import FLOOD
 from harness import Gateway, U, seed_cache, write_config
 
 
@@ -45,3 +47,16 @@ async def gateway(tmp_path: Path, config_dir: Path) -> AsyncIterator[Gateway]:
         yield instance
     finally:
         await instance.stop()
+
+
+@pytest.fixture
+def enough_descriptors_for_the_test() -> Iterator[None]:
+    """This process may open FLOOD connections and more (raised up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < FLOOD + 200:
+        pytest.skip(f"this test needs {FLOOD + 200} open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FLOOD + 200), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

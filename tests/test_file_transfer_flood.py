@@ -9,72 +9,11 @@ the accept loop logged thousands of errors.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import resource
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from brokers import free_port
-from harness import write_config
-
-FLOOD = 1_100
-LIMIT_NOFILE = 512
-IDLE_TIMEOUT = 2
-
-
-def _small_descriptor_limit() -> None:  # runs in the child, before exec
-    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT_NOFILE, LIMIT_NOFILE))
-
-
-@contextlib.contextmanager
-def file_transfer_process(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    port = free_port()
-    config_dir = tmp_path / "etc"
-    write_config(config_dir, tmp_path / "data", free_port(), port, extra=f"[http]\nidle_timeout = {IDLE_TIMEOUT}\n")
-    firmware = tmp_path / "data" / "file-transfer" / "child1" / "firmware_update"
-    firmware.mkdir(parents=True)
-    (firmware / "image.bin").write_bytes(b"\x01" * 100_000)
-    log = tmp_path / "file-transfer.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tedge_firmware", "file-transfer", "--config-dir", str(config_dir)],
-            stdout=out,
-            stderr=out,
-            preexec_fn=_small_descriptor_limit,
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while b"File transfer: serving" not in log.read_bytes():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        yield port, log
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture
-def enough_descriptors_for_the_test() -> Iterator[None]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < FLOOD + 200:
-        pytest.skip(f"this test needs {FLOOD + 200} open files, the hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FLOOD + 200), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+from ftprocess import FLOOD, IDLE_TIMEOUT, file_transfer_process
 
 
 async def _half_open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
@@ -94,7 +33,7 @@ async def _get(port: int) -> int:
 
 
 async def test_half_open_connections_cannot_take_the_port(tmp_path: Path, enough_descriptors_for_the_test: None) -> None:
-    with file_transfer_process(tmp_path) as (port, log):
+    with file_transfer_process(tmp_path, b"\x01" * 100_000) as (port, log):
         links = [link for link in await asyncio.gather(*(_half_open(port) for _ in range(FLOOD))) if link]
         try:
             # while the flood holds its connections, a child gets an answer at once: the file

@@ -9,12 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import resource
-import signal
 import ssl
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +17,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from brokers import free_port
-from harness import write_config
+from ftprocess import (
+    FLOOD,
+    IDLE_TIMEOUT,
+    LIMIT_NOFILE,
+    file_transfer_process,
+)
 from tedge_firmware.demo.secure import LockedSite
 
-FLOOD = 1_100
-LIMIT_NOFILE = 512
-IDLE_TIMEOUT = 2
 FIRMWARE = os.urandom(2 * 1024 * 1024)
-
-
-def _small_descriptor_limit() -> None:  # runs in the child, before exec
-    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT_NOFILE, LIMIT_NOFILE))
 
 
 @dataclass(frozen=True)
@@ -59,50 +51,10 @@ class Service:
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
     site = LockedSite.create(tmp_path / "certs", "parent-device", ["child1"])
-    port = free_port()
-    config_dir = tmp_path / "etc"
-    keys = site.gateway_toml().replace("[http]\n", f"[http]\nidle_timeout = {IDLE_TIMEOUT}\n", 1)
-    write_config(config_dir, tmp_path / "data", free_port(), port, extra=keys)
-    firmware = tmp_path / "data" / "file-transfer" / "child1" / "firmware_update"
-    firmware.mkdir(parents=True)
-    (firmware / "image.bin").write_bytes(FIRMWARE)
-    log = tmp_path / "file-transfer.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tedge_firmware", "file-transfer", "--config-dir", str(config_dir)],
-            stdout=out,
-            stderr=out,
-            preexec_fn=_small_descriptor_limit,
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while b"File transfer: serving" not in log.read_bytes():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+    with file_transfer_process(tmp_path, FIRMWARE, site.gateway_toml()) as (port, log):
         yield Service(port, log, site)
-        assert process.poll() is None, log.read_text()[-3000:]  # still running
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
     text = log.read_text()
     assert "Traceback" not in text and "Too many open files" not in text, text[-3000:]
-
-
-@pytest.fixture
-def enough_descriptors_for_the_test() -> Iterator[None]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < FLOOD + 200:
-        pytest.skip(f"this test needs {FLOOD + 200} open files, the hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FLOOD + 200), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def _send(port: int, data: bytes) -> bytes:
