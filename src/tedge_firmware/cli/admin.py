@@ -214,7 +214,8 @@ def _set_aside(firmware_dir: Path) -> int:
 
 @click.group("cache", short_help="List or prune the firmware cache.")
 def cache_group() -> None:
-    """The firmware cache (data.path/cache): list it, or remove entries by hand."""
+    """The firmware cache (data.path/cache): list it, fill it ahead of time, or remove entries
+    by hand."""
 
 
 @cache_group.command("list", short_help="Cached firmware, least recently used first.")
