@@ -32,6 +32,12 @@ TABLE = [
     (State.FETCHING, Event.READY, None, State.PENDING, ()),
     (State.FETCHING, Event.RESENT, None, State.FETCHING, ()),
     (State.FETCHING, Event.ABORTED, "Download failed", State.FAILED, (E501, f502("Download failed"))),
+    # the download waits for its window: Cumulocity hears EXECUTING at once, and only once
+    (State.FETCHING, Event.WAITING, None, State.WAITING, (E501,)),
+    (State.WAITING, Event.WAITING, None, State.WAITING, ()),
+    (State.WAITING, Event.RESENT, None, State.WAITING, ()),
+    (State.WAITING, Event.READY, None, State.EXECUTING, ()),
+    (State.WAITING, Event.ABORTED, "Download failed", State.FAILED, (f502("Download failed"),)),
     (State.PENDING, Event.RESENT, None, State.PENDING, ()),
     (State.PENDING, Event.EXECUTING, None, State.EXECUTING, (E501,)),
     (State.PENDING, Event.SUCCESSFUL, None, State.SUCCESSFUL, (E501, I115, E503)),

@@ -184,7 +184,7 @@ def stored_operations(firmware_dir: Path) -> tuple[list[StoredOperation], list[U
 
 def _state_shown(record: OperationRecord | FetchRecord) -> str:
     if isinstance(record, FetchRecord):
-        return "waiting for download"
+        return "waiting for download" + (" (EXECUTING in Cumulocity)" if record.announced else "")
     if record.state.ended:  # its file stays until the broker has its last lines
         return f"{record.state.value}, telling Cumulocity"
     return "executing" if record.state is State.EXECUTING else "request sent"

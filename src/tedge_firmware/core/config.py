@@ -18,6 +18,7 @@ from tedge_firmware.core.cache_policy import CacheLimits
 from tedge_firmware.core.firmware_update import te_state_problem
 from tedge_firmware.core.proxy import UpstreamProxy, parse_no_proxy, proxy_address_problem
 from tedge_firmware.core.units import parse_size
+from tedge_firmware.core.windows import Window, parse_windows
 from tedge_firmware.errors import ConfigError
 
 DEFAULT_CONFIG_DIR = Path("/etc/tedge")
@@ -69,6 +70,15 @@ def _proxy_address(key: str, value: object) -> str:
     problem = proxy_address_problem(text)
     if problem is not None:
         raise ConfigError(f"invalid value for '{key}': {text[:100]!r} {problem}")
+    return text
+
+
+def _windows(key: str, value: object) -> str:
+    text = _text(key, value)
+    try:
+        parse_windows(text)
+    except ValueError as error:
+        raise ConfigError(f"invalid value for '{key}': {error}") from None
     return text
 
 
@@ -329,6 +339,12 @@ KEYS: tuple[KeySpec, ...] = (
         "Seconds a cached firmware is kept after its last use",
     ),
     KeySpec(
+        "firmware.download.windows",
+        _windows,
+        "Times of day (local) when cloud downloads may run, e.g. 22:00-06:00,12:30-13:00; "
+        "default: any time",
+    ),
+    KeySpec(
         "firmware.download.max_rate",
         _size,
         "Bytes per second all cloud downloads together may take (2MB, 500KiB); default: no cap",
@@ -547,6 +563,7 @@ class TedgeConfig:
     http_signed_links: bool = False
     upstream_proxy: UpstreamProxy | None = None
     download_max_rate: int | None = None
+    download_windows: tuple[Window, ...] = ()
     use_operation_id: bool = False
     c8y_proxy_host: str = "127.0.0.1"
     c8y_proxy_port: int = 8001
@@ -656,6 +673,10 @@ def _is_unspecified(host: str) -> bool:
         return False
 
 
+def _download_windows(text: str | None) -> tuple[Window, ...]:
+    return () if text is None else parse_windows(text)  # checked by the key's parser
+
+
 def _upstream_proxy(get: Callable[[str], Any], env: Mapping[str, str]) -> UpstreamProxy | None:
     address = get("proxy.address")
     if address is None:
@@ -727,6 +748,7 @@ def config_from_document(
         http_signed_links=get("http.signed_links"),
         upstream_proxy=_upstream_proxy(get, env),
         download_max_rate=get("firmware.download.max_rate"),
+        download_windows=_download_windows(get("firmware.download.windows")),
         use_operation_id=get("c8y.smartrest.use_operation_id"),
         c8y_proxy_host=get("c8y.proxy.client.host"),
         c8y_proxy_port=get("c8y.proxy.client.port"),

@@ -114,6 +114,7 @@ class OperationRecord:
 
 
 FETCH_FIELDS = ("operation_id", "child_id", "name", "version", "server_url", "attempt")
+ANNOUNCED_FIELD = "announced"
 
 
 @dataclass(frozen=True)
@@ -129,18 +130,26 @@ class FetchRecord:
     cloud_url: str
     attempt: int
     c8y_id: str | None = None
+    # Cumulocity has the 501 (the download waits for its window): not announced again
+    announced: bool = False
 
     def to_json(self) -> str:
-        document = _fields_of(self, FETCH_FIELDS)
+        document: dict[str, object] = _fields_of(self, FETCH_FIELDS)
         if self.c8y_id is not None:
             document[C8Y_ID_FIELD] = self.c8y_id
+        if self.announced:
+            document[ANNOUNCED_FIELD] = True
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> FetchRecord:
-        document = _parse_record(text, FETCH_FIELDS, optional=(C8Y_ID_FIELD,))
+        optional = (C8Y_ID_FIELD, ANNOUNCED_FIELD)
+        document = _parse_record(text, FETCH_FIELDS, optional=optional)
         c8y_id = _recorded_c8y_id(document.pop(C8Y_ID_FIELD, None))
-        return cls(**_attributes(document), c8y_id=c8y_id)
+        announced = document.pop(ANNOUNCED_FIELD, False)
+        if not isinstance(announced, bool):
+            raise StoreError(f"field '{ANNOUNCED_FIELD}' is not true or false")
+        return cls(**_attributes(document), c8y_id=c8y_id, announced=announced)
 
 
 def _fields_of(record: object, fields: tuple[str, ...]) -> dict[str, object]:
@@ -178,7 +187,7 @@ def _parse_record(
 
 
 def _recorded_state(value: object) -> State:
-    if not isinstance(value, str) or value == State.FETCHING.value:
+    if not isinstance(value, str) or value in (State.FETCHING.value, State.WAITING.value):
         raise StoreError(f"field 'state' {value!r} is not a state an operation file can have")
     try:
         return State(value)
@@ -206,6 +215,8 @@ def _recorded_lines(value: object) -> tuple[str, ...]:
 
 class State(enum.Enum):
     FETCHING = "fetching"  # waiting for the firmware download (or cache lookup)
+    # waiting for a download window (firmware.download.windows): Cumulocity has the 501
+    WAITING = "waiting"
     PENDING = "pending"  # request sent to the child, no response yet (no 501 sent)
     EXECUTING = "executing"  # the child answered; Cumulocity has the 501
     SUCCESSFUL = "successful"
@@ -218,7 +229,12 @@ class State(enum.Enum):
     @property
     def announced(self) -> bool:
         """Whether Cumulocity already got the 501 for this operation."""
-        return self is State.EXECUTING
+        return self in (State.EXECUTING, State.WAITING)
+
+    @property
+    def fetching(self) -> bool:
+        """Whether the firmware is still being fetched (no request to the child yet)."""
+        return self in (State.FETCHING, State.WAITING)
 
 
 class Event(enum.Enum):
@@ -228,6 +244,7 @@ class Event(enum.Enum):
     SUCCESSFUL = "successful"
     FAILED = "failed"  # the child failed it
     ABORTED = "aborted"  # timeout, download failure, local error
+    WAITING = "waiting"  # the download waits for its window: Cumulocity hears EXECUTING now
 
 
 @dataclass(frozen=True)
@@ -256,15 +273,18 @@ def step(
     executing, successful, failed = _status_lines(c8y_id)
     announce = () if state.announced else (executing,)
     match event:
-        case Event.READY if state is State.FETCHING:
-            return Outcome(State.PENDING, ())
+        case Event.READY if state.fetching:
+            # announced while it waited for a download window: the request goes out EXECUTING
+            return Outcome(State.EXECUTING if state.announced else State.PENDING, ())
+        case Event.WAITING if state.fetching:
+            return Outcome(State.WAITING, announce)
         case Event.RESENT:
             return Outcome(state, ())
-        case Event.EXECUTING if state is not State.FETCHING:
+        case Event.EXECUTING if not state.fetching:
             return Outcome(State.EXECUTING, announce)
-        case Event.SUCCESSFUL if state is not State.FETCHING:
+        case Event.SUCCESSFUL if not state.fetching:
             return Outcome(State.SUCCESSFUL, (*announce, installed, successful))
-        case Event.FAILED if state is not State.FETCHING:
+        case Event.FAILED if not state.fetching:
             text = reason if reason and reason.strip() else NO_REASON
             return Outcome(State.FAILED, (*announce, failed(text)))
         case Event.ABORTED:

@@ -24,11 +24,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from tedge_firmware.core import smartrest, topics
 from tedge_firmware.core.freshness import CachedUrl, Reuse, decide
 from tedge_firmware.core.retry import format_seconds
+from tedge_firmware.core.windows import Window, describe, seconds_until_open
 from tedge_firmware.errors import DownloadError, JwtError, OperationFailed, SmartRestError
 from tedge_firmware.gateway.ports import Fetcher, Publisher
 from tedge_firmware.shell.cache import FirmwareCache
@@ -49,12 +51,23 @@ class FetchDone:
 
 
 @dataclass(frozen=True)
+class FetchWaiting:
+    """A fetch waits for a download window (`why`, for the log and the operations)."""
+
+    file_id: str
+    why: str
+
+
+@dataclass(frozen=True)
 class CacheRules:
-    """`firmware.cache.revalidate_after` and `.stale_if_error`; `clock` for tests."""
+    """`firmware.cache.revalidate_after`, `.stale_if_error` and `firmware.download.windows`;
+    `clock` (seconds since the epoch) and `sleep` for tests."""
 
     revalidate_after: float = 0.0
     stale_if_error: bool = False
+    windows: tuple[Window, ...] = ()
     clock: Callable[[], float] = time.time
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 class JwtBroker:
@@ -119,12 +132,13 @@ class FirmwareFetches:
         cache: FirmwareCache,
         jwt: JwtBroker,
         tenant_host: str | None,
-        report: Callable[[FetchDone], None],
+        report: Callable[[FetchDone | FetchWaiting], None],
         rules: CacheRules | None = None,
         make_room: Callable[[int], Awaitable[int]] | None = None,
     ) -> None:
-        """`report` puts a FetchDone on the orchestrator's queue; `make_room(bytes)` evicts
-        cached firmware nothing needs, to make room for a download (the bytes freed)."""
+        """`report` puts a FetchDone (or a FetchWaiting) on the orchestrator's queue;
+        `make_room(bytes)` evicts cached firmware nothing needs, to make room for a download
+        (the bytes freed)."""
         self._fetcher = fetcher
         self._cache = cache
         self.jwt = jwt
@@ -221,6 +235,7 @@ class FirmwareFetches:
     async def _from_origin(
         self, file_id: str, url: str, cached: CachedUrl | None, conditions: dict[str, str]
     ) -> CachedUrl:
+        await self._within_a_window(file_id, url)
         token = await self.jwt.token() if self.is_tenant_url(url) else None
         now = self._rules.clock()
         try:
@@ -260,6 +275,27 @@ class FirmwareFetches:
                 cached.sha256,
             )
         return record
+
+    async def _within_a_window(self, file_id: str, url: str) -> None:
+        """Return once a download may run (`firmware.download.windows`); the waiters hear
+        why they wait once."""
+        told = False
+        while True:
+            now = datetime.fromtimestamp(self._rules.clock())
+            second = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
+            wait = seconds_until_open(self._rules.windows, second)
+            if wait <= 0:
+                return
+            if not told:
+                told = True
+                why = (
+                    f"waiting for the download window {describe(self._rules.windows)} "
+                    f"(opens in {format_seconds(wait)})"
+                )
+                log.info("%s: %s", url, why)
+                self._report(FetchWaiting(file_id, why))
+            # looked at again at least every 5 minutes: the clock may be set meanwhile
+            await self._rules.sleep(min(wait, 300.0))
 
     async def _download(
         self,

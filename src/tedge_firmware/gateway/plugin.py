@@ -65,7 +65,13 @@ from tedge_firmware.core.operation import (
 from tedge_firmware.errors import InputError, SmartRestError, StoreError
 from tedge_firmware.gateway import te_mapper
 from tedge_firmware.gateway.cache_fill import CacheFiller
-from tedge_firmware.gateway.fetches import CacheRules, FetchDone, FirmwareFetches, JwtBroker
+from tedge_firmware.gateway.fetches import (
+    CacheRules,
+    FetchDone,
+    FetchWaiting,
+    FirmwareFetches,
+    JwtBroker,
+)
 from tedge_firmware.gateway.ports import (
     CacheUpkeep,
     Fetcher,
@@ -162,6 +168,7 @@ Input = (
     | JsonOperation
     | SweepCopies
     | FetchDone
+    | FetchWaiting
     | TimerFired
     | RequestRefused
     | BrokerSessionLost
@@ -267,6 +274,7 @@ class PluginSettings:
             cache_rules=CacheRules(
                 revalidate_after=config.cache_revalidate_after,
                 stale_if_error=config.cache_stale_if_error,
+                windows=config.download_windows,
             ),
         )
 
@@ -382,6 +390,8 @@ class FirmwarePlugin:
                 self.fetching.delete(fetch.operation_id)  # its request went out before the stop
             elif self._usable_child(fetch.child_id, self.fetching.path(fetch.operation_id)):
                 operation = self._live(fetch.operation_id, fetch, attempt=fetch.attempt)
+                if fetch.announced:
+                    operation.state = State.WAITING  # Cumulocity has its 501 already
                 log.info("resuming the firmware download after restart %s", operation.context())
                 self._join_fetch(operation)
         self.writer.submit(_nothing_to_write, lambda _error: self._ask_for_pending_operations())
@@ -451,6 +461,8 @@ class FirmwarePlugin:
                 self._sweep_copies(copies)
             case FetchDone():
                 self._on_fetch_done(item)
+            case FetchWaiting(file_id=file_id, why=why):
+                self._on_fetch_waiting(file_id, why)
             case TimerFired(op_id=op_id, generation=generation):
                 self._on_timeout(op_id, generation)
             case RequestRefused(op_id=op_id):
@@ -630,7 +642,7 @@ class FirmwarePlugin:
         log.info(
             "same operation received again, attempt %d %s", duplicate.attempt, duplicate.context()
         )
-        if duplicate.state is State.FETCHING:
+        if duplicate.state.fetching:
             self._save_fetching(duplicate)
         else:
             self._resend(duplicate)
@@ -648,6 +660,7 @@ class FirmwarePlugin:
             cloud_url=operation.cloud_url,
             attempt=operation.attempt,
             c8y_id=operation.c8y_id,
+            announced=operation.state is State.WAITING and not operation.owed,
         )
 
         def saved(error: StoreError | None) -> None:
@@ -658,6 +671,14 @@ class FirmwarePlugin:
                 and_then()
 
         self.writer.submit(functools.partial(self.fetching.save, record), saved)
+
+    def _on_fetch_waiting(self, file_id: str, why: str) -> None:
+        """The download waits for its window: the operations waiting for it tell Cumulocity
+        EXECUTING now (an operation left PENDING for hours looks lost), once."""
+        for operation in self.operations.values():
+            if operation.file_id == file_id and operation.state is State.FETCHING:
+                log.info("operation waits: %s %s", why, operation.context())
+                self._transition(operation, Event.WAITING)
 
     def _join_fetch(self, operation: LiveOperation) -> None:
         self.fetches.join(operation.file_id, operation.cloud_url, waiter=operation.op_id)
@@ -695,6 +716,7 @@ class FirmwarePlugin:
         except OSError as error:
             self._abort(operation, f"Cannot publish the firmware to the child: {error}")
             return
+        announced = operation.state.announced and not operation.owed
         record = OperationRecord(
             operation_id=operation.op_id,
             child_id=operation.child_id,
@@ -705,6 +727,8 @@ class FirmwarePlugin:
             sha256=sha256,
             attempt=operation.attempt,
             c8y_id=operation.c8y_id,
+            # it waited for a download window and Cumulocity has its 501: not announced again
+            state=State.EXECUTING if announced else State.PENDING,
         )
 
         def write() -> None:
@@ -712,7 +736,7 @@ class FirmwarePlugin:
             self.fetching.delete(operation.op_id)
 
         def written(error: StoreError | None) -> None:
-            if not self._is_live(operation) or operation.state is not State.FETCHING:
+            if not self._is_live(operation) or not operation.state.fetching:
                 return  # ended while the file was written
             if error is not None:
                 self._abort(operation, str(error))
@@ -841,7 +865,7 @@ class FirmwarePlugin:
         if (
             operation is None
             or operation.child_id != child_id
-            or operation.state is State.FETCHING
+            or operation.state.fetching
             or operation.state.ended
         ):
             self.peer_errors.log(
@@ -920,7 +944,7 @@ class FirmwarePlugin:
         installed = smartrest.set_installed_firmware(
             operation.name, operation.version, operation.cloud_url
         )
-        requested = operation.state is not State.FETCHING
+        requested = not operation.state.fetching
         outcome = step(
             operation.state, event, reason=reason, installed=installed, c8y_id=operation.c8y_id
         )
@@ -1013,6 +1037,8 @@ class FirmwarePlugin:
             return
         if operation.state.ended:
             self._forget(operation)
+        elif operation.state is State.WAITING:
+            self._save_fetching(operation)  # now with `announced`: a restart does not repeat it
         elif operation.state is State.EXECUTING and operation.record is not None:
             # Cumulocity has the 501: a restart must not announce the operation again
             record = operation.record = self._record_of(operation, to_cloud=())
