@@ -145,3 +145,41 @@ async def test_a_download_makes_room_by_evicting_what_nothing_needs(
     finally:
         await gateway.stop()
         await cloud.stop()
+
+
+@pytest.mark.parametrize("upstream_when_full", [True, False], ids=["upstream URL handed", "failed"])
+async def test_a_te_child_gets_the_upstream_url_when_the_cache_is_full_if_the_site_allows(
+    tmp_path: Path, broker: Broker, disk_of_8m: Path, upstream_when_full: bool
+) -> None:
+    import json
+    import time
+
+    from harness import seed_cache
+    from tedge_firmware.core.operation import file_id_for_url
+    from tedge_firmware.shell.cache import FirmwareCache
+
+    data = disk_of_8m / "data"
+    extra = "[firmware.cache]\nupstream_when_full = true\n" if upstream_when_full else ""
+    write_config(tmp_path / "etc", data, broker.port, free_port(), extra=extra)
+    seed_cache(data, "http://cloud.example/old.bin", b"\x01" * (3 << 20))
+    cache = FirmwareCache(data / "cache", data / "file-transfer")
+    assert cache.pin(file_id_for_url("http://cloud.example/old.bin"), time.time() + 3600) is not None
+    cloud = FirmwareServer(files={"new.bin": b"\x02" * (11 << 19)})
+    await cloud.start()
+    gateway = Gateway(tmp_path / "etc", data)
+    topic = "te/device/te-child///cmd/firmware_update/c8y-mapper-5"
+    command = {"status": "gateway_download", "remoteUrl": cloud.url("new.bin"), "name": "fw", "version": "2"}
+    try:
+        await gateway.start()
+        async with observer(broker.port, [topic]) as obs:
+            await obs.publish(topic, json.dumps(command), retain=True)
+            await obs.next(topic)  # ours
+            moved = json.loads(await obs.next(topic, timeout=20))
+    finally:
+        await gateway.stop()
+        await cloud.stop()
+    if upstream_when_full:
+        assert moved == {**command, "status": "gateway_downloaded", "tedgeUrl": cloud.url("new.bin")}
+    else:
+        assert moved["status"] == "failed" and "not enough disk space" in moved["reason"]
+    assert not [f for f in cache_files(data) if f.startswith("incoming/")]  # nothing half-written

@@ -370,6 +370,13 @@ KEYS: tuple[KeySpec, ...] = (
         "0",
     ),
     KeySpec(
+        "firmware.cache.upstream_when_full",
+        _bool,
+        "When the cache cannot hold a firmware even after evicting what nothing needs, hand "
+        "te/ children its upstream URL (thin-edge's proxy tedgeUrl) instead of failing",
+        "false",
+    ),
+    KeySpec(
         "firmware.cache.stale_if_error",
         _bool,
         "When the origin cannot be reached, hand out the cached copy (logged) instead of "
@@ -573,6 +580,7 @@ class TedgeConfig:
     cache_max_age: int | None = None
     cache_revalidate_after: int = 0
     cache_stale_if_error: bool = False
+    cache_upstream_when_full: bool = False
 
     @property
     def cache_limits(self) -> CacheLimits:
@@ -758,4 +766,5 @@ def config_from_document(
         cache_max_age=get("firmware.cache.max_age"),
         cache_revalidate_after=get("firmware.cache.revalidate_after"),
         cache_stale_if_error=get("firmware.cache.stale_if_error"),
+        cache_upstream_when_full=get("firmware.cache.upstream_when_full"),
     )

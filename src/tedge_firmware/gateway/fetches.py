@@ -48,6 +48,7 @@ class FetchDone:
     sha256: str | None
     reason: str | None
     size: int | None = None
+    no_room: bool = False  # it failed because the disk could not hold it, even after eviction
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,8 @@ class FirmwareFetches:
         try:
             record = await self._obtain(file_id, url)
         except OperationFailed as error:
-            self._report(FetchDone(file_id, None, error.reason))
+            no_room = isinstance(error, DownloadError) and error.space_short is not None
+            self._report(FetchDone(file_id, None, error.reason, no_room=no_room))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a bug or an unmapped error fails the waiters, never hangs
@@ -249,6 +251,7 @@ class FirmwareFetches:
                     url,
                     f"{error.detail}; removing the cached firmware no child uses and nothing "
                     f"pins freed only {freed} bytes",
+                    space_short=error.space_short - freed,
                 ) from error
             log.info("made room for %s (%d bytes freed): downloading", url, freed)
             result = await self._download(file_id, url, cached, conditions, token)

@@ -267,6 +267,7 @@ class PluginSettings:
                 proxy_host=config.c8y_proxy_host,
                 proxy_port=config.c8y_proxy_port,
                 files_base_url=config.file_transfer_base_url(FILES_ROUTE),
+                upstream_when_full=config.cache_upstream_when_full,
             ),
             plays_mapper=plays_mapper,
             use_operation_id=config.use_operation_id,

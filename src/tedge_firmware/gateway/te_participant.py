@@ -58,6 +58,9 @@ class TeSettings:
     # where a child's copy is, without the trailing /: the file-transfer service's 1.x route
     # (`/te/v1/files`), which thin-edge 1.x/2.x's tedge-agent serves too; "" for the plugin's
     files_base_url: str = ""
+    # firmware.cache.upstream_when_full: a firmware the cache cannot hold is handed over as
+    # its upstream URL (thin-edge's proxy tedgeUrl, else remoteUrl) instead of failing
+    upstream_when_full: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,9 @@ class TeParticipant:
             waiting = self.waiting.pop(topic, None)
             if waiting is None:
                 continue  # a legacy operation's, or no longer ours
-            if done.sha256 is None:
+            if done.sha256 is None and done.no_room and self.settings.upstream_when_full:
+                self._hand_upstream(waiting, done.reason or "the cache is full")
+            elif done.sha256 is None:
                 reason = done.reason or f"Download of {waiting.command.text('remoteUrl')} failed"
                 self._fail(waiting.where, waiting.command, reason)
             else:
@@ -232,6 +237,23 @@ class TeParticipant:
             self.settings.downloaded_state,
             waiting.context(),
         )
+
+    def _hand_upstream(self, waiting: _Waiting, why: str) -> None:
+        """The child fetches the firmware itself, from where the gateway would have (no
+        `sha256` or `size`: the gateway does not have the bytes)."""
+        download = waiting.command.download()  # checked when the command was taken
+        upstream = download.source_url(self.settings.proxy_host, self.settings.proxy_port)
+        topic = waiting.where.topic
+        self.served[topic] = waiting.command
+        log.warning(
+            "te/ command handed the upstream URL %s: the cache cannot hold the firmware "
+            "(firmware.cache.upstream_when_full): %s %s",
+            upstream,
+            why,
+            waiting.context(),
+        )
+        moved = waiting.command.moved_to(self.settings.downloaded_state, tedgeUrl=upstream)
+        self._publisher.publish(topic, moved, retain=True)
 
     def _fail(self, where: TeCommandTopic, command: TeCommand, reason: str) -> None:
         log.error("te/ command failed: %s cmd=%s entity=%s", reason, where.cmd_id, where.entity)
