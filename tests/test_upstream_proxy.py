@@ -168,3 +168,49 @@ def test_config_list_does_not_show_the_proxy_password(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert "proxy.password=(set)" in listed.stdout and "s3cret" not in listed.stdout
+
+
+async def test_a_redirect_to_https_does_not_hand_the_proxy_credentials_to_the_origin(tmp_path: Path) -> None:
+    """The http origin's answer (through the proxy, credentials in the request) redirects to an
+    https origin (through a CONNECT): that origin never sees `Proxy-Authorization` (aiohttp
+    drops it, with Authorization and cookies, when a redirect changes the origin)."""
+    ca = TestCA(tmp_path / "ca")
+    server_cert = ca.issue("127.0.0.1", server=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server_cert.cert, server_cert.key)
+    seen: list[dict[str, str]] = []
+
+    async def final(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(body=CONTENT)
+
+    secure_app = web.Application()
+    secure_app.router.add_get("/fw.bin", final)
+    secure = web.AppRunner(secure_app, access_log=None)
+    await secure.setup()
+    secure_site = web.TCPSite(secure, "127.0.0.1", 0, ssl_context=context)
+    await secure_site.start()
+    secure_port = secure_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"https://127.0.0.1:{secure_port}/fw.bin")
+
+    plain_app = web.Application()
+    plain_app.router.add_get("/fw.bin", moved)
+    plain = web.AppRunner(plain_app, access_log=None)
+    await plain.setup()
+    plain_site = web.TCPSite(plain, "127.0.0.1", 0)
+    await plain_site.start()
+    plain_port = plain_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with ForwardProxy(credentials=("site", "s3cret")) as proxy:
+            trusting = ssl.create_default_context(cafile=str(ca.cert_path))
+            downloader = Downloader(proxy=UpstreamProxy(proxy.url, "site", "s3cret"), ssl_context=trusting)
+            sha = await download(downloader, f"http://127.0.0.1:{plain_port}/fw.bin", tmp_path / "fw")
+    finally:
+        await plain.cleanup()
+        await secure.cleanup()
+    assert sha == hashlib.sha256(CONTENT).hexdigest()
+    assert proxy.asked == [f"GET http://127.0.0.1:{plain_port}/fw.bin", f"CONNECT 127.0.0.1:{secure_port}"]
+    [headers] = seen
+    assert "Proxy-Authorization" not in headers
