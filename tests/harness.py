@@ -31,6 +31,7 @@ from tedge_firmware.gateway.plugin import PluginOptions
 from tedge_firmware.gateway.service import ServiceOptions, serve_plugin
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.config_file import write_local_config
+from tedge_firmware.sim import FIRMWARE, BulkProgress, C8ySimulator
 
 CHILD = "child-device"
 U = "http://test.domain.com"
@@ -288,6 +289,13 @@ class FirmwareServer:
         if self.runner is not None:
             await self.runner.cleanup()
 
+    async def __aenter__(self) -> FirmwareServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
 
@@ -327,6 +335,20 @@ def seed_cache(data: Path, url: str, content: bytes, cache_control: str = "immut
     record = CachedUrl(url, sha256, len(content), cache_control=cache_control, confirmed_at=time.time())
     cache.store(file_id_for_url(url), record, incoming)
     return cache.content(sha256)
+
+
+async def bulk_rollout(
+    sim: C8ySimulator, devices: list[str], name: str, version: str, url: str, *, timeout: float
+) -> BulkProgress:
+    """Once every device is in the inventory with c8y_Firmware: one bulk operation for all of
+    them; its progress once every operation has ended. `timeout` for each of the two waits."""
+
+    def all_registered() -> bool:
+        return all((device := sim.device(d)) is not None and device.supports(FIRMWARE) for d in devices)
+
+    await sim.wait_until(all_registered, timeout=timeout)
+    bulk = sim.bulk_firmware_operation(devices, name, version, url)
+    return await sim.wait_for_bulk(bulk.id, timeout=timeout)
 
 
 def cache_files(data: Path) -> list[str]:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -92,13 +93,9 @@ def test_not_durations(text: str) -> None:
 
 
 @pytest.fixture
-async def cloud() -> FirmwareServer:  # type: ignore[misc]
-    server = FirmwareServer(files={"a.bin": A, "b.bin": B})
-    await server.start()
-    try:
+async def cloud() -> AsyncIterator[FirmwareServer]:
+    async with FirmwareServer(files={"a.bin": A, "b.bin": B}) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 async def fill(obs, topic: str, url: str, **extra: object) -> dict[str, object]:  # type: ignore[no-untyped-def]

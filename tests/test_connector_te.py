@@ -35,12 +35,8 @@ class Applied:
 
 @pytest.fixture
 async def cloud() -> AsyncIterator[FirmwareServer]:
-    server = FirmwareServer(files={"fw.bin": CONTENT})
-    await server.start()
-    try:
+    async with FirmwareServer(files={"fw.bin": CONTENT}) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from brokers import Broker
-from harness import Gateway, observer, write_config
+from harness import Gateway, bulk_rollout, observer, write_config
 from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings, Firmware
-from tedge_firmware.sim import FIRMWARE, C8ySimulator, OperationStatus
+from tedge_firmware.sim import C8ySimulator, OperationStatus
 
 CHILDREN = [f"fleet-{index:02d}" for index in range(50)]
 CONTENT = os.urandom(256 * 1024)
@@ -51,13 +51,7 @@ async def test_fifty_children_one_cloud_download(broker: Broker, tmp_path: Path,
         serving = asyncio.create_task(connector.run())
         try:
             url = sim.add_file("fleet.bin", CONTENT)
-
-            def all_registered() -> bool:
-                return all((device := sim.device(xid(c))) is not None and device.supports(FIRMWARE) for c in CHILDREN)
-
-            await sim.wait_until(all_registered, timeout=20)
-            bulk = sim.bulk_firmware_operation([xid(c) for c in CHILDREN], "fleet", "2.0", url)
-            progress = await sim.wait_for_bulk(bulk.id, timeout=30)
+            progress = await bulk_rollout(sim, [xid(c) for c in CHILDREN], "fleet", "2.0", url, timeout=30)
         finally:
             connector.stop()
             async with asyncio.timeout(10):
@@ -125,13 +119,7 @@ async def test_fifty_te_and_fifty_legacy_children_update_from_one_cloud_download
         tasks = [asyncio.create_task(c.run()) for c in (te_connector, legacy_connector)]
         try:
             url = sim.add_file("mixed.bin", CONTENT)
-
-            def all_registered() -> bool:
-                return all((device := sim.device(d)) is not None and device.supports(FIRMWARE) for d in devices)
-
-            await sim.wait_until(all_registered, timeout=30)
-            bulk = sim.bulk_firmware_operation(devices, "mixed", "3.0", url)
-            progress = await sim.wait_for_bulk(bulk.id, timeout=60)
+            progress = await bulk_rollout(sim, devices, "mixed", "3.0", url, timeout=60)
         finally:
             for instance in (te_connector, legacy_connector):
                 instance.stop()

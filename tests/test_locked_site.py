@@ -20,10 +20,10 @@ import pytest
 from aiohttp import web
 
 from brokers import MOSQUITTO, _wait_listening, free_port
-from harness import Gateway, observer, write_config
+from harness import Gateway, bulk_rollout, observer, write_config
 from tedge_firmware.connector import Connector, DownloadSettings, Firmware
 from tedge_firmware.demo.secure import LockedSite
-from tedge_firmware.sim import FIRMWARE, C8ySimulator, OperationStatus
+from tedge_firmware.sim import C8ySimulator, OperationStatus
 
 GATEWAY = "parent-device"
 TE_CHILDREN = [f"te-{index:02d}" for index in range(50)]
@@ -102,13 +102,7 @@ async def test_fifty_te_and_fifty_legacy_children_update_over_tls_with_client_ce
         tasks = [asyncio.create_task(c.run()) for c in connectors]
         try:
             url = sim.add_file("locked.bin", CONTENT)
-
-            def all_registered() -> bool:
-                return all((device := sim.device(d)) is not None and device.supports(FIRMWARE) for d in devices)
-
-            await sim.wait_until(all_registered, timeout=60)
-            bulk = sim.bulk_firmware_operation(devices, "locked", "4.0", url)
-            progress = await sim.wait_for_bulk(bulk.id, timeout=90)
+            progress = await bulk_rollout(sim, devices, "locked", "4.0", url, timeout=90)
         finally:
             for connector in connectors:
                 connector.stop()

@@ -112,15 +112,13 @@ async def test_downloads_keep_within_the_cap(tmp_path: Path, downloads: int) -> 
     """2 MB in all at 1 MB/s: about two seconds, whether one download or two share the cap."""
     rate, total = 1_000_000, 2_000_000
     each = total // downloads
-    cloud = FirmwareServer(files={f"f{i}.bin": os.urandom(each) for i in range(downloads)})
-    await cloud.start()
     downloader = Downloader(max_rate=rate)
-    try:
-        began = time.monotonic()
-        await asyncio.gather(*(downloader.download(cloud.url(f"f{i}.bin"), tmp_path / f"f{i}") for i in range(downloads)))
-        seconds = time.monotonic() - began
-    finally:
-        await downloader.close()
-        await cloud.stop()
+    async with FirmwareServer(files={f"f{i}.bin": os.urandom(each) for i in range(downloads)}) as cloud:
+        try:
+            began = time.monotonic()
+            await asyncio.gather(*(downloader.download(cloud.url(f"f{i}.bin"), tmp_path / f"f{i}") for i in range(downloads)))
+            seconds = time.monotonic() - began
+        finally:
+            await downloader.close()
     measured = total / seconds
     assert 0.9 * rate <= measured <= 1.1 * rate, f"{measured:.0f} B/s for a cap of {rate}"

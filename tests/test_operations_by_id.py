@@ -44,12 +44,8 @@ def operation(c8y_id: str, device: str, url: str, **fragment: object) -> dict[st
 
 @pytest.fixture
 async def cloud() -> AsyncIterator[FirmwareServer]:
-    server = FirmwareServer(files={"fw.bin": CONTENT})
-    await server.start()
-    try:
+    async with FirmwareServer(files={"fw.bin": CONTENT}) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def gateway_for(tmp_path: Path, broker: Broker, extra: str) -> Gateway:

@@ -64,12 +64,8 @@ def test_proxy_keys_that_cannot_work_are_one_line_errors(keys: dict[str, str], s
 
 @pytest.fixture
 async def origin() -> AsyncIterator[FirmwareServer]:
-    server = FirmwareServer(files={"fw.bin": CONTENT})
-    await server.start()
-    try:
+    async with FirmwareServer(files={"fw.bin": CONTENT}) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 async def download(downloader: Downloader, url: str, target: Path) -> str:

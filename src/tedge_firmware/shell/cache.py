@@ -93,6 +93,7 @@ class FirmwareCache:
         """Keep a completed download as the content of `record` (or drop it, when the same
         bytes are there already) and record the URL."""
         with self._locked(fcntl.LOCK_SH):
+            self.make_directories()  # removed by hand meanwhile: a stored firmware still lands
             target = self.content(record.sha256)
             if target.is_file() and target.stat().st_size == record.size:
                 downloaded.unlink()  # the same bytes under another URL, or again: one copy
@@ -105,6 +106,7 @@ class FirmwareCache:
     def confirm(self, file_id: str, record: CachedUrl) -> None:
         """The origin confirmed `record`'s bytes (a `304`): record that, count it as a use."""
         with self._locked(fcntl.LOCK_SH):
+            self.urls_dir.mkdir(exist_ok=True)
             self._touch(self.content(record.sha256))
             self._write_record(file_id, record)
 
@@ -306,7 +308,7 @@ class FirmwareCache:
     @contextlib.contextmanager
     def _locked(self, kind: int) -> Iterator[None]:
         """flock on the cache directory itself: no lock file to leave behind."""
-        self.make_directories()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self.cache_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(descriptor, kind)
