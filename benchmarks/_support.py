@@ -51,8 +51,8 @@ REQUEST_TOPIC = f"tedge/{CHILD}/commands/req/firmware_update"
 CLOUD_TOPIC = "c8y/s/us"
 
 
-
 # --- sizes, numbers, reports -----------------------------------------------------------------
+
 
 def parse_size(text: str) -> int:
     """'100MB' → 100_000_000, '1GiB' → 2**30 (the project's parser, as an argparse type)."""
@@ -177,9 +177,16 @@ def proc_status_kib(pid: int, key: str) -> int:
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (all its threads)."""
+    user, system = process_cpu_split(pid)
+    return user + system
+
+
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used so far (all its threads)."""
     # the command name may contain spaces and parentheses: split after the last ')'
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def children_cpu_seconds() -> float:

@@ -28,11 +28,13 @@ ceiling of sequential messages.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import os
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,13 +43,13 @@ from pathlib import Path
 import aiomqtt
 
 from benchmarks import _support as s
-from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings, Firmware
 from tedge_firmware.core.topics import te_child_external_id
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, Operation
 
 DEFAULT_CHILDREN = 1000
 QUICK_CHILDREN = 100
 DEFAULT_SIZE = "1MiB"
+DEFAULT_CHILD_PROCESSES = 2
 ANCHOR_MESSAGES = 2000
 QUICK_ANCHOR_MESSAGES = 300
 MESSAGES_PER_OPERATION = {"legacy": 9, "te": 12}
@@ -65,6 +67,7 @@ class FleetRun:
     gateway_peak_kib: int
     gateway_idle_kib: int
     registration_seconds: float
+    cpu: dict[str, tuple[float, float]]  # (user, system) s during the rollout, per process
 
     @property
     def rate(self) -> float:
@@ -96,7 +99,7 @@ async def broker_round_trips(port: int, messages: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def fleet_mosquitto(workdir: Path) -> AsyncIterator[int]:
+async def fleet_mosquitto(workdir: Path) -> AsyncIterator[tuple[int, int]]:
     """A private broker like `_support.mosquitto`, with room for a fleet's bursts.
 
     Mosquitto's default `max_queued_messages` (1000 per client) drops QoS 1 messages for a
@@ -108,7 +111,7 @@ async def fleet_mosquitto(workdir: Path) -> AsyncIterator[int]:
     home.mkdir()
     process, port = s.mosquitto_process(s.MOSQUITTO, home, max_queued=1_000_000)
     async with s.running(process, port):
-        yield port
+        yield port, process.pid
     dropped = (home / "mosquitto.log").read_text(errors="replace").count("dropped")
     if dropped:
         print(f"  !! mosquitto dropped messages ({dropped} log lines)", flush=True)
@@ -119,59 +122,113 @@ def write_gateway_config(config_dir: Path, data: Path, mqtt_port: int) -> None:
     (config_dir / "operations" / "c8y").mkdir(parents=True)
 
 
-async def noop_apply(firmware: Firmware) -> None:
-    """The children apply instantly: the gateway and the protocol are what is measured."""
-
-
 def ended_at(operation: Operation) -> float:
     return operation.history[-1].at
 
 
+def children_processes(
+    home: Path, children_home: Path, port: int, ids: list[str], processes: int, protocol: str
+) -> list[s.Process]:
+    """`processes` connectors (benchmarks._children), the children dealt out among them, their
+    work directories under `children_home`."""
+    slices = [ids[index::processes] for index in range(processes)]
+    return [
+        s.Process(
+            f"children {index}",
+            [
+                sys.executable,
+                "-m",
+                "benchmarks._children",
+                "--port",
+                str(port),
+                "--work-dir",
+                str(children_home / f"children-{index}"),
+                "--client-id",
+                f"bench-fleet-{home.name}-{index}",
+                "--protocol",
+                protocol,
+                *children,
+            ],
+            home / f"children-{index}.log",
+        )
+        for index, children in enumerate(slices)
+        if children
+    ]
+
+
+def children_dir() -> Path | None:
+    """tmpfs when the machine has one (/dev/shm), else the default temporary directory."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def cpu_now(pids: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds so far of each group of processes."""
+    usage = {}
+    for name, members in pids.items():
+        splits = [s.process_cpu_split(pid) for pid in members]
+        usage[name] = (sum(user for user, _ in splits), sum(system for _, system in splits))
+    return usage
+
+
 async def fleet_run(
-    workdir: Path, port: int, children: int, firmware: Path, limit_s: float, protocol: str
+    workdir: Path,
+    port: int,
+    broker_pid: int,
+    children: int,
+    firmware: Path,
+    limit_s: float,
+    protocol: str,
+    processes: int,
 ) -> FleetRun:
     home = workdir / f"fleet-{s.free_port()}"
     config_dir = home / "etc"
     write_gateway_config(config_dir, home / "data", port)
-    ids = [f"child-{index:04d}" for index in range(children)]
+    ids = [f"child-{index:05d}" for index in range(children)]
     # declared over te/ (`register`): Cumulocity knows them by thin-edge's external ids
     cloud_ids = [te_child_external_id(GATEWAY_ID, child) for child in ids]
-    connector = Connector(
-        *ids,
-        apply=noop_apply,
-        work_dir=home / "children",
-        broker=BrokerSettings(host=s.HOST, port=port, client_id=f"bench-fleet-{home.name}"),
-        download=DownloadSettings(parallel=16),
-        heartbeat=None,
-        register=True,
-        protocol=protocol,
-    )
+    # On a site every child has its own storage: the simulated children keep theirs in memory
+    # (tmpfs), so that their fsyncs do not queue with the gateway's on the gateway's disk.
+    children_home = Path(tempfile.mkdtemp(prefix="fleet-children-", dir=children_dir()))
+    connectors = children_processes(home, children_home, port, ids, processes, protocol)
     gateway = s.tedge_firmware("run", config_dir, home / "gateway.log")
-    async with C8ySimulator(mqtt_port=port, gateway_id=GATEWAY_ID, control_api=False) as sim:
+    async with (
+        C8ySimulator(mqtt_port=port, gateway_id=GATEWAY_ID, control_api=False) as sim,
+        contextlib.AsyncExitStack() as stack,
+    ):
         url = sim.add_file("fleet.bin", firmware)
-        async with s.running(gateway):
-            serving = asyncio.create_task(connector.run())
-            try:
-                begin = time.perf_counter()
+        await stack.enter_async_context(s.running(gateway))
+        for connector in connectors:
+            await stack.enter_async_context(s.running(connector))
+        pids = {
+            "gateway": [gateway.pid],
+            "broker": [broker_pid],
+            f"children ({len(connectors)} processes)": [c.pid for c in connectors],
+            "simulator (this process)": [os.getpid()],
+        }
+        begin = time.perf_counter()
+        waiting = list(reversed(cloud_ids))
 
-                def registered() -> bool:
-                    devices = [sim.device(device) for device in cloud_ids]
-                    return all(d is not None and d.supports(FIRMWARE) for d in devices)
+        def registered() -> bool:
+            # re-evaluated on every change: drop the registered from the end, so that the
+            # whole wait costs O(children), not O(children²)
+            while waiting and supports_firmware(sim, waiting[-1]):
+                waiting.pop()
+            return not waiting
 
-                try:
-                    await s.until_exit(sim.wait_until(registered, timeout=limit_s), gateway)
-                except TimeoutError:
-                    message = not_registered(sim, cloud_ids, config_dir, gateway)
-                    raise RuntimeError(message) from None
-                registration = time.perf_counter() - begin
-                idle = s.proc_status_kib(gateway.pid, "VmRSS")
-                bulk = sim.bulk_firmware_operation(cloud_ids, "fleet", "2.0", url)
-                progress = await s.until_exit(sim.wait_for_bulk(bulk.id, timeout=limit_s), gateway)
-                peak = s.proc_status_kib(gateway.pid, "VmHWM")
-            finally:
-                connector.stop()
-                async with asyncio.timeout(30):
-                    await serving
+        try:
+            await s.until_exit(sim.wait_until(registered, timeout=limit_s), gateway)
+        except TimeoutError:
+            message = not_registered(sim, cloud_ids, config_dir, gateway)
+            raise RuntimeError(message) from None
+        registration = time.perf_counter() - begin
+        idle = s.proc_status_kib(gateway.pid, "VmRSS")
+        cpu_before = cpu_now(pids)
+        bulk = sim.bulk_firmware_operation(cloud_ids, "fleet", "2.0", url)
+        progress = await s.until_exit(sim.wait_for_bulk(bulk.id, timeout=limit_s), gateway)
+        peak = s.proc_status_kib(gateway.pid, "VmHWM")
+        cpu_after = cpu_now(pids)
+    shutil.rmtree(children_home, ignore_errors=True)
     operations = [sim.operation(op_id) for op_id in bulk_ids(sim, bulk.id)]
     stats = sim.stats.files["fleet.bin"]
     first = min(op.created for op in operations)
@@ -185,7 +242,16 @@ async def fleet_run(
         gateway_peak_kib=peak,
         gateway_idle_kib=idle,
         registration_seconds=registration,
+        cpu={
+            name: (after[0] - before[0], after[1] - before[1])
+            for (name, before), after in zip(cpu_before.items(), cpu_after.values(), strict=True)
+        },
     )
+
+
+def supports_firmware(sim: C8ySimulator, cloud_id: str) -> bool:
+    device = sim.device(cloud_id)
+    return device is not None and device.supports(FIRMWARE)
 
 
 def not_registered(sim: C8ySimulator, ids: list[str], config_dir: Path, gateway: s.Process) -> str:
@@ -226,6 +292,12 @@ def report(runs: list[FleetRun], anchor: float, size: int, protocol: str) -> Non
         f"(idle {best.gateway_idle_kib / 1024:.0f} MiB)",
     )
     s.line("registration of every child", f"{best.registration_seconds:.1f} s")
+    for name, (user, system) in best.cpu.items():
+        s.line(
+            f"CPU, rollout: {name}",
+            f"{user + system:.1f} s",
+            f"({user:.1f} user, {system:.1f} system)",
+        )
     s.line("anchor: broker QoS 1 round trips/s", f"{anchor:.0f}", "(one at a time, same mosquitto)")
     messages = MESSAGES_PER_OPERATION[protocol]
     ratio = best.rate * messages / anchor
@@ -244,12 +316,19 @@ async def benchmark(args: argparse.Namespace) -> None:
     with s.work_directory(args.workdir) as workdir:
         firmware = workdir / "fleet.bin"
         s.make_file(firmware, args.size)
-        async with fleet_mosquitto(workdir) as port:
+        async with fleet_mosquitto(workdir) as (port, broker_pid):
             anchor = await broker_round_trips(port, messages)
             runs = []
             for _ in range(repeat):
                 run = await fleet_run(
-                    workdir, port, children, firmware, limit_s=args.limit, protocol=args.protocol
+                    workdir,
+                    port,
+                    broker_pid,
+                    children,
+                    firmware,
+                    limit_s=args.limit,
+                    protocol=args.protocol,
+                    processes=args.child_processes,
                 )
                 runs.append(run)
         report(runs, anchor, args.size, args.protocol)
@@ -276,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         "--limit", type=float, default=600.0, help="seconds each phase of a run may take"
     )
     parser.add_argument(
+        "--child-processes",
+        type=int,
+        default=DEFAULT_CHILD_PROCESSES,
+        help=f"connector processes serving the children (default {DEFAULT_CHILD_PROCESSES})",
+    )
+    parser.add_argument(
         "--protocol",
         choices=sorted(MESSAGES_PER_OPERATION),
         default="legacy",
@@ -284,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.children is not None and args.children < 1:
         parser.error("--children must be >= 1")
+    if args.child_processes < 1:
+        parser.error("--child-processes must be >= 1")
     return s.run(lambda: benchmark(args), args.budget)
 
 

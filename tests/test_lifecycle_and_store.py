@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import threading
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tedge_firmware.core.operation import FetchRecord
+from tedge_firmware.core.operation import FetchRecord, OperationRecord
 from tedge_firmware.errors import StoreError
 from tedge_firmware.gateway.lifecycle import on_loop_exception
-from tedge_firmware.shell.store import StoreWriter, fetch_store
+from tedge_firmware.shell import durable
+from tedge_firmware.shell.store import StoreWriter, fetch_store, operation_store
 
 
 async def test_a_socket_watch_that_raced_a_close_is_one_debug_line(caplog: pytest.LogCaptureFixture) -> None:
@@ -154,4 +156,60 @@ async def test_drain_waits_for_the_writes_that_callbacks_submit(tmp_path: Path) 
     async with asyncio.timeout(5):
         await writer.drain()
     assert done == [1, 2]
+    await writer.close()
+
+
+# --- StoreWriter: group commit ----------------------------------------------------------------
+
+
+async def test_writes_that_queue_behind_a_busy_disk_go_down_together_with_one_directory_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = operation_store(tmp_path / "firmware")
+    store.directory.mkdir()
+    events: list[str] = []
+    real_fsync_directory = durable.fsync_directory
+
+    def counted(directory: Path) -> None:
+        real_fsync_directory(directory)
+        events.append(f"fsync {directory.name}")
+
+    monkeypatch.setattr(durable, "fsync_directory", counted)
+    writer = StoreWriter()
+    gate = threading.Event()
+    writer.submit(lambda: (gate.wait(5), None)[1])  # the disk is busy
+    for index in range(50):
+        record = OperationRecord(f"op{index}", "child1", "fw", "1.0", "http://x/fw", "http://gw/fw", "sha", 1)
+        writer.submit(functools.partial(store.save, record), lambda error, i=index: events.append(f"saved {i} {error}"))
+    gate.set()
+    async with asyncio.timeout(5):
+        await writer.close()
+    # the 50 records: one fsync of their directory, and no one told before it
+    assert events == ["fsync firmware"] + [f"saved {i} None" for i in range(50)]
+    assert sorted(p.name for p in store.directory.iterdir()) == sorted(f"op{i}" for i in range(50))
+
+
+async def test_await_write_returns_once_durable_and_raises_the_writes_own_error(tmp_path: Path) -> None:
+    writer = StoreWriter()
+    target = tmp_path / "record"
+    await writer.write(lambda: durable.write_atomically(target, b"one"))
+    assert target.read_bytes() == b"one"
+    with pytest.raises(FileNotFoundError):
+        await writer.write(lambda: durable.write_atomically(tmp_path / "missing" / "x", b"two"))
+    await writer.write(lambda: durable.write_atomically(target, b"three"))  # the writer goes on
+    assert target.read_bytes() == b"three"
+    await writer.close()
+
+
+async def test_a_cancelled_waiter_leaves_the_writer_working(tmp_path: Path) -> None:
+    writer = StoreWriter()
+    gate = threading.Event()
+    waiter = asyncio.create_task(writer.write(lambda: (gate.wait(5), None)[1]))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    gate.set()
+    target = tmp_path / "after"
+    async with asyncio.timeout(5):
+        await writer.write(lambda: durable.write_atomically(target, b"ok"))
+    assert target.read_bytes() == b"ok" and waiter.cancelled()
     await writer.close()

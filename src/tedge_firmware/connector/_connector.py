@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -85,6 +86,7 @@ from tedge_firmware.errors import ConfigError, MessageError, OperationFailed, Te
 from tedge_firmware.shell.downloader import PART_SUFFIX, Downloader
 from tedge_firmware.shell.durable import sha256_of_file
 from tedge_firmware.shell.mqtt import MqttSession
+from tedge_firmware.shell.store import StoreWriter
 from tedge_firmware.shell.tls import client_context
 
 _log = logging.getLogger("tedge_firmware.connector")
@@ -181,6 +183,8 @@ class Connector:
         self._retention = retention
         self._log = logger or _log
         self._store = Store(Path(work_dir))
+        # records and clean-ups go to disk in groups (one directory fsync per group)
+        self._writer = StoreWriter()
         self._downloader = Downloader(
             parallel=download.parallel,
             retry=retry_policy(download),
@@ -351,6 +355,7 @@ class Connector:
         tasks[0].cancel()
         await asyncio.gather(tasks[0], return_exceptions=True)
         await self._downloader.close()
+        await self._writer.close()
         self._log.info("connector stopped")
 
     # ---- requests -------------------------------------------------------------------------
@@ -645,13 +650,15 @@ class Connector:
 
     async def _conclude(self, op: _Operation, final: OperationRecord) -> None:
         try:
-            await asyncio.to_thread(self._store.save, final)
+            await self._writer.write(functools.partial(self._store.save, final))
         except OSError as error:
             self._log.error("cannot record the end of the operation: %s %s", error, op.context)
         # The files go before the status: whoever sees the end sees them gone (and the final
         # record, already saved, no longer needs them).
         try:
-            await asyncio.to_thread(self._store.discard_files, final.child_id, final.operation_id)
+            await self._writer.write(
+                functools.partial(self._store.discard_files, final.child_id, final.operation_id)
+            )
         except OSError as error:
             self._log.warning("cannot remove the operation's files: %s %s", error, op.context)
         # Only now is a re-sent request answered from the final record (until then: executing).
@@ -671,7 +678,7 @@ class Connector:
 
     async def _save(self, op: _Operation, record: OperationRecord) -> None:
         try:
-            await asyncio.to_thread(self._store.save, record)
+            await self._writer.write(functools.partial(self._store.save, record))
         except OSError as error:
             raise OperationFailed(
                 f"cannot record the operation in {self._store.work_dir}: {error.strerror or error}"
@@ -737,7 +744,7 @@ class Connector:
         if self._ended.get(key) is not record:
             return
         try:
-            await asyncio.to_thread(self._store.save, reported)
+            await self._writer.write(functools.partial(self._store.save, reported))
         except OSError as error:
             self._log.debug("cannot mark %s reported: %s", record.operation_id, error)
             return

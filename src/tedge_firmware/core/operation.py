@@ -311,7 +311,9 @@ def timeout_reason(child_id: str, seconds: int, op_id: str) -> str:
 
 def new_operation_id() -> str:
     """21 random characters from the URL-safe alphabet, like thin-edge's nanoid ids."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(21))
+    # 64 characters: the low 6 bits of a random byte pick one uniformly (one system call for
+    # the whole id, where secrets.choice made one per character)
+    return "".join(_ID_ALPHABET[byte & 63] for byte in secrets.token_bytes(21))
 
 
 def file_id_for_url(url: str) -> str:

@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +208,54 @@ class LiveOperation:
         return f"op_id={self.op_id} child={self.child_id}"
 
 
+class LiveOperations(Mapping[str, LiveOperation]):
+    """The plugin's operations by id, indexed for the lookups made on every message: by the
+    child's copy (child id, FILE_ID) and by Cumulocity id. (Scanning every operation per
+    message made a rollout to n children cost n².) Ended operations stay until forgotten."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, LiveOperation] = {}
+        self._by_copy: dict[tuple[str, str], dict[str, LiveOperation]] = {}
+        self._by_c8y_id: dict[str, LiveOperation] = {}
+
+    def __getitem__(self, op_id: str) -> LiveOperation:
+        return self._by_id[op_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, operation: LiveOperation) -> None:
+        self._by_id[operation.op_id] = operation
+        copy = (operation.child_id, operation.file_id)
+        self._by_copy.setdefault(copy, {})[operation.op_id] = operation
+        if operation.c8y_id is not None:
+            self._by_c8y_id[operation.c8y_id] = operation
+
+    def pop(self, op_id: str) -> LiveOperation | None:
+        operation = self._by_id.pop(op_id, None)
+        if operation is None:
+            return None
+        copy = (operation.child_id, operation.file_id)
+        same_copy = self._by_copy.get(copy, {})
+        same_copy.pop(op_id, None)
+        if not same_copy:
+            self._by_copy.pop(copy, None)
+        if operation.c8y_id is not None and self._by_c8y_id.get(operation.c8y_id) is operation:
+            del self._by_c8y_id[operation.c8y_id]
+        return operation
+
+    def using(self, child_id: str, file_id: str) -> list[LiveOperation]:
+        """The operations (not ended) of `child_id` that use its copy of `file_id`."""
+        same_copy = self._by_copy.get((child_id, file_id), {})
+        return [op for op in same_copy.values() if not op.state.ended]
+
+    def by_c8y_id(self, c8y_id: str) -> LiveOperation | None:
+        return self._by_c8y_id.get(c8y_id)
+
+
 @dataclass(frozen=True)
 class PluginOptions:
     """Tunables that are not tedge.toml keys (tests shorten them)."""
@@ -320,7 +368,7 @@ class FirmwarePlugin:
             make_room=self._make_room,
         )
         self.inputs: asyncio.Queue[Input] = asyncio.Queue()
-        self.operations: dict[str, LiveOperation] = {}
+        self.operations = LiveOperations()
         self.peer_errors = LogLimiter(log)  # what a peer can make us log, once a minute
         # Cumulocity ids of operations that ended lately (loop time): re-delivered, ignored
         self.completed_c8y_ids: dict[str, float] = {}
@@ -420,7 +468,7 @@ class FirmwarePlugin:
             attempt=attempt,
             c8y_id=record.c8y_id,
         )
-        self.operations[op_id] = operation
+        self.operations.add(operation)
         return operation
 
     def submit(self, item: Input) -> None:
@@ -559,7 +607,7 @@ class FirmwarePlugin:
                 )
 
     def _on_json_operation(self, found: c8y_operations.FirmwareOperation) -> None:
-        live = next((op for op in self.operations.values() if op.c8y_id == found.c8y_id), None)
+        live = self.operations.by_c8y_id(found.c8y_id)
         if live is not None and not live.state.ended:
             self._again(live)
             return
@@ -601,13 +649,9 @@ class FirmwarePlugin:
         if te_child is not None and not self.settings.plays_mapper:
             log.info("c8y_Firmware for %s, a te/ child: left to thin-edge's mapper", request.device)
             return
+        same_copy = self.operations.using(request.device, file_id_for_url(request.url))
         duplicate = next(
-            (
-                op
-                for op in self.operations.values()
-                if not op.state.ended and op.c8y_id is None and op.matches(request)
-            ),
-            None,
+            (op for op in same_copy if op.c8y_id is None and op.matches(request)), None
         )
         if duplicate is not None and c8y_id is None:
             self._again(duplicate)
@@ -621,7 +665,7 @@ class FirmwarePlugin:
             file_id=file_id_for_url(request.url),
             c8y_id=c8y_id,
         )
-        self.operations[operation.op_id] = operation
+        self.operations.add(operation)
         impossible = c8y_operations.cannot_do(request.name, request.version, request.url, patch_of)
         if impossible is not None:
             log.error("%s %s", impossible, operation.context())
@@ -1053,7 +1097,7 @@ class FirmwarePlugin:
     def _forget(self, operation: LiveOperation) -> None:
         """The broker has every line the operation owed: its file goes."""
         op_id = operation.op_id
-        self.operations.pop(op_id, None)
+        self.operations.pop(op_id)
 
         def delete() -> None:
             self.store.delete(op_id)
@@ -1096,20 +1140,17 @@ class FirmwarePlugin:
     def _legacy_copy(self, name: str, file_id: str) -> tuple[str, int] | None:
         """What the live legacy request for child `name` (by its name or its external id) was
         handed for `file_id`: SHA-256 and size."""
-        addresses = {name, topics.te_child_external_id(self.settings.device_id, name)}
-        for op in self.operations.values():
-            if not op.state.ended and op.child_id in addresses and op.file_id == file_id:
-                try:
-                    return self.cache.published(op.child_id, file_id)
-                except OSError:
-                    return None
-        return None
+        addresses = (name, topics.te_child_external_id(self.settings.device_id, name))
+        users = [op for child in addresses for op in self.operations.using(child, file_id)]
+        if not users:
+            return None
+        try:
+            return self.cache.published(users[0].child_id, file_id)
+        except OSError:
+            return None
 
     def _legacy_uses(self, child_id: str, file_id: str) -> bool:
-        return any(
-            not op.state.ended and op.child_id == child_id and op.file_id == file_id
-            for op in self.operations.values()
-        )
+        return bool(self.operations.using(child_id, file_id))
 
 
 def health_up() -> str:

@@ -27,8 +27,10 @@ command or legacy operation of the same child still uses it.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from tedge_firmware.core import topics
 from tedge_firmware.core.firmware_update import (
@@ -77,6 +79,51 @@ class _Waiting:
 
 
 Copy = tuple[str, str]  # (child id, FILE_ID) of a file published for a child
+V = TypeVar("V")
+
+
+class _ByTopic(Generic[V]):
+    """Values by command topic that count the copies they use, so that whether a copy is
+    still used is known at once however many commands there are."""
+
+    def __init__(self, copy_of: Callable[[V], Copy]) -> None:
+        self._values: dict[str, V] = {}
+        self._copy_of = copy_of
+        self._users: Counter[Copy] = Counter()
+
+    def __setitem__(self, topic: str, value: V) -> None:
+        self.pop(topic)
+        self._values[topic] = value
+        self._users[self._copy_of(value)] += 1
+
+    def pop(self, topic: str) -> V | None:
+        value = self._values.pop(topic, None)
+        if value is not None:
+            copy = self._copy_of(value)
+            self._users[copy] -= 1
+            if not self._users[copy]:
+                del self._users[copy]
+        return value
+
+    def get(self, topic: str) -> V | None:
+        return self._values.get(topic)
+
+    def __contains__(self, topic: str) -> bool:
+        return topic in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def uses(self, copy: Copy) -> bool:
+        return copy in self._users
+
+
+def _waiting_copy(waiting: _Waiting) -> Copy:
+    return (waiting.child_id, waiting.file_id)
+
+
+def _itself(copy: Copy) -> Copy:
+    return copy
 
 
 class TeParticipant:
@@ -106,8 +153,8 @@ class TeParticipant:
         self._used_by_legacy = used_by_legacy
         self._legacy_copy = legacy_copy
         self._peer_errors = peer_errors
-        self.waiting: dict[str, _Waiting] = {}  # by command topic
-        self.handed: dict[str, Copy] = {}  # commands whose tedgeUrl is a copy of ours
+        self.waiting = _ByTopic(_waiting_copy)  # by command topic
+        self.handed = _ByTopic(_itself)  # commands whose tedgeUrl is a copy of ours
         # What we moved on, by topic, until the command ends: the same command in our state
         # again is a stale copy (queued for our session, or re-sent) of what we served.
         self.served: dict[str, TeCommand] = {}
@@ -115,9 +162,7 @@ class TeParticipant:
     def uses(self, child_id: str, file_id: str) -> bool:
         """Whether a live command needs the copy published for `child_id`."""
         copy = (child_id, file_id)
-        return copy in self.handed.values() or any(
-            (w.child_id, w.file_id) == copy for w in self.waiting.values()
-        )
+        return self.handed.uses(copy) or self.waiting.uses(copy)
 
     # ---- commands -----------------------------------------------------------------------
 
@@ -188,7 +233,7 @@ class TeParticipant:
         self._fetches.join(waiting.file_id, source, waiter=where.topic)
 
     def _stop_waiting(self, topic: str, why: str) -> None:
-        waiting = self.waiting.pop(topic, None)
+        waiting = self.waiting.pop(topic)
         if waiting is not None:
             log.info("te/ command no longer waits for its firmware: %s %s", why, waiting.context())
             self._fetches.leave(waiting.file_id, topic)
@@ -197,7 +242,7 @@ class TeParticipant:
 
     def on_fetch_done(self, done: FetchDone, waiters: Iterable[str]) -> None:
         for topic in waiters:
-            waiting = self.waiting.pop(topic, None)
+            waiting = self.waiting.pop(topic)
             if waiting is None:
                 continue  # a legacy operation's, or no longer ours
             if done.sha256 is None and done.no_room and self.settings.upstream_when_full:
@@ -278,7 +323,7 @@ class TeParticipant:
 
     def _end(self, topic: str) -> None:
         self.served.pop(topic, None)
-        copy = self.handed.pop(topic, None)
+        copy = self.handed.pop(topic)
         if copy is None or self.uses(*copy) or self._used_by_legacy(*copy):
             return
         self._cache.unpublish(*copy)

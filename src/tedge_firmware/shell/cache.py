@@ -141,11 +141,14 @@ class FirmwareCache:
         """Create (or replace) the child's symlink to the content, atomically, and count it as
         a use. FileNotFoundError when the content is gone (evicted meanwhile)."""
         link = self.link_path(child_id, file_id)
-        link.parent.mkdir(parents=True, exist_ok=True)
         target = self.content(sha256).absolute()
         with self._locked(fcntl.LOCK_SH):
             self._touch(target)  # raises FileNotFoundError when the content is not there
-            _point(link, target)
+            try:
+                _point(link, target)
+            except FileNotFoundError:  # the child's first copy: its directory comes first
+                link.parent.mkdir(parents=True, exist_ok=True)
+                _point(link, target)
         return link
 
     def published(self, child_id: str, file_id: str) -> tuple[str, int] | None:
@@ -308,8 +311,11 @@ class FirmwareCache:
     @contextlib.contextmanager
     def _locked(self, kind: int) -> Iterator[None]:
         """flock on the cache directory itself: no lock file to leave behind."""
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.cache_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            descriptor = os.open(self.cache_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.cache_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(descriptor, kind)
             yield

@@ -8,10 +8,15 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# The directories whose fsync `write_atomically` leaves to the end of a `grouped_commit()`
+# block of this thread (None: fsync each at once).
+_group = threading.local()
 
 # Where unusable state files go, beside the directory they were found in.
 CORRUPT_DIR = ".corrupt"
@@ -28,6 +33,22 @@ def fsync_directory(directory: Path) -> None:
             os.close(descriptor)
 
 
+@contextlib.contextmanager
+def grouped_commit() -> Iterator[None]:
+    """Within the block, `write_atomically` in this thread leaves the fsync of each directory
+    to the end, where each directory is fsynced once: n records written together cost n + 1
+    fsyncs instead of 2n (group commit). Nothing written in the block is durable before the
+    block ends: tell no one about it before."""
+    directories: set[Path] = set()
+    _group.directories = directories
+    try:
+        yield
+    finally:
+        _group.directories = None
+        for directory in directories:
+            fsync_directory(directory)
+
+
 def write_atomically(
     target: Path,
     data: bytes,
@@ -39,7 +60,8 @@ def write_atomically(
     """Replace `target` with `data` so that a crash leaves the old file or the new one, never
     a part: a temp file beside it (`temp`, default `.<name>.tmp`), written with `mode`, given
     to `prepare(fd)` (e.g. to copy an owner), fsynced, renamed over `target`, then the
-    directory fsynced. OSError as raised; the temp file is removed then."""
+    directory fsynced (at the end of the enclosing `grouped_commit()`, if any). OSError as
+    raised; the temp file is removed then."""
     temp = temp or target.with_name(f".{target.name}.tmp")
     try:
         # never through a link someone put in the temp file's place
@@ -59,7 +81,11 @@ def write_atomically(
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
-    fsync_directory(target.parent)
+    grouped: set[Path] | None = getattr(_group, "directories", None)
+    if grouped is None:
+        fsync_directory(target.parent)
+    else:
+        grouped.add(target.parent)
 
 
 def quarantine(path: Path, why: str) -> None:

@@ -22,7 +22,7 @@ from typing import Generic, Protocol, TypeVar
 
 from tedge_firmware.core.operation import FetchRecord, OperationRecord
 from tedge_firmware.errors import StoreError
-from tedge_firmware.shell.durable import quarantine, write_atomically
+from tedge_firmware.shell.durable import grouped_commit, quarantine, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,13 @@ class RecordStore(Generic[R]):
     def save(self, record: R) -> None:
         """Write the record atomically (temp file, fsync, rename), mode 0644."""
         target = self.path(record.operation_id)
+        data = record.to_json().encode()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            write_atomically(target, record.to_json().encode())
+            try:
+                write_atomically(target, data)
+            except FileNotFoundError:  # the first record, or the directory was removed
+                self.directory.mkdir(parents=True, exist_ok=True)
+                write_atomically(target, data)
         except OSError as error:
             raise StoreError(
                 f"Creating the file failed: {str(target)!r}: {error.strerror}"
@@ -142,44 +146,103 @@ def fetch_store(firmware_dir: Path) -> RecordStore[FetchRecord]:
 
 
 Written = Callable[[StoreError | None], None]
+_Done = Callable[[Exception | None], None]
 
 
 class StoreWriter:
-    """Runs store writes in one thread of its own, in the order they were submitted.
+    """Runs store writes in one thread of its own, in the order they were submitted, in groups.
 
     `submit(write, then)` returns at once; `then(error)` runs on the event loop once `write`
     has finished (durable, for a `RecordStore.save`), with its StoreError or None. Callbacks
     run in the order of the writes, so whoever publishes in `then` announces only what is on
-    disk, and a later write (a delete) never overtakes an earlier one (a save).
+    disk, and a later write (a delete) never overtakes an earlier one (a save). `await
+    write(w)` is the same for a coroutine: it returns once `w` is durable, or raises its error.
+
+    Group commit: the writes submitted while a group is on disk form the next group, written
+    one after the other with one fsync per directory at the end (`grouped_commit`), and come
+    back to the event loop in one hop. Under load groups grow, so a fleet's records cost about
+    one fsync each and the loop is woken once per group, not once per write.
     """
 
     def __init__(self) -> None:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
-        self._pending: set[asyncio.Future[None]] = set()
+        self._queued: list[tuple[Callable[[], None], _Done]] = []
+        self._group: asyncio.Future[list[Exception | None]] | None = None
 
     def submit(self, write: Callable[[], None], then: Written | None = None) -> None:
-        future = asyncio.get_running_loop().run_in_executor(self._thread, write)
-        self._pending.add(future)
-        future.add_done_callback(functools.partial(self._done, then))
+        self._enqueue(write, functools.partial(_as_store_error, then))
 
-    def _done(self, then: Written | None, future: asyncio.Future[None]) -> None:
-        self._pending.discard(future)
+    async def write(self, write: Callable[[], None]) -> None:
+        """Run `write` in the next group; return once its group is durable, or raise what
+        it raised."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def written(error: Exception | None) -> None:
+            if done.done():
+                return  # the waiter was cancelled
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        self._enqueue(write, written)
+        await done
+
+    def _enqueue(self, write: Callable[[], None], done: _Done) -> None:
+        self._queued.append((write, done))
+        if self._group is None:
+            self._start_group()
+
+    def _start_group(self) -> None:
+        group, self._queued = self._queued, []
+        writes = [write for write, _ in group]
+        future = asyncio.get_running_loop().run_in_executor(self._thread, _write_group, writes)
+        self._group = future
+        future.add_done_callback(functools.partial(self._group_done, group))
+
+    def _group_done(
+        self,
+        group: list[tuple[Callable[[], None], _Done]],
+        future: asyncio.Future[list[Exception | None]],
+    ) -> None:
+        self._group = None
         if future.cancelled():
             return
-        error = future.exception()
-        if error is not None and not isinstance(error, StoreError):
-            log.error("unexpected error while writing", exc_info=error)
-            error = StoreError(f"unexpected error while writing: {error}")
-        if then is not None:
-            then(error)
+        if self._queued:
+            self._start_group()  # what came meanwhile goes to disk while we report
+        for (_, done), error in zip(group, future.result(), strict=True):
+            done(error)
 
     async def drain(self) -> None:
         """Wait for every write submitted so far, and for those their callbacks submit."""
-        # A future's done callbacks run in the order they were added: `_done` before gather's.
-        while self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        # `_group_done` is the future's first done callback: it has run (and started the next
+        # group, if any) by the time this task resumes.
+        while self._group is not None:
+            await asyncio.shield(self._group)
 
     async def close(self) -> None:
         """Wait for every write, then stop the thread (a later submit() is an error)."""
         await self.drain()
         self._thread.shutdown(wait=False)
+
+
+def _write_group(writes: list[Callable[[], None]]) -> list[Exception | None]:
+    """Run the writes in order, one directory fsync each at the end: each one's error or None."""
+    errors: list[Exception | None] = []
+    with grouped_commit():
+        for write in writes:
+            try:
+                write()
+            except Exception as error:  # handed to whoever waits for this write
+                errors.append(error)
+            else:
+                errors.append(None)
+    return errors
+
+
+def _as_store_error(then: Written | None, error: Exception | None) -> None:
+    if error is not None and not isinstance(error, StoreError):
+        log.error("unexpected error while writing", exc_info=error)
+        error = StoreError(f"unexpected error while writing: {error}")
+    if then is not None:
+        then(error)

@@ -59,6 +59,7 @@ import enum
 import itertools
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -273,6 +274,8 @@ class Tenant:
         self._operations: dict[str, Operation] = {}
         self._operations_of: dict[str, list[str]] = {}  # device → its operation ids, oldest first
         self._bulks: dict[str, BulkOperation] = {}
+        # bulk id → how many of its operations are in each status (progress in O(1))
+        self._bulk_counts: dict[str, Counter[OperationStatus]] = {}
         self._violations: list[Violation] = []
         self._ignored: list[tuple[str, str]] = []
         self._operation_ids = itertools.count(1)
@@ -411,9 +414,7 @@ class Tenant:
 
     def bulk_progress(self, bulk_id: str) -> BulkProgress:
         bulk = self._bulks[bulk_id]
-        counts = dict.fromkeys(OperationStatus, 0)
-        for op_id in bulk.operation_ids:
-            counts[self._operations[op_id].status] += 1
+        counts = self._bulk_counts.get(bulk_id, Counter())
         return BulkProgress(
             bulk_id=bulk_id,
             status=_bulk_status(bulk, counts),
@@ -452,6 +453,8 @@ class Tenant:
         )
         self._operations[operation.id] = operation
         self._operations_of.setdefault(device_id, []).append(operation.id)
+        if bulk_id is not None:
+            self._bulk_counts.setdefault(bulk_id, Counter())[operation.status] += 1
         self._changed()
         return operation
 
@@ -608,6 +611,10 @@ class Tenant:
 
     def _move(self, chosen: Operation, target: OperationStatus, reason: str | None) -> None:
         now = self._clock()
+        if chosen.bulk_id is not None:
+            counts = self._bulk_counts[chosen.bulk_id]
+            counts[chosen.status] -= 1
+            counts[target] += 1
         self._operations[chosen.id] = replace(
             chosen,
             status=target,
