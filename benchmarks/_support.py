@@ -39,7 +39,7 @@ from tedge_firmware.demo.processes import kill_leftovers as kill_leftovers
 from tedge_firmware.demo.processes import mosquitto_process
 from tedge_firmware.demo.processes import running as running
 from tedge_firmware.demo.secure import LockedSite
-from tedge_firmware.shell.config_file import write_local_config
+from tedge_firmware.shell.config_edit import write_local_config
 
 T = TypeVar("T")
 

@@ -57,7 +57,7 @@ from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings
 from tedge_firmware.core.topics import te_child_external_id
 from tedge_firmware.demo.processes import wait_listening
 from tedge_firmware.gateway.lifecycle import on_loop_exception
-from tedge_firmware.shell.config_file import write_local_config
+from tedge_firmware.shell.config_edit import write_local_config
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, Operation, OperationStatus
 
 GATEWAY_ID = "soak-gateway"

@@ -30,7 +30,7 @@ from tedge_firmware.core.operation import file_id_for_url
 from tedge_firmware.gateway.plugin import PluginOptions
 from tedge_firmware.gateway.service import ServiceOptions, serve_plugin
 from tedge_firmware.shell.cache import FirmwareCache
-from tedge_firmware.shell.config_file import write_local_config
+from tedge_firmware.shell.config_edit import write_local_config
 from tedge_firmware.sim import FIRMWARE, BulkProgress, C8ySimulator
 
 CHILD = "child-device"

@@ -33,13 +33,12 @@ from tedge_firmware.core.config import (
     validate_value,
 )
 from tedge_firmware.errors import ConfigError
+from tedge_firmware.shell.config_edit import set_value, unset_value
 from tedge_firmware.shell.config_file import (
     load_config,
     read_device_id,
     read_document,
     resolve_device_id,
-    set_value,
-    unset_value,
 )
 
 CONFIG_DIR = Path("/etc/tedge-test")

@@ -37,3 +37,16 @@ def test_help_loads_neither_the_services_nor_the_simulator_nor_the_demo() -> Non
     ours = ("tedge_firmware.sim", "tedge_firmware.demo", "tedge_firmware.connector", "tedge_firmware.gateway.plugin")
     assert sorted(name for name in loaded if name.split(".")[0] in heavy or name.startswith(ours)) == []
     assert "logging.config" not in loaded
+
+
+def test_the_daemon_loads_only_what_it_runs_with() -> None:
+    # `tedge-firmware run`: its command module and the service it starts (issue 17: idle RSS)
+    loaded = loaded_after(
+        "import tedge_firmware.cli.main, tedge_firmware.gateway.service, tedge_firmware.gateway.lifecycle"
+    )
+    # tomlkit edits tedge.toml (config set), rich draws the demo, cryptography reads a
+    # certificate only when device.id is not set, ctypes finds sync_file_range at the first
+    # download
+    unwanted = ("rich", "tomlkit", "cryptography", "ctypes")
+    ours = ("tedge_firmware.sim", "tedge_firmware.demo", "tedge_firmware.connector", "tedge_firmware.shell.config_edit")
+    assert sorted(name for name in loaded if name.split(".")[0] in unwanted or name.startswith(ours)) == []

@@ -25,7 +25,8 @@ from tedge_firmware.core.config import (
     raw_values,
 )
 from tedge_firmware.errors import ConfigError, TedgeFirmwareError
-from tedge_firmware.shell.config_file import config_path, read_device_id, read_document, set_value
+from tedge_firmware.shell.config_edit import set_value
+from tedge_firmware.shell.config_file import config_path, read_device_id, read_document
 
 
 class _Failed(Exception):

@@ -27,7 +27,7 @@ def load_or_exit(config_dir: Path, *, given: bool = False) -> TedgeConfig:
             f"the configuration directory {config_dir} (--config-dir) does not exist: "
             f"create it (mkdir -p {config_dir}) or give the directory of your tedge.toml"
         )
-    from tedge_firmware.shell.config_file import load_config  # tomlkit: not for `--help`
+    from tedge_firmware.shell.config_file import load_config  # not for `--help`
 
     try:
         return load_config(config_dir)

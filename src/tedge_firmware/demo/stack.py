@@ -63,7 +63,7 @@ from tedge_firmware.demo.rollout import DemoResult, Rollout, collect
 from tedge_firmware.demo.secure import LockedSite
 from tedge_firmware.demo.view import follow, print_summary
 from tedge_firmware.errors import ConfigError, TedgeFirmwareError
-from tedge_firmware.shell.config_file import write_local_config
+from tedge_firmware.shell.config_edit import write_local_config
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, FileFaults
 
 

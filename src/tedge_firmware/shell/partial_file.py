@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -63,10 +63,11 @@ StartWriteback = Callable[[int, int, int, int], int]
 SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing dirty pages in the range, do not wait
 
 
+@functools.cache
 def _libc_sync_file_range() -> StartWriteback | None:
     """The C library's sync_file_range (Linux only; Python's os module does not offer it)."""
-    if not sys.platform.startswith("linux"):
-        return None
+    import ctypes  # at the first download: an idle daemon does without its ~0.4 MiB
+
     try:
         # CDLL(None): the symbols already loaded into the process, which include the C
         # library's (glibc and musl alike), without searching for its file.
@@ -76,10 +77,25 @@ def _libc_sync_file_range() -> StartWriteback | None:
     # glibc and musl both declare the offsets as 64-bit on every architecture.
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     function.restype = ctypes.c_int
-    return function
+    result: StartWriteback = function
+    return result
 
 
-SYNC_FILE_RANGE = _libc_sync_file_range()
+def _sync_file_range(descriptor: int, offset: int, count: int, flags: int) -> int:
+    """sync_file_range, found in the C library at the first call; -1 where there is none."""
+    function = _libc_sync_file_range()
+    return -1 if function is None else function(descriptor, offset, count, flags)
+
+
+def _last_c_error() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
+SYNC_FILE_RANGE: StartWriteback | None = (
+    _sync_file_range if sys.platform.startswith("linux") else None
+)
 
 
 def is_working_file(name: str) -> bool:
@@ -207,7 +223,7 @@ class Writeback:
         if start is None or end - self._begin < self._step:
             return
         if start(descriptor, self._begin, end - self._begin, SYNC_FILE_RANGE_WRITE) != 0:
-            reason = os.strerror(ctypes.get_errno() or errno.EINVAL)
+            reason = os.strerror(_last_c_error() or errno.ENOSYS)
             logger.debug("No early writeback (sync_file_range: %s); fsync does it all", reason)
             self._start = None
         self._begin = end
