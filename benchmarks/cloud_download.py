@@ -6,6 +6,10 @@ data dir, so never a cache hit) gets `515,<child>,…,URL` and is timed until th
 published. Also the gateway's peak RSS (VmHWM) per file size: it should not grow with the size.
 Repetitions alternate curl and gateway; medians are reported.
 
+Goals (issue 17), each against its anchor from the same run: every run at least 1.2x `curl` +
+`fsync`; CPU per GB at most 1.2x (curl's + hashlib's SHA-256 alone, in this process over the
+same number of bytes in memory); peak RSS at most 10 MiB above the RSS before the `515`.
+
     python -m benchmarks.cloud_download [--quick] [--sizes 100MB,1GiB] [--repeat 5]
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import sys
 import time
@@ -26,6 +31,9 @@ QUICK_SIZES = "10MB,100MB"
 DEFAULT_REPEAT = 7
 QUICK_REPEAT = 3
 TARGET_RATIO = 0.9
+TARGET_SYNC_RATIO = 1.2  # ours / (curl + fsync), every run
+TARGET_CPU_RATIO = 1.2  # ours / (curl + hashlib SHA-256), CPU per GB
+TARGET_PEAK_GROWTH_KIB = 10 * 1024
 # Peak RSS counts as independent of the size when the biggest file's peak is within this of
 # the smallest file's (allocator noise on a Python process is a few MiB).
 RSS_TOLERANCE_KIB = 8 * 1024
@@ -64,6 +72,16 @@ async def curl_once(url: str, out: Path, size: int) -> CurlRun:
     return CurlRun(seconds, cpu, synced)
 
 
+def hashlib_cpu_seconds(size: int) -> float:
+    """CPU seconds of hashlib's SHA-256 over `size` bytes in memory (1 MiB at a time)."""
+    block = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    begin = time.thread_time()
+    for _ in range(max(1, size >> 20)):
+        digest.update(block)
+    return time.thread_time() - begin
+
+
 def _fsync_file(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -91,11 +109,12 @@ async def measure_size(
             )
     finally:
         (www / name).unlink(missing_ok=True)
-    report(size, curls, ours)
+    hashing = await asyncio.to_thread(hashlib_cpu_seconds, size)
+    report(size, curls, ours, hashing)
     return int(s.median([run.peak_rss_kib for run in ours]))
 
 
-def report(size: int, curls: list[CurlRun], ours: list[s.GatewayDownload]) -> None:
+def report(size: int, curls: list[CurlRun], ours: list[s.GatewayDownload], hashing: float) -> None:
     curl_mbps = [s.throughput(size, run.seconds) for run in curls]
     sync_mbps = [s.throughput(size, run.seconds + run.fsync_seconds) for run in curls]
     our_mbps = [s.throughput(size, run.seconds) for run in ours]
@@ -112,6 +131,13 @@ def report(size: int, curls: list[CurlRun], ours: list[s.GatewayDownload]) -> No
         f"{s.median(our_mbps) / s.median(sync_mbps):.3f}x",
         "(the gateway fsyncs the firmware before it publishes it)",
     )
+    # each run against the curl + fsync run just before it
+    per_run = [mine / theirs for mine, theirs in zip(our_mbps, sync_mbps, strict=True)]
+    s.line(
+        "ours / (curl + fsync), the worst run",
+        f"{min(per_run):.3f}x",
+        f"{s.runs_text(per_run, '{:.2f}')} {s.verdict(min(per_run), TARGET_SYNC_RATIO)}",
+    )
     gigabytes = size / 1e9
     curl_cpu = [run.cpu_seconds / gigabytes for run in curls]
     our_cpu = [run.cpu_seconds / gigabytes for run in ours]
@@ -125,10 +151,25 @@ def report(size: int, curls: list[CurlRun], ours: list[s.GatewayDownload]) -> No
         f"{s.median(our_cpu):.2f} s",
         s.runs_text(our_cpu, "{:.2f}"),
     )
+    hashlib_per_gb = hashing / gigabytes
+    s.line("anchor: CPU s per GB, hashlib SHA-256 alone", f"{hashlib_per_gb:.2f} s")
+    cpu_ratio = s.median(our_cpu) / (s.median(curl_cpu) + hashlib_per_gb)
+    s.line(
+        "CPU per GB: ours / (curl + hashlib)",
+        f"{cpu_ratio:.2f}x",
+        s.verdict(cpu_ratio, TARGET_CPU_RATIO, higher_is_better=False),
+    )
     peaks = [run.peak_rss_kib / 1024 for run in ours]
     idles = [run.idle_rss_kib / 1024 for run in ours]
     s.line("gateway peak RSS (VmHWM)", f"{s.median(peaks):.1f} MiB", s.runs_text(peaks, "{:.1f}"))
     s.line("gateway RSS before the 515", f"{s.median(idles):.1f} MiB", s.runs_text(idles, "{:.1f}"))
+    growth = [peak - idle for peak, idle in zip(peaks, idles, strict=True)]
+    s.line(
+        "peak - before, the worst run",
+        f"{max(growth):+.1f} MiB",
+        f"{s.runs_text(growth, '{:+.1f}')} target <= +{TARGET_PEAK_GROWTH_KIB // 1024} MiB: "
+        f"{'met' if max(growth) * 1024 <= TARGET_PEAK_GROWTH_KIB else 'NOT MET'}",
+    )
 
 
 def report_memory(peaks: dict[int, int]) -> None:

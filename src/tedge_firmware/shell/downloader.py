@@ -92,7 +92,7 @@ logger = logging.getLogger(__name__)
 
 # Chunks queued for the writer thread before reading from the network waits for the disk.
 # Memory per transfer stays below (WRITE_DEPTH + 2) * chunk_size plus aiohttp's read buffer.
-WRITE_DEPTH = 4
+WRITE_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class Downloader:
         parallel: int = 4,
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 (frozen, so sharing is safe)
         stall_timeout: float = 60.0,
-        chunk_size: int = 1 << 20,
+        chunk_size: int = 512 << 10,
         reserve_bytes: int | None = None,
         free_space: FreeSpace | None = None,
         start_writeback: StartWriteback | None = SYNC_FILE_RANGE,
@@ -498,39 +498,43 @@ class Downloader:
         # a connection breaks, aiohttp drops what it still buffers, so bytes must leave its
         # buffer promptly for a resume not to fetch them again.
         writer = WritePipeline(WRITE_DEPTH + len(first_steps), name=part.path.name)
-        buffer = bytearray()
+        # The pieces aiohttp hands over are written as they are, a chunk's worth at a time:
+        # gathering them into one buffer would copy every byte once more (issue 17: CPU/GB).
+        pieces: list[bytes] = []
+        gathered = 0
         try:
             for step in first_steps:
                 await writer.put(step)
             async for piece in response.content.iter_any():
-                buffer += piece
+                pieces.append(piece)
+                gathered += len(piece)
                 if self._bucket is not None:
                     # not reading holds the sender back (TCP): the cap costs no memory
                     loop = asyncio.get_running_loop()
                     if wait := self._bucket.delay(len(piece), loop.time()):
                         await asyncio.sleep(wait)
-                if len(buffer) >= self._chunk_size:
-                    # `buffer` is replaced only once queued: a cancellation while put() waits
+                if gathered >= self._chunk_size:
+                    # `pieces` is replaced only once queued: a cancellation while put() waits
                     # must not lose these bytes (the rest would be written after a gap).
-                    await writer.put(functools.partial(part.write, buffer))
-                    buffer = bytearray()
+                    await writer.put(functools.partial(part.write, pieces))
+                    pieces, gathered = [], 0
         except (aiohttp.ClientError, OSError, TimeoutError):
             # Keep what did arrive, so that a resume does not fetch it again.
-            await writer.finish(_tail(part, buffer))
+            await writer.finish(_tail(part, pieces))
             raise
         except asyncio.CancelledError:
             # The service stops (or the time cap is reached): write what arrived, shielded,
             # so that the partial file holds every received byte for the next run.
-            await _finish_quietly(writer, _tail(part, buffer))
+            await _finish_quietly(writer, _tail(part, pieces))
             raise
         except BaseException:
             writer.abandon()
             raise
-        await writer.finish(_tail(part, buffer))
+        await writer.finish(_tail(part, pieces))
 
 
-def _tail(part: PartFile, buffer: bytearray) -> Callable[[], None] | None:
-    return functools.partial(part.write, buffer) if buffer else None
+def _tail(part: PartFile, pieces: list[bytes]) -> Callable[[], None] | None:
+    return functools.partial(part.write, pieces) if pieces else None
 
 
 async def _finish_quietly(writer: WritePipeline, last: Callable[[], None] | None) -> None:

@@ -20,7 +20,7 @@ import shutil
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,19 +280,21 @@ class PartFile:
             self.size = 0
             self._writeback.restart()
 
-    def write(self, chunk: bytes | bytearray) -> None:
+    def write(self, pieces: Iterable[bytes | bytearray]) -> None:
+        """Append the pieces, in order (each one as it is: no gathering copy)."""
         with self._lock, self._mapped("write"):
             if self._released:
                 return
             file = self._opened()
-            # Hash, then write: the write copies the chunk while the hash has just pulled it
-            # into this core's cache (measured slightly faster than the other order, see
-            # docs/benchmarks.md). A failed write fails the download or, on a stop, leaves a
-            # partial file that the next run hashes again from disk: the hash of bytes that
-            # did not reach the file is never used.
-            self._hash.update(chunk)
-            file.write(chunk)
-            self.size += len(chunk)
+            for piece in pieces:
+                # Hash, then write: the write copies the piece while the hash has just pulled
+                # it into this core's cache (measured slightly faster than the other order,
+                # see docs/benchmarks.md). A failed write fails the download or, on a stop,
+                # leaves a partial file that the next run hashes again from disk: the hash of
+                # bytes that did not reach the file is never used.
+                self._hash.update(piece)
+                file.write(piece)
+                self.size += len(piece)
             self._writeback.advance(file.fileno(), self.size)
 
     def record(self, state: ResumeState) -> None:
