@@ -330,3 +330,64 @@ async def test_close_ends_the_watch_within_a_step(root: Path) -> None:
     async with watching(watcher):
         started = time.monotonic()
     assert time.monotonic() - started < 1.0
+
+
+# --- unchanged child directories are not listed again (10,000 children) -------------------------
+
+
+@pytest.fixture
+def listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories each scan lists (ops_watch._entries, recorded)."""
+    import tedge_firmware.shell.ops_watch as ops_watch
+
+    seen: list[str] = []
+    real = ops_watch._entries
+
+    def recorded(directory: Path, unreadable: set[str]) -> list[os.DirEntry[str]]:
+        seen.append(directory.name)
+        return real(directory, unreadable)
+
+    monkeypatch.setattr(ops_watch, "_entries", recorded)
+    return seen
+
+
+def later(seconds: float) -> float:
+    return time.time() + seconds
+
+
+def test_an_unchanged_child_directory_is_not_listed_again(root: Path, listings: list[str]) -> None:
+    for child in ("child1", "child2"):
+        (root / child).mkdir()
+        (root / child / "c8y_Firmware").touch()
+    directory = OperationsDirectory(root, clock=lambda: later(10))  # their changes are old news
+    first = directory.scan()
+    listings.clear()
+    again = directory.scan()
+    assert again == first and listings == ["c8y"]  # the root only
+    (root / "child2" / "c8y_Restart").touch()  # an entry added: the directory changed
+    listings.clear()
+    assert names(directory.scan().children["child2"]) == ["c8y_Firmware", "c8y_Restart"]
+    assert listings == ["c8y", "child2"]
+
+
+def test_a_file_edited_in_an_unchanged_directory_is_seen(root: Path) -> None:
+    (root / "child1").mkdir()
+    (root / "child1" / "c8y_Firmware").touch()
+    directory = OperationsDirectory(root, clock=lambda: later(10))
+    assert names(directory.scan().children["child1"]) == ["c8y_Firmware"]
+    (root / "child1" / "c8y_Firmware").write_text("not = [toml")  # in place: same directory
+    assert names(directory.scan().children["child1"]) == []
+    (root / "child1" / "c8y_Firmware").write_text("")
+    assert names(directory.scan().children["child1"]) == ["c8y_Firmware"]
+
+
+def test_a_directory_changed_within_the_clock_tick_is_listed_again(root: Path, listings: list[str]) -> None:
+    # File times are coarse: an entry added within the tick of a listing leaves the directory's
+    # times unchanged. A directory changed in the last seconds is therefore always listed.
+    (root / "child1").mkdir()
+    (root / "child1" / "c8y_Firmware").touch()
+    directory = OperationsDirectory(root)  # the real clock: the change is fresh
+    directory.scan()
+    listings.clear()
+    directory.scan()
+    assert listings == ["c8y", "child1"]

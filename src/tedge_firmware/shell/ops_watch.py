@@ -22,7 +22,8 @@ import os
 import re
 import stat
 import threading
-from collections.abc import AsyncGenerator, Iterator
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 
 from watchfiles import awatch
@@ -42,6 +43,10 @@ from tedge_firmware.errors import StoreError
 log = logging.getLogger(__name__)
 
 _RESTART_DELAY = 0.5  # seconds between the end of a failed watch and the next one
+# A child directory changed this recently is listed again whatever its stat says: file times
+# are coarse (a clock tick), so an entry added within the tick of the last listing would
+# leave the directory's times as they were.
+_RACY_S = 2.0
 _DIR_MODE = 0o755
 _FILE_MODE = 0o644
 _StatKey = tuple[int, int, int]  # inode, size, mtime_ns
@@ -50,14 +55,24 @@ _StatKey = tuple[int, int, int]  # inode, size, mtime_ns
 class OperationsDirectory:
     """`<config-dir>/operations/c8y/`: scanning, and the files of declared operations."""
 
-    def __init__(self, root: Path, main_device_id: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        main_device_id: str | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.root = root
         self.main_device_id = main_device_id
+        self._clock = clock  # the wall clock, to compare with file times
         # path → (stat key, problem or None): a file is read again only when it changed
         self._checked: dict[str, tuple[_StatKey, str | None]] = {}
         self._refused: set[str] = set()  # directory names already logged as refused
         self._ignored: set[str] = set()  # file paths already logged as ignored
         self._unreadable: set[str] = set()  # directory problems already logged
+        # child directory name → (its stat key, what it declared) when its last listing had
+        # nothing to ignore: unchanged since, it is not listed again (10,000 children)
+        self._listed: dict[str, tuple[_StatKey, DeviceOperations]] = {}
 
     def ensure_exists(self) -> None:
         """Create the directory and its parent (`operations/`) when missing.
@@ -76,6 +91,7 @@ class OperationsDirectory:
     def scan(self) -> Snapshot:
         """What the directory declares now (blocking: run it in a thread)."""
         checked, self._checked = self._checked, {}
+        listed, self._listed = self._listed, {}
         refused: set[str] = set()
         ignored: set[str] = set()
         main: set[FileFingerprint] = set()
@@ -84,7 +100,7 @@ class OperationsDirectory:
             if _is_dir(entry):
                 problem = child_dir_problem(entry.name, self.main_device_id)
                 if problem is None:
-                    children[entry.name] = self._device(Path(entry.path), checked, ignored)
+                    children[entry.name] = self._device(entry, checked, listed, ignored)
                 else:
                     refused.add(entry.name)
                     if entry.name not in self._refused:
@@ -98,16 +114,46 @@ class OperationsDirectory:
 
     def _device(
         self,
-        directory: Path,
+        entry: os.DirEntry[str],
         checked: dict[str, tuple[_StatKey, str | None]],
+        listed: dict[str, tuple[_StatKey, DeviceOperations]],
         ignored: set[str],
     ) -> DeviceOperations:
+        key = _directory_key(entry, self._clock())
+        known = listed.get(entry.name)
+        unchanged = key is not None and known is not None and known[0] == key
+        if unchanged and known is not None and self._still_there(entry.path, known[1], checked):
+            self._listed[entry.name] = known
+            return known[1]
         files = set()
-        for entry in _entries(directory, self._unreadable):
-            counted = self._operation(entry, checked, ignored)
+        ignored_before = len(ignored)
+        for item in _entries(Path(entry.path), self._unreadable):
+            counted = self._operation(item, checked, ignored)
             if counted is not None:
                 files.add(counted)
-        return DeviceOperations(frozenset(files))
+        operations = DeviceOperations(frozenset(files))
+        if key is not None and len(ignored) == ignored_before:
+            self._listed[entry.name] = (key, operations)
+        return operations
+
+    def _still_there(
+        self,
+        directory: str,
+        operations: DeviceOperations,
+        checked: dict[str, tuple[_StatKey, str | None]],
+    ) -> bool:
+        """Whether every file of an unchanged directory is as it was (content checks kept)."""
+        for name, *key in operations.files:
+            path = os.path.join(directory, name)
+            try:
+                info = os.stat(path)  # follows a symlink, as the listing does
+            except OSError:
+                return False
+            previous = checked.get(path)
+            if previous is None or [info.st_ino, info.st_size, info.st_mtime_ns] != key:
+                return False
+            self._checked[path] = previous
+        return True
 
     def _operation(
         self,
@@ -231,6 +277,20 @@ def _entries(directory: Path, unreadable: set[str]) -> list[os.DirEntry[str]]:
             log.warning("%s", text)
         unreadable.add(text)
         return []
+
+
+def _directory_key(entry: os.DirEntry[str], now: float) -> _StatKey | None:
+    """The directory's stat key, or None when it changed too lately to be trusted (or is gone).
+
+    The change time is in the key: unlike the modification time, no tool can set it back (an
+    archive extracted over the directory restores its mtime)."""
+    try:
+        info = entry.stat()
+    except OSError:
+        return None
+    if now - info.st_ctime < _RACY_S:
+        return None
+    return (info.st_ino, info.st_ctime_ns, info.st_mtime_ns)
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
