@@ -12,7 +12,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import cli_startup, cloud_download, file_transfer, fleet, resume, soak
+from benchmarks import (
+    cli_startup,
+    cloud_download,
+    file_transfer,
+    fleet,
+    idle_memory,
+    resume,
+    soak,
+)
 
 BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
     "cloud_download": cloud_download.main,
@@ -21,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
     "fleet": fleet.main,
     "soak": soak.main,
     "cli_startup": cli_startup.main,
+    "idle_memory": idle_memory.main,
 }
 
 
