@@ -50,6 +50,8 @@ DEFAULT_CHILDREN = 1000
 QUICK_CHILDREN = 100
 DEFAULT_SIZE = "1MiB"
 DEFAULT_CHILD_PROCESSES = 2
+TARGET_RATIO = 1.0  # messages/s of the fleet against sequential round trips/s
+TARGET_PEAK_OVER_IDLE = 2.0
 ANCHOR_MESSAGES = 2000
 QUICK_ANCHOR_MESSAGES = 300
 MESSAGES_PER_OPERATION = {"legacy": 9, "te": 12}
@@ -304,7 +306,13 @@ def report(runs: list[FleetRun], anchor: float, size: int, protocol: str) -> Non
     s.line(
         "fleet msgs/s ÷ broker round trips/s",
         f"{ratio:.2f}x",
-        f"({messages} messages per operation)",
+        f"({messages} messages per operation) {s.verdict(ratio, TARGET_RATIO)}",
+    )
+    growth = best.gateway_peak_kib / best.gateway_idle_kib
+    s.line(
+        "gateway peak RSS ÷ idle",
+        f"{growth:.2f}x",
+        s.verdict(growth, TARGET_PEAK_OVER_IDLE, higher_is_better=False),
     )
 
 
