@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks import _support as s
+from benchmarks.cloud_download import CurlRun, curl_once
 from tedge_firmware.shell.partial_file import SYNC_FILE_RANGE, SYNC_FILE_RANGE_WRITE
 
 BUFFER = 1 << 20
@@ -73,7 +74,7 @@ async def benchmark(args: argparse.Namespace) -> None:
         async with s.nginx(www, workdir) as port:
             for _ in range(repeat):
                 os.sync()
-                curl = await curl_with_fsync(url.format(port=port), workdir / "curl.out", size)
+                curl = await curl_once(url.format(port=port), workdir / "curl.out", size)
                 os.sync()
                 probe = await asyncio.to_thread(
                     blocking_download, port, "floor.bin", workdir / "probe.out", sha256
@@ -83,30 +84,11 @@ async def benchmark(args: argparse.Namespace) -> None:
     report(size, rows)
 
 
-async def curl_with_fsync(url: str, out: Path, size: int) -> tuple[float, float, float]:
-    """(curl seconds, its CPU seconds, fsync seconds)."""
-    cpu_before = s.children_cpu_seconds()
-    begin = time.perf_counter()
-    code, output = await s.run_command([s.CURL, "-s", "-f", "-o", str(out), url], 600)
-    seconds = time.perf_counter() - begin
-    cpu = s.children_cpu_seconds() - cpu_before
-    if code != 0 or s.file_size(out) != size:
-        raise RuntimeError(f"curl failed ({code}): {output.strip()}")
-    begin = time.perf_counter()
-    descriptor = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    synced = time.perf_counter() - begin
-    s.remove(out)
-    return seconds, cpu, synced
-
-
-def report(size: int, rows: list[tuple[tuple[float, float, float], tuple[float, float]]]) -> None:
+def report(size: int, rows: list[tuple[CurlRun, tuple[float, float]]]) -> None:
     gigabytes = size / 1e9
     s.heading(f"download floor, {s.format_size(size)}: {len(rows)} runs, one line each")
-    for (curl_s, curl_cpu, fsync_s), (probe_s, probe_cpu) in rows:
+    for curl, (probe_s, probe_cpu) in rows:
+        curl_s, curl_cpu, fsync_s = curl.seconds, curl.cpu_seconds, curl.fsync_seconds
         s.line(
             "curl | curl+fsync | probe",
             f"{s.throughput(size, probe_s):.0f} MB/s",
