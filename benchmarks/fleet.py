@@ -1,12 +1,16 @@
-"""Fleet: 1,000 children updated from one firmware through the real gateway, one cloud download.
+"""Fleet: 1,000 and 10,000 children updated from one firmware through the real gateway, one
+cloud download.
 
 Ours: a fresh `tedge-firmware run` (a subprocess, so that its memory is its own) on a private
-mosquitto; the Cumulocity simulator and one SDK connector serving every child id run in this
-process. The children declare `c8y_Firmware` over MQTT, the gateway registers them, and the
-simulator creates one bulk operation for all of them at once (no ramp). Measured from the
-simulator's records: operations per second (first `515` to last `503`), the median and p99
-time from an operation's `515` to its `503`, how often the binary was fetched from the cloud
-(must be 1), and the gateway's peak RSS (VmHWM).
+mosquitto; the Cumulocity simulator runs in this process, the children in `--child-processes`
+processes (`benchmarks._children`: one SDK connector each, serving its share of the child ids,
+its work directory on tmpfs: a child's storage is its own, not the gateway's disk). CPU seconds
+of each group of processes during the rollout are reported. The children declare
+`c8y_Firmware` over MQTT, the gateway registers them, and the simulator creates one bulk
+operation for all of them at once (no ramp). Measured from the simulator's records:
+operations per second (first `515` to last `503`), the median and p99 time from an
+operation's `515` to its `503`, how often the binary was fetched from the cloud (must be 1),
+and the gateway's peak RSS (VmHWM) against its RSS once every child is registered (at most 2x).
 
 The children declare themselves over `te/`, so `run` offers each operation both ways (the
 legacy request and a `te/` command). `--protocol legacy` (the default): a connector that takes
@@ -19,10 +23,10 @@ broker, besides its HTTP download: legacy 9 messages (`515`, request, command `i
 `executing`, `501`, `successful`, `115`, `503`, command clear); te 12 (`515`, request, `init`,
 `executing`, `gateway_download`, `gateway_downloaded`, `successful`, `501`, `115`, `503`, clear,
 twin). "operations/s x messages / round trips/s" tells how far the fleet is from a broker-bound
-ceiling of sequential messages.
+ceiling of sequential messages (target: at least 1.0).
 
-    python -m benchmarks.fleet [--quick] [--children 1000] [--size 1MiB] [--repeat 1]
-                               [--protocol legacy|te]
+    python -m benchmarks.fleet [--quick] [--children 1000,10000] [--size 1MiB] [--repeat 1]
+                               [--protocol legacy|te] [--child-processes 2] [--limit 600]
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from benchmarks import _support as s
 from tedge_firmware.core.topics import te_child_external_id
 from tedge_firmware.sim import FIRMWARE, C8ySimulator, Operation
 
-DEFAULT_CHILDREN = 1000
-QUICK_CHILDREN = 100
+DEFAULT_CHILDREN = [1000, 10000]
+QUICK_CHILDREN = [100]
 DEFAULT_SIZE = "1MiB"
 DEFAULT_CHILD_PROCESSES = 2
 TARGET_RATIO = 1.0  # messages/s of the fleet against sequential round trips/s
@@ -317,7 +321,7 @@ def report(runs: list[FleetRun], anchor: float, size: int, protocol: str) -> Non
 
 
 async def benchmark(args: argparse.Namespace) -> None:
-    children = args.children or (QUICK_CHILDREN if args.quick else DEFAULT_CHILDREN)
+    fleets = args.children or (QUICK_CHILDREN if args.quick else DEFAULT_CHILDREN)
     messages = QUICK_ANCHOR_MESSAGES if args.quick else ANCHOR_MESSAGES
     repeat = args.repeat or 1
     s.require(s.MOSQUITTO)
@@ -325,21 +329,23 @@ async def benchmark(args: argparse.Namespace) -> None:
         firmware = workdir / "fleet.bin"
         s.make_file(firmware, args.size)
         async with fleet_mosquitto(workdir) as (port, broker_pid):
-            anchor = await broker_round_trips(port, messages)
-            runs = []
-            for _ in range(repeat):
-                run = await fleet_run(
-                    workdir,
-                    port,
-                    broker_pid,
-                    children,
-                    firmware,
-                    limit_s=args.limit,
-                    protocol=args.protocol,
-                    processes=args.child_processes,
-                )
-                runs.append(run)
-        report(runs, anchor, args.size, args.protocol)
+            for children in fleets:
+                # the anchor again before each fleet: the broker's pace in the same minute
+                anchor = await broker_round_trips(port, messages)
+                runs = []
+                for _ in range(repeat):
+                    run = await fleet_run(
+                        workdir,
+                        port,
+                        broker_pid,
+                        children,
+                        firmware,
+                        limit_s=args.limit,
+                        protocol=args.protocol,
+                        processes=args.child_processes,
+                    )
+                    runs.append(run)
+                report(runs, anchor, args.size, args.protocol)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     s.common_arguments(parser)
     parser.add_argument(
         "--children",
-        type=int,
+        type=s.parse_counts,
         default=None,
-        help=f"default {DEFAULT_CHILDREN}, quick {QUICK_CHILDREN}",
+        help="fleet sizes, one run each after the other (default "
+        f"{','.join(map(str, DEFAULT_CHILDREN))}, quick {','.join(map(str, QUICK_CHILDREN))})",
     )
     parser.add_argument(
         "--size",
@@ -375,8 +382,6 @@ def main(argv: list[str] | None = None) -> int:
         help="the children's protocol (default legacy)",
     )
     args = parser.parse_args(argv)
-    if args.children is not None and args.children < 1:
-        parser.error("--children must be >= 1")
     if args.child_processes < 1:
         parser.error("--child-processes must be >= 1")
     return s.run(lambda: benchmark(args), args.budget)
