@@ -91,8 +91,9 @@ __all__ = ["PART_SUFFIX", "DownloadResult", "Downloader", "NotModified", "is_wor
 logger = logging.getLogger(__name__)
 
 # Chunks queued for the writer thread before reading from the network waits for the disk.
-# Memory per transfer stays below (WRITE_DEPTH + 2) * chunk_size plus aiohttp's read buffer.
-WRITE_DEPTH = 2
+# The writer takes what is queued in one go, so memory per transfer stays below
+# (2 * WRITE_DEPTH + 2) * chunk_size plus aiohttp's read buffer.
+WRITE_DEPTH = 1
 
 
 @dataclass(frozen=True)

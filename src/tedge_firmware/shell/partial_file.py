@@ -181,10 +181,19 @@ class WritePipeline:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while (step := await self._queue.get()) is not None:
-                if self._error is None:
+            finished = False
+            while not finished:
+                # Whatever is queued goes to the thread in one hop (each hop wakes two threads):
+                # a small download's first steps and its data, or the steps that queued up
+                # while the disk was busy.
+                queued = [await self._queue.get()]
+                while not self._queue.empty():
+                    queued.append(self._queue.get_nowait())
+                steps = [step for step in queued if step is not None]
+                finished = len(steps) < len(queued)  # finish() puts None last, then nothing
+                if steps and self._error is None:
                     try:
-                        await loop.run_in_executor(self._thread, step)
+                        await loop.run_in_executor(self._thread, _run_in_order, steps)
                     except AttemptFailed as error:
                         self._error = error
         finally:
@@ -195,6 +204,12 @@ class WritePipeline:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _run_in_order(steps: list[Callable[[], None]]) -> None:
+    """Run the steps one after the other; the first failure stops the rest."""
+    for step in steps:
+        step()
 
 
 # ---------------------------------------------------------------------------------------------
