@@ -506,7 +506,11 @@ class Downloader:
         try:
             for step in first_steps:
                 await writer.put(step)
-            async for piece in response.content.iter_any():
+            # iter_chunks, not iter_any: a piece as aiohttp received it; iter_any joins what it
+            # buffered meanwhile into a new bytes object (one more copy of every byte).
+            async for piece, _ in response.content.iter_chunks():
+                if not piece:
+                    continue  # the end of an HTTP chunk (chunked transfer encoding)
                 pieces.append(piece)
                 gathered += len(piece)
                 if self._bucket is not None:
