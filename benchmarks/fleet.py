@@ -193,15 +193,17 @@ async def fleet_run(
     ids = [f"child-{index:05d}" for index in range(children)]
     # declared over te/ (`register`): Cumulocity knows them by thin-edge's external ids
     cloud_ids = [te_child_external_id(GATEWAY_ID, child) for child in ids]
-    # On a site every child has its own storage: the simulated children keep theirs in memory
-    # (tmpfs), so that their fsyncs do not queue with the gateway's on the gateway's disk.
-    children_home = Path(tempfile.mkdtemp(prefix="fleet-children-", dir=children_dir()))
-    connectors = children_processes(home, children_home, port, ids, processes, protocol)
     gateway = s.tedge_firmware("run", config_dir, home / "gateway.log")
     async with (
         C8ySimulator(mqtt_port=port, gateway_id=GATEWAY_ID, control_api=False) as sim,
         contextlib.AsyncExitStack() as stack,
     ):
+        # On a site every child has its own storage: the simulated children keep theirs in
+        # memory (tmpfs), so that their fsyncs do not queue with the gateway's on its disk.
+        # Removed last, whatever happens (tmpfs is memory), once the children have stopped.
+        children_home = Path(tempfile.mkdtemp(prefix="fleet-children-", dir=children_dir()))
+        stack.callback(shutil.rmtree, children_home, ignore_errors=True)
+        connectors = children_processes(home, children_home, port, ids, processes, protocol)
         url = sim.add_file("fleet.bin", firmware)
         await stack.enter_async_context(s.running(gateway))
         for connector in connectors:
@@ -234,7 +236,6 @@ async def fleet_run(
         progress = await s.until_exit(sim.wait_for_bulk(bulk.id, timeout=limit_s), gateway)
         peak = s.proc_status_kib(gateway.pid, "VmHWM")
         cpu_after = cpu_now(pids)
-    shutil.rmtree(children_home, ignore_errors=True)
     operations = [sim.operation(op_id) for op_id in bulk_ids(sim, bulk.id)]
     stats = sim.stats.files["fleet.bin"]
     first = min(op.created for op in operations)

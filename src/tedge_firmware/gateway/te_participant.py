@@ -108,12 +108,6 @@ class _ByTopic(Generic[V]):
     def get(self, topic: str) -> V | None:
         return self._values.get(topic)
 
-    def __contains__(self, topic: str) -> bool:
-        return topic in self._values
-
-    def __len__(self) -> int:
-        return len(self._values)
-
     def uses(self, copy: Copy) -> bool:
         return copy in self._users
 
