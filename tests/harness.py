@@ -31,7 +31,7 @@ from tedge_firmware.gateway.plugin import PluginOptions
 from tedge_firmware.gateway.service import ServiceOptions, serve_plugin
 from tedge_firmware.shell.cache import FirmwareCache
 from tedge_firmware.shell.config_edit import write_local_config
-from tedge_firmware.sim import FIRMWARE, BulkProgress, C8ySimulator
+from tedge_firmware.sim import FIRMWARE, BulkProgress, C8ySimulator, OperationStatus
 
 CHILD = "child-device"
 U = "http://test.domain.com"
@@ -223,6 +223,13 @@ class Gateway:
             await self.task
         self.task = None
 
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
     @property
     def cache(self) -> Path:
         return self.data / "cache"
@@ -261,6 +268,11 @@ class GatewayProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=15)
+
+    def kill_if_running(self) -> None:
+        """The last resort of a test's clean-up: kill -9 unless it has ended already."""
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
 
 
 @dataclass
@@ -349,6 +361,23 @@ async def bulk_rollout(
     await sim.wait_until(all_registered, timeout=timeout)
     bulk = sim.bulk_firmware_operation(devices, name, version, url)
     return await sim.wait_for_bulk(bulk.id, timeout=timeout)
+
+
+def assert_each_updated_once(
+    sim: C8ySimulator, devices: list[str], progress: BulkProgress, applied: dict[str, list[str]], content: bytes
+) -> None:
+    """The bulk ended with every operation successful, each one PENDING → EXECUTING →
+    SUCCESSFUL and nothing more, and each child applied exactly these bytes, once."""
+    assert (progress.successful, progress.failed, progress.total) == (len(devices), 0, len(devices))
+    for device in devices:
+        [operation] = sim.operations_of(device)
+        assert [change.status for change in operation.history] == [
+            OperationStatus.PENDING,
+            OperationStatus.EXECUTING,
+            OperationStatus.SUCCESSFUL,
+        ]
+    expected = hashlib.sha256(content).hexdigest()
+    assert applied == {child: [expected] for child in applied}
 
 
 def cache_files(data: Path) -> list[str]:

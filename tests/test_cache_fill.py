@@ -115,23 +115,18 @@ async def test_a_fill_puts_the_firmware_in_the_cache_and_says_what_it_is(
 ) -> None:
     config_dir, data = tmp_path / "etc", tmp_path / "data"
     write_config(config_dir, data, broker.port, free_port())
-    gateway = Gateway(config_dir, data)
-    await gateway.start()
-    try:
-        async with observer(broker.port, [CACHE_FILL_FILTER]) as obs:
-            await gateway_ready(broker.port)
-            topic = cache_fill_topic("night-1")
-            done = await fill(obs, topic, cloud.url("a.bin"), note="kept")
-            assert done == {"status": "successful", "url": cloud.url("a.bin"), "note": "kept", "sha256": sha256(A), "size": len(A)}
-            assert (data / "cache" / "sha256" / sha256(A)).read_bytes() == A
-            # an operation needing it later only asks whether it is current (ETag: 304)
-            bad = await fill(obs, cache_fill_topic("bad-1"), "file:///etc/passwd")
-            assert bad["status"] == "failed" and "'url'" in str(bad["reason"])
-            await obs.publish(topic, b"", retain=True)  # the requester clears it
-            await obs.publish(cache_fill_topic("junk"), b"\xff not json", retain=True)
-            await obs.silence(0.5, [cache_fill_topic("junk")])  # ignored: no answer to junk
-    finally:
-        await gateway.stop()
+    async with Gateway(config_dir, data), observer(broker.port, [CACHE_FILL_FILTER]) as obs:
+        await gateway_ready(broker.port)
+        topic = cache_fill_topic("night-1")
+        done = await fill(obs, topic, cloud.url("a.bin"), note="kept")
+        assert done == {"status": "successful", "url": cloud.url("a.bin"), "note": "kept", "sha256": sha256(A), "size": len(A)}
+        assert (data / "cache" / "sha256" / sha256(A)).read_bytes() == A
+        # an operation needing it later only asks whether it is current (ETag: 304)
+        bad = await fill(obs, cache_fill_topic("bad-1"), "file:///etc/passwd")
+        assert bad["status"] == "failed" and "'url'" in str(bad["reason"])
+        await obs.publish(topic, b"", retain=True)  # the requester clears it
+        await obs.publish(cache_fill_topic("junk"), b"\xff not json", retain=True)
+        await obs.silence(0.5, [cache_fill_topic("junk")])  # ignored: no answer to junk
     assert cloud.count("a.bin") == 1
 
 
@@ -140,19 +135,14 @@ async def test_a_pinned_firmware_stays_through_eviction_pressure(
 ) -> None:
     config_dir, data = tmp_path / "etc", tmp_path / "data"
     write_config(config_dir, data, broker.port, free_port(), extra="[firmware.cache]\nmax_size = 1\n")
-    gateway = Gateway(config_dir, data)
-    await gateway.start()
-    try:
-        async with observer(broker.port, [CACHE_FILL_FILTER]) as obs:
-            await gateway_ready(broker.port)
-            pinned = await fill(obs, cache_fill_topic("p"), cloud.url("a.bin"), pin="1h")
-            assert isinstance(pinned["pinnedUntil"], int)
-            await fill(obs, cache_fill_topic("q"), cloud.url("b.bin"))
-            # above max_size: the unpinned one goes (nothing uses it), the pinned one stays
-            assert await eventually(lambda: not (data / "cache" / "sha256" / sha256(B)).exists(), 10)
-            assert (data / "cache" / "sha256" / sha256(A)).read_bytes() == A
-    finally:
-        await gateway.stop()
+    async with Gateway(config_dir, data), observer(broker.port, [CACHE_FILL_FILTER]) as obs:
+        await gateway_ready(broker.port)
+        pinned = await fill(obs, cache_fill_topic("p"), cloud.url("a.bin"), pin="1h")
+        assert isinstance(pinned["pinnedUntil"], int)
+        await fill(obs, cache_fill_topic("q"), cloud.url("b.bin"))
+        # above max_size: the unpinned one goes (nothing uses it), the pinned one stays
+        assert await eventually(lambda: not (data / "cache" / "sha256" / sha256(B)).exists(), 10)
+        assert (data / "cache" / "sha256" / sha256(A)).read_bytes() == A
 
 
 async def test_the_command_line_fills_and_clears_its_command(
@@ -160,9 +150,7 @@ async def test_the_command_line_fills_and_clears_its_command(
 ) -> None:
     config_dir, data = tmp_path / "etc", tmp_path / "data"
     write_config(config_dir, data, broker.port, free_port())
-    gateway = Gateway(config_dir, data)
-    await gateway.start()
-    try:
+    async with Gateway(config_dir, data):
         await gateway_ready(broker.port)
         cli = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tedge_firmware", "cache", "fill", cloud.url("b.bin"), "--pin", "2h",
@@ -178,8 +166,6 @@ async def test_the_command_line_fills_and_clears_its_command(
         async with observer(broker.port, [CACHE_FILL_FILTER]) as obs:
             await obs.silence(0.5)  # nothing retained: the command was cleared
         assert obs.log == []
-    finally:
-        await gateway.stop()
 
 
 def test_the_command_line_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
@@ -220,6 +206,5 @@ async def test_a_fill_survives_kill_9_and_resumes(tmp_path: Path, broker: Broker
             assert proxy.bytes_to_client <= SIZE * 1.05, proxy.bytes_to_client
             assert process.terminate() == 0
         finally:
-            if process.process is not None and process.process.poll() is None:
-                process.kill()
+            process.kill_if_running()
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from brokers import Broker
-from harness import Gateway, bulk_rollout, observer, write_config
+from harness import Gateway, assert_each_updated_once, bulk_rollout, observer, write_config
 from tedge_firmware.connector import BrokerSettings, Connector, DownloadSettings, Firmware
 from tedge_firmware.sim import C8ySimulator, OperationStatus
 
@@ -126,16 +126,7 @@ async def test_fifty_te_and_fifty_legacy_children_update_from_one_cloud_download
             async with asyncio.timeout(15):
                 await asyncio.gather(*tasks)
             await gateway.stop()
-    assert (progress.successful, progress.failed, progress.total) == (100, 0, 100)
-    for device in devices:  # each operation ended once: EXECUTING then SUCCESSFUL, nothing more
-        [operation] = sim.operations_of(device)
-        assert [change.status for change in operation.history] == [
-            OperationStatus.PENDING,
-            OperationStatus.EXECUTING,
-            OperationStatus.SUCCESSFUL,
-        ]
-    expected = hashlib.sha256(CONTENT).hexdigest()
-    assert applied == {child: [expected] for child in applied}  # each applied once
+    assert_each_updated_once(sim, devices, progress, applied, CONTENT)  # once each, the right bytes
     statuses = {payload[:3] for _, payload in cloud.log if payload[:3] in (b"501", b"503", b"504", b"506")}
     assert statuses == ({b"504", b"506"} if by_id else {b"501", b"503"})
     files = sim.stats.files["mixed.bin"]

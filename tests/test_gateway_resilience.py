@@ -90,8 +90,7 @@ def gateway_process(tmp_path: Path, mqtt_port: int) -> Iterator[GatewayProcess]:
     try:
         yield process
     finally:
-        if process.process is not None and process.process.poll() is None:
-            process.kill()
+        process.kill_if_running()
 
 
 @pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])

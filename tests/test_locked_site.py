@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from brokers import MOSQUITTO, _wait_listening, free_port
-from harness import Gateway, bulk_rollout, observer, write_config
+from harness import Gateway, assert_each_updated_once, bulk_rollout, observer, write_config
 from tedge_firmware.connector import Connector, DownloadSettings, Firmware
 from tedge_firmware.demo.secure import LockedSite
 from tedge_firmware.sim import C8ySimulator, OperationStatus
@@ -109,16 +109,7 @@ async def test_fifty_te_and_fifty_legacy_children_update_over_tls_with_client_ce
             async with asyncio.timeout(30):
                 await asyncio.gather(*tasks, return_exceptions=True)
             await gateway.stop()
-    assert (progress.successful, progress.failed, progress.total) == (100, 0, 100)
-    for device in devices:
-        [operation] = sim.operations_of(device)
-        assert [change.status for change in operation.history] == [
-            OperationStatus.PENDING,
-            OperationStatus.EXECUTING,
-            OperationStatus.SUCCESSFUL,
-        ]
-    expected = hashlib.sha256(CONTENT).hexdigest()
-    assert applied == {name: [expected] for name in applied}
+    assert_each_updated_once(sim, devices, progress, applied, CONTENT)  # once each, the right bytes
     for _, payload in watch.log:  # every link handed to a child is the HTTPS service's
         document = json.loads(payload) if payload else {}
         for key in ("url", "tedgeUrl"):

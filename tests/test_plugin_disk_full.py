@@ -49,25 +49,21 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 async def test_not_enough_disk_space_fails_clearly(tmp_path: Path, broker: Broker, small_disk: Path) -> None:
     data = small_disk / "data"
     write_config(tmp_path / "etc", data, broker.port, free_port())
-    cloud = FirmwareServer(files={"huge.bin": b"\x00" * (8 << 20)})
-    await cloud.start()
-    gateway = Gateway(tmp_path / "etc", data)
-    try:
-        async with observer(broker.port) as obs:
-            await gateway.start()
-            assert await obs.next("c8y/s/us") == b"500"
-            url = cloud.url("huge.bin")
-            await obs.publish("c8y/s/ds", f"515,{CHILD},fw,1.0,{url}")
-            assert await obs.next(us()) == E501
-            failed = (await obs.next(us())).decode()
-            assert failed.startswith(f'502,c8y_Firmware,"Download from {url} failed with not enough disk space in ')
-            assert "need 8388608 bytes" in failed and "available" in failed
-            assert cache_files(data) == []  # nothing half-written
-            assert await no_operation_files_left(data) == []
-            assert obs.pending(req_topic()) == 0
-    finally:
-        await gateway.stop()
-        await cloud.stop()
+    async with (
+        FirmwareServer(files={"huge.bin": b"\x00" * (8 << 20)}) as cloud,
+        observer(broker.port) as obs,
+        Gateway(tmp_path / "etc", data),
+    ):
+        assert await obs.next("c8y/s/us") == b"500"
+        url = cloud.url("huge.bin")
+        await obs.publish("c8y/s/ds", f"515,{CHILD},fw,1.0,{url}")
+        assert await obs.next(us()) == E501
+        failed = (await obs.next(us())).decode()
+        assert failed.startswith(f'502,c8y_Firmware,"Download from {url} failed with not enough disk space in ')
+        assert "need 8388608 bytes" in failed and "available" in failed
+        assert cache_files(data) == []  # nothing half-written
+        assert await no_operation_files_left(data) == []
+        assert obs.pending(req_topic()) == 0
 
 
 async def test_a_put_that_fills_the_disk_answers_507_and_leaves_nothing(small_disk: Path) -> None:
@@ -121,30 +117,26 @@ async def test_a_download_makes_room_by_evicting_what_nothing_needs(
     if pinned:
         cache = FirmwareCache(data / "cache", data / "file-transfer")
         assert cache.pin(file_id_for_url("http://cloud.example/old.bin"), time.time() + 3600) is not None
-    cloud = FirmwareServer(files={"new.bin": new})
-    await cloud.start()
-    gateway = Gateway(tmp_path / "etc", data)
-    try:
-        async with observer(broker.port) as obs:
-            await gateway.start()
-            assert await obs.next("c8y/s/us") == b"500"
-            url = cloud.url("new.bin")
-            await obs.publish("c8y/s/ds", f"515,{CHILD},fw,2.0,{url}")
-            if pinned:
-                assert await obs.next(us()) == E501
-                failed = (await obs.next(us())).decode()
-                assert "not enough disk space" in failed and "freed only 0 bytes" in failed, failed
-                assert old_file.read_bytes() == old
-                assert [f for f in cache_files(data) if f.startswith(("sha256/", "incoming/"))] == [f"sha256/{old_file.name}"]
-            else:
-                import json
+    async with (
+        FirmwareServer(files={"new.bin": new}) as cloud,
+        observer(broker.port) as obs,
+        Gateway(tmp_path / "etc", data),
+    ):
+        assert await obs.next("c8y/s/us") == b"500"
+        url = cloud.url("new.bin")
+        await obs.publish("c8y/s/ds", f"515,{CHILD},fw,2.0,{url}")
+        if pinned:
+            assert await obs.next(us()) == E501
+            failed = (await obs.next(us())).decode()
+            assert "not enough disk space" in failed and "freed only 0 bytes" in failed, failed
+            assert old_file.read_bytes() == old
+            assert [f for f in cache_files(data) if f.startswith(("sha256/", "incoming/"))] == [f"sha256/{old_file.name}"]
+        else:
+            import json
 
-                request = json.loads(await obs.next(req_topic(), timeout=20))
-                assert request["sha256"] == hashlib.sha256(new).hexdigest()
-                assert not old_file.exists()  # evicted to make room
-    finally:
-        await gateway.stop()
-        await cloud.stop()
+            request = json.loads(await obs.next(req_topic(), timeout=20))
+            assert request["sha256"] == hashlib.sha256(new).hexdigest()
+            assert not old_file.exists()  # evicted to make room
 
 
 @pytest.mark.parametrize("upstream_when_full", [True, False], ids=["upstream URL handed", "failed"])
@@ -164,20 +156,16 @@ async def test_a_te_child_gets_the_upstream_url_when_the_cache_is_full_if_the_si
     seed_cache(data, "http://cloud.example/old.bin", b"\x01" * (3 << 20))
     cache = FirmwareCache(data / "cache", data / "file-transfer")
     assert cache.pin(file_id_for_url("http://cloud.example/old.bin"), time.time() + 3600) is not None
-    cloud = FirmwareServer(files={"new.bin": b"\x02" * (11 << 19)})
-    await cloud.start()
-    gateway = Gateway(tmp_path / "etc", data)
     topic = "te/device/te-child///cmd/firmware_update/c8y-mapper-5"
-    command = {"status": "gateway_download", "remoteUrl": cloud.url("new.bin"), "name": "fw", "version": "2"}
-    try:
-        await gateway.start()
-        async with observer(broker.port, [topic]) as obs:
-            await obs.publish(topic, json.dumps(command), retain=True)
-            await obs.next(topic)  # ours
-            moved = json.loads(await obs.next(topic, timeout=20))
-    finally:
-        await gateway.stop()
-        await cloud.stop()
+    async with (
+        FirmwareServer(files={"new.bin": b"\x02" * (11 << 19)}) as cloud,
+        Gateway(tmp_path / "etc", data),
+        observer(broker.port, [topic]) as obs,
+    ):
+        command = {"status": "gateway_download", "remoteUrl": cloud.url("new.bin"), "name": "fw", "version": "2"}
+        await obs.publish(topic, json.dumps(command), retain=True)
+        await obs.next(topic)  # ours
+        moved = json.loads(await obs.next(topic, timeout=20))
     if upstream_when_full:
         assert moved == {**command, "status": "gateway_downloaded", "tedgeUrl": cloud.url("new.bin")}
     else:

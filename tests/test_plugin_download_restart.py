@@ -98,8 +98,7 @@ async def test_kill_9_during_download_resumes_after_restart(
             assert await obs.sequence(us(), 3) == [E501, f"115,big,2.0,{url}".encode(), E503]
             assert process.terminate() == 0
         finally:
-            if process.process is not None and process.process.poll() is None:
-                process.kill()
+            process.kill_if_running()
 
 
 async def test_kill_9_during_a_te_download_resumes_and_completes_every_waiting_command(
@@ -135,6 +134,5 @@ async def test_kill_9_during_a_te_download_resumes_and_completes_every_waiting_c
             assert proxy.bytes_to_client <= SIZE * 1.05, proxy.bytes_to_client
             assert process.terminate() == 0
         finally:
-            if process.process is not None and process.process.poll() is None:
-                process.kill()
+            process.kill_if_running()
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()

@@ -52,8 +52,7 @@ async def test_kill_9_while_waiting_for_the_child_then_restart_completes(
             await obs.silence(1.0, [us()])
             assert process.terminate() == 0
         finally:
-            if process.process is not None and process.process.poll() is None:
-                process.kill()
+            process.kill_if_running()
     log = (tmp_path / "gateway.log").read_text()
     assert "Traceback" not in log
 
