@@ -5,10 +5,11 @@ wants credentials and does not get them says so."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,23 @@ async def test_no_proxy_hosts_are_reached_directly(tmp_path: Path, origin: Firmw
     assert proxy.asked == [f"GET {origin.url('fw.bin')}"]  # localhost never went through it
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]], context: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    """`handler` answering GET /fw.bin on a free loopback port (HTTPS with `context`): the port."""
+    app = web.Application()
+    app.router.add_get("/fw.bin", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
 async def test_an_https_origin_is_tunnelled(tmp_path: Path) -> None:
     ca = TestCA(tmp_path / "ca")
     server_cert = ca.issue("127.0.0.1", server=True)
@@ -114,20 +132,10 @@ async def test_an_https_origin_is_tunnelled(tmp_path: Path) -> None:
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=CONTENT)
 
-    app = web.Application()
-    app.router.add_get("/fw.bin", serve)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with ForwardProxy() as proxy:
-            trusting = ssl.create_default_context(cafile=str(ca.cert_path))
-            downloader = Downloader(proxy=UpstreamProxy(proxy.url), ssl_context=trusting)
-            sha = await download(downloader, f"https://127.0.0.1:{port}/fw.bin", tmp_path / "fw")
-    finally:
-        await runner.cleanup()
+    async with serving(serve, context) as port, ForwardProxy() as proxy:
+        trusting = ssl.create_default_context(cafile=str(ca.cert_path))
+        downloader = Downloader(proxy=UpstreamProxy(proxy.url), ssl_context=trusting)
+        sha = await download(downloader, f"https://127.0.0.1:{port}/fw.bin", tmp_path / "fw")
     assert sha == hashlib.sha256(CONTENT).hexdigest()
     assert proxy.asked == [f"CONNECT 127.0.0.1:{port}"]  # the proxy saw the host, not the path
 
@@ -180,32 +188,15 @@ async def test_a_redirect_to_https_does_not_hand_the_proxy_credentials_to_the_or
         seen.append(dict(request.headers))
         return web.Response(body=CONTENT)
 
-    secure_app = web.Application()
-    secure_app.router.add_get("/fw.bin", final)
-    secure = web.AppRunner(secure_app, access_log=None)
-    await secure.setup()
-    secure_site = web.TCPSite(secure, "127.0.0.1", 0, ssl_context=context)
-    await secure_site.start()
-    secure_port = secure_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with serving(final, context) as secure_port:
 
-    async def moved(request: web.Request) -> web.Response:
-        raise web.HTTPFound(f"https://127.0.0.1:{secure_port}/fw.bin")
+        async def moved(request: web.Request) -> web.Response:
+            raise web.HTTPFound(f"https://127.0.0.1:{secure_port}/fw.bin")
 
-    plain_app = web.Application()
-    plain_app.router.add_get("/fw.bin", moved)
-    plain = web.AppRunner(plain_app, access_log=None)
-    await plain.setup()
-    plain_site = web.TCPSite(plain, "127.0.0.1", 0)
-    await plain_site.start()
-    plain_port = plain_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with ForwardProxy(credentials=("site", "s3cret")) as proxy:
+        async with serving(moved) as plain_port, ForwardProxy(credentials=("site", "s3cret")) as proxy:
             trusting = ssl.create_default_context(cafile=str(ca.cert_path))
             downloader = Downloader(proxy=UpstreamProxy(proxy.url, "site", "s3cret"), ssl_context=trusting)
             sha = await download(downloader, f"http://127.0.0.1:{plain_port}/fw.bin", tmp_path / "fw")
-    finally:
-        await plain.cleanup()
-        await secure.cleanup()
     assert sha == hashlib.sha256(CONTENT).hexdigest()
     assert proxy.asked == [f"GET http://127.0.0.1:{plain_port}/fw.bin", f"CONNECT 127.0.0.1:{secure_port}"]
     [headers] = seen
